@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: str | None = None
     kafka_ssl_keyfile: str | None = None
     kafka_client_id: str = "datacreator"
+    kafka_single_record_batches: bool = Field(
+        False,
+        description="Send each record in a batch of its own. The embedded broker (Tansu, memory engine) sets the "
+        "high watermark after the first record of a batch, hiding the rest until the next write.",
+    )
     topics: TopicNames = Field(default_factory=TopicNames)
     topic_partitions: int = Field(6, ge=1)
     topic_replication_factor: int = Field(1, ge=1)
@@ -132,6 +137,12 @@ class Settings(BaseSettings):
         if self.endpoints_json:
             raw.update(json.loads(self.endpoints_json))
         return {alias: EndpointConfig.model_validate(cfg) for alias, cfg in raw.items()}
+
+    def with_updates(self, **changes: Any) -> "Settings":
+        """A copy with some fields changed (derived values such as `endpoints` are recomputed)."""
+        copy = self.model_copy(update=changes)
+        copy.__dict__.pop("endpoints", None)
+        return copy
 
     def kafka_kwargs(self) -> dict[str, Any]:
         """Connection settings shared by every aiokafka client."""

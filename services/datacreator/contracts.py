@@ -179,6 +179,8 @@ class GenerationTask(_Message):
     example_schema: JsonObject = Field(..., description="JSON Schema of one example, derived from the formatting example.")
     label_field: str | None = None
     label_space: list[Any] | None = None
+    allow_extra_keys: bool = False
+    dedup: DedupSpec = Field(default_factory=DedupSpec)
     model: ModelSpec
     created_at: float = Field(default_factory=now)
 
@@ -310,6 +312,18 @@ class DeadLetter(_Message):
     created_at: float = Field(default_factory=now)
 
 
+# ---------------------------------------------------------------------------------------------
+# datacreator.planner-state (compacted, key = request_id): the planner's own snapshots
+
+
+class PlannerSnapshot(_Message):
+    """Internal to the planner: what it needs to resume a request after a restart."""
+
+    request_id: str
+    plan: JsonObject
+    created_at: float = Field(default_factory=now)
+
+
 # Every message type on the bus, by the schema file name it is published under.
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "creation_request": CreationRequest,
@@ -321,4 +335,5 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "task_outcome": TaskOutcome,
     "request_status": RequestStatus,
     "dead_letter": DeadLetter,
+    "planner_snapshot": PlannerSnapshot,
 }

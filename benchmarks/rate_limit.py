@@ -1,0 +1,240 @@
+"""How much of a provider's rate limit the generator uses, and how often it is refused.
+
+Starts the LLM simulator (its own process) with requests- and tokens-per-window limits, then
+saturates it with 1 replica and then 2 replicas: LLMClient instances with separate
+RedisRateLimiter objects sharing one Redis key, as generator replicas do. Prints, for each, the
+share of the limit used (goal >= 97%) and the share of calls answered 429 (goal <= 0.5%), from the
+simulator's own counts.
+
+    python benchmarks/rate_limit.py                                   # 60 s window, 2 minutes per run
+    python benchmarks/rate_limit.py --window 2 --duration 10 --rpm 60 # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+import redis.asyncio as aioredis
+
+from datacreator.config import EndpointConfig
+from datacreator.contracts import GenerationTask, ModelSpec, Reference
+from datacreator.llm.client import LLMClient
+from datacreator.logic.prompt import build_messages, estimate_call_tokens
+from datacreator.logic.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from datacreator.logic.retry import CircuitBreaker, RetryPolicy
+
+EXAMPLE = {"question": "Which planet is known as the red planet?", "options": {"A": "Venus", "B": "Mars", "C": "Jupiter"}, "answer": "B"}
+
+
+def make_task(max_tokens: int) -> GenerationTask:
+    return GenerationTask(
+        task_id=uuid.uuid4().hex,
+        request_id="bench",
+        chain=0,
+        step=0,
+        strategy="random",
+        instruction="Write multiple-choice science questions for children.",
+        references=[Reference(data=EXAMPLE)],
+        num_examples=3,
+        target_count=1_000_000,
+        example_schema={"type": "object"},
+        label_field="answer",
+        label_space=["A", "B", "C"],
+        model=ModelSpec(max_tokens=max_tokens),
+    )
+
+
+@dataclass
+class Row:
+    name: str
+    calls: int
+    admitted: int
+    refused_429: int
+    request_share: float
+    token_share: float | None
+    max_in_window: int
+    failed_tasks: int
+
+    @property
+    def binding(self) -> str:
+        return "token" if self.token_share is not None and self.token_share > self.request_share else "request"
+
+    @property
+    def limit_share(self) -> float:
+        """The share of whichever limit binds."""
+        return max(self.request_share, self.token_share or 0.0)
+
+    @property
+    def share_429(self) -> float:
+        return self.refused_429 / self.calls if self.calls else 0.0
+
+
+class Simulator:
+    """The simulator in a child process, driven through its /sim endpoints."""
+
+    def __init__(self, args: argparse.Namespace, tpm: int | None):
+        cmd = [
+            sys.executable, "-m", "datacreator.simulator", "--port", "0",
+            "--rpm", str(args.rpm), "--tpm", str(tpm) if tpm else "none", "--rate-window-s", str(args.window),
+            "--latency", "normal", "--latency-s", str(args.latency), "--latency-sd-s", str(args.latency / 4),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        match = re.search(r"(http://\S+/v1)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        self.base_url = match.group(1)
+        self.root = self.base_url[: -len("/v1")]
+
+    async def reset(self) -> None:
+        async with httpx.AsyncClient() as http:
+            (await http.post(f"{self.root}/sim/reset")).raise_for_status()
+
+    async def stats(self) -> dict:
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.get(f"{self.root}/sim/stats")
+            response.raise_for_status()
+            return response.json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def max_in_window(times: list[float], window_s: float) -> int:
+    times = sorted(times)
+    return max((bisect.bisect_left(times, t + window_s, lo=i) - i for i, t in enumerate(times)), default=0)
+
+
+async def run(name: str, sim: Simulator, limiters: list[RateLimiter], args: argparse.Namespace, tpm: int | None) -> Row:
+    await sim.reset()
+    cfg = EndpointConfig(
+        base_url=sim.base_url, model="bench", max_concurrency=args.concurrency, structured_output="json_object",
+        read_timeout_s=30, total_timeout_s=max(120.0, 3 * args.window),
+    )
+    clients = [
+        LLMClient(f"bench-{i}", cfg, limiter, RetryPolicy(max_attempts=8), CircuitBreaker(failure_threshold=1000, alias=f"bench-{i}"))
+        for i, limiter in enumerate(limiters)
+    ]
+    failed = 0
+    deadline = time.monotonic() + args.duration
+
+    async def worker(client: LLMClient) -> None:
+        nonlocal failed
+        while time.monotonic() < deadline:
+            result = await client.complete(make_task(args.max_tokens))
+            failed += not result.ok
+
+    tasks = [asyncio.create_task(worker(c)) for c in clients for _ in range(args.concurrency)]
+    await asyncio.sleep(args.duration)
+    await asyncio.sleep(args.latency * 3)  # let calls sent before the deadline come back
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for client in clients:
+        await client.aclose()
+
+    stats = await sim.stats()
+    admitted_at: list[float] = stats["admitted_at"]
+    costs: list[int] = stats["admitted_tokens"]
+    start = min(admitted_at) if admitted_at else 0.0
+    # Count what was admitted during `duration` from the first admission: a perfect limiter
+    # admits exactly rpm * duration / window there.
+    in_run = [(t, c) for t, c in zip(admitted_at, costs) if t < start + args.duration]
+    periods = args.duration / args.window
+    calls = sum(int(n) for n in stats["responses"].values())
+    return Row(
+        name=name,
+        calls=calls,
+        admitted=len(in_run),
+        refused_429=int(stats["responses"].get("429", 0)),
+        request_share=len(in_run) / (args.rpm * periods),
+        token_share=sum(c for _, c in in_run) / (tpm * periods) if tpm else None,
+        max_in_window=max_in_window(admitted_at, args.window),
+        failed_tasks=failed,
+    )
+
+
+def print_table(rows: list[Row], args: argparse.Namespace, tpm: int | None) -> None:
+    print()
+    print(f"rpm {args.rpm}, tpm {tpm or '-'} per {args.window:g} s window; {args.duration:g} s per run; "
+          f"{args.concurrency} concurrent calls per replica; simulated latency {args.latency:g} s")
+    header = f"{'run':<22} {'calls':>7} {'admitted':>9} {'limit used':>11} {'tokens used':>12} {'429s':>7} {'429 share':>10} {'max/window':>11} {'failed':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        tokens = f"{r.token_share:.1%}" if r.token_share is not None else "-"
+        print(f"{r.name:<22} {r.calls:>7} {r.admitted:>9} {r.request_share:>11.1%} {tokens:>12} {r.refused_429:>7} "
+              f"{r.share_429:>10.2%} {f'{r.max_in_window}/{args.rpm}':>11} {r.failed_tasks:>7}")
+    print()
+    summary = "; ".join(f"{r.name}: {r.limit_share:.1%} of the {r.binding} limit used, {r.share_429:.2%} 429s" for r in rows)
+    ok = all(r.limit_share >= 0.97 and r.share_429 <= 0.005 and r.max_in_window <= args.rpm for r in rows)
+    print(f"Summary ({args.rpm} rpm per {args.window:g} s, {args.duration:g} s runs): {summary} "
+          f"[{'goals met' if ok else 'goals NOT met'}: >=97% used, <=0.5% 429s]")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    per_call = estimate_call_tokens(build_messages(make_task(args.max_tokens)), args.max_tokens)
+    # By default tokens leave 10% headroom, so requests are the limit that binds.
+    tpm = args.tpm if args.tpm is not None else int(args.rpm * per_call * 1.1)
+    tpm = tpm or None
+    sim = Simulator(args, tpm)
+    rows: list[Row] = []
+    prefixes: list[str] = []
+    try:
+        if args.local:
+            rows.append(await run("1 replica, local", sim, [LocalRateLimiter(args.rpm, tpm, window_s=args.window)], args, tpm))
+        for replicas in args.replicas:
+            prefix = f"bench:ratelimit:{uuid.uuid4().hex}"
+            prefixes.append(prefix)
+            limiters: list[RateLimiter] = [
+                RedisRateLimiter(args.redis_url, prefix, args.rpm, tpm, window_s=args.window, alias=f"bench-{i}") for i in range(replicas)
+            ]
+            label = f"{replicas} replica{'s' if replicas > 1 else ''}, Redis"
+            rows.append(await run(label, sim, limiters, args, tpm))
+            print(f"  done: {label}", file=sys.stderr)
+    finally:
+        sim.stop()
+        client = aioredis.Redis.from_url(args.redis_url)
+        for prefix in prefixes:
+            keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}*")]
+            if keys:
+                await client.delete(*keys)
+        await client.aclose()
+    print_table(rows, args, tpm)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rpm", type=int, default=600, help="Requests allowed per window (default: %(default)s).")
+    parser.add_argument("--tpm", type=int, default=None, help="Tokens allowed per window; default: 10%% above what rpm calls cost; 0: none.")
+    parser.add_argument("--window", type=float, default=60.0, help="Rate-limit window in seconds (default: %(default)s).")
+    parser.add_argument("--duration", type=float, default=120.0, help="Seconds per run (default: %(default)s).")
+    parser.add_argument("--concurrency", type=int, default=64, help="Concurrent calls per replica (default: %(default)s).")
+    parser.add_argument("--latency", type=float, default=0.3, help="Mean simulated latency in seconds (default: %(default)s).")
+    parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens of each call (default: %(default)s).")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="Replica counts to run (default: 1 2).")
+    parser.add_argument("--local", action="store_true", help="Also run one replica with the in-process limiter.")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

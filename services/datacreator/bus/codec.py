@@ -1,0 +1,80 @@
+"""Bytes on the wire: every message is UTF-8 JSON of a contract model; keys are request ids."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from datacreator.contracts import RequestMessage
+
+M = TypeVar("M", bound=BaseModel)
+
+_request_adapter: TypeAdapter[Any] = TypeAdapter(RequestMessage)
+
+
+class PoisonMessage(Exception):
+    """A message that can never be processed (not JSON, wrong schema, too large): it goes to the DLQ."""
+
+
+def encode(message: BaseModel) -> bytes:
+    return orjson.dumps(message.model_dump(mode="json"))
+
+
+def encode_key(key: str | None) -> bytes | None:
+    return key.encode() if key is not None else None
+
+
+def decode_key(key: bytes | None) -> str | None:
+    return key.decode("utf-8", "replace") if key is not None else None
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "message"
+        parts.append(f"{where}: {item['msg']}")
+    more = f" (+{error.error_count() - 5} more)" if error.error_count() > 5 else ""
+    return "; ".join(parts) + more
+
+
+def decode(model: type[M], value: bytes | None, max_bytes: int | None = None) -> M:
+    if value is None:
+        raise PoisonMessage("empty message (no value)")
+    if max_bytes is not None and len(value) > max_bytes:
+        raise PoisonMessage(f"message of {len(value)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return model.model_validate_json(value)
+    except ValidationError as exc:
+        raise PoisonMessage(f"invalid {model.__name__}: {_describe(exc)}") from None
+
+
+def decode_request(value: bytes | None, max_bytes: int | None = None) -> Any:
+    """A CreationRequest or a CancelRequest, told apart by `kind` (absent means create)."""
+    if value is None:
+        raise PoisonMessage("empty message (no value)")
+    if max_bytes is not None and len(value) > max_bytes:
+        raise PoisonMessage(f"message of {len(value)} bytes exceeds the limit of {max_bytes}")
+    try:
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonMessage(f"not JSON: {exc}") from None
+    if isinstance(raw, dict) and "kind" not in raw:
+        raw["kind"] = "create"
+    try:
+        return _request_adapter.validate_python(raw)
+    except ValidationError as exc:
+        raise PoisonMessage(f"invalid request: {_describe(exc)}") from None
+
+
+def request_id_of(value: bytes | None, key: bytes | None) -> str | None:
+    """Best effort: the request id of a message that failed validation, to answer it REJECTED."""
+    try:
+        raw = orjson.loads(value) if value else None
+        if isinstance(raw, dict) and isinstance(raw.get("request_id"), str) and 0 < len(raw["request_id"]) <= 128:
+            return raw["request_id"]
+    except orjson.JSONDecodeError:
+        pass
+    key_text = decode_key(key)
+    return key_text if key_text and len(key_text) <= 128 else None

@@ -1,0 +1,135 @@
+"""Reading topics outside a consumer group: state rebuilds after a rebalance, and status watching."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.consumer.fetcher import ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from datacreator.bus.codec import PoisonMessage, decode
+from datacreator.config import Settings
+from datacreator.contracts import RequestStatus
+
+log = logging.getLogger(__name__)
+
+
+def _consumer(settings: Settings) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        **settings.kafka_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=max(settings.max_message_bytes * 2, 1_048_576),
+    )
+
+
+async def read_to_end(
+    settings: Settings, topic: str, partitions: Iterable[int] | None = None
+) -> AsyncIterator[ConsumerRecord]:
+    """Every record of some partitions of a topic, from the beginning to the end as of now."""
+    consumer = _consumer(settings)
+    await consumer.start()
+    try:
+        if partitions is None:
+            found = consumer.partitions_for_topic(topic)
+            if found is None:
+                await consumer._client.force_metadata_update()  # topic created after start
+                found = consumer.partitions_for_topic(topic) or set()
+            partitions = found
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return
+        consumer.assign(tps)
+        end = await consumer.end_offsets(tps)
+        begin = await consumer.beginning_offsets(tps)
+        remaining = {tp for tp in tps if end[tp] > begin[tp]}
+        for tp in tps:
+            consumer.seek(tp, begin[tp])
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=500)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset < end[tp]:
+                        yield record
+                if records and records[-1].offset >= end[tp] - 1:
+                    remaining.discard(tp)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+
+
+class StatusWatcher:
+    """Keeps the latest RequestStatus of every request, following the status topic."""
+
+    def __init__(self, settings: Settings, on_status: Callable[[RequestStatus], None] | None = None) -> None:
+        self.settings = settings
+        self.latest: dict[str, RequestStatus] = {}
+        self._on_status = on_status
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    def is_closed(self, request_id: str) -> bool:
+        status = self.latest.get(request_id)
+        return status is not None and status.state.final
+
+    async def start(self) -> "StatusWatcher":
+        self._task = asyncio.create_task(self._follow(), name="status-watcher")
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait_change(self, timeout_s: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        self._changed.clear()
+
+    async def _follow(self) -> None:
+        topic = self.settings.topics.status
+        while True:
+            consumer = _consumer(self.settings)
+            try:
+                await consumer.start()
+                partitions = consumer.partitions_for_topic(topic) or set()
+                while not partitions:
+                    await asyncio.sleep(0.5)
+                    await consumer._client.force_metadata_update()
+                    partitions = consumer.partitions_for_topic(topic) or set()
+                tps = [TopicPartition(topic, p) for p in partitions]
+                consumer.assign(tps)
+                await consumer.seek_to_beginning(*tps)
+                while True:
+                    batches = await consumer.getmany(timeout_ms=500)
+                    for records in batches.values():
+                        for record in records:
+                            self._apply(record)
+            except asyncio.CancelledError:
+                raise
+            except KafkaError as exc:
+                log.warning("status watcher: %s; reconnecting", type(exc).__name__)
+                await asyncio.sleep(1)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+
+    def _apply(self, record: ConsumerRecord) -> None:
+        try:
+            status = decode(RequestStatus, record.value)
+        except PoisonMessage:
+            return
+        previous = self.latest.get(status.request_id)
+        if previous is None or status.updated_at >= previous.updated_at:
+            self.latest[status.request_id] = status
+            self._changed.set()
+            if self._on_status is not None:
+                self._on_status(status)

@@ -1,0 +1,444 @@
+"""The one consume -> process -> produce -> commit loop that every service runs.
+
+Delivery is at-least-once: an offset is committed only after every message produced for it
+has been acknowledged by the broker, and the offsets of a partition are committed in order even
+when its records finish out of order. Whatever is redelivered after a crash carries the same
+deterministic ids, so the consumers downstream drop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.consumer.fetcher import ConsumerRecord
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+from pydantic import BaseModel
+
+from datacreator import metrics
+from datacreator.bus.codec import PoisonMessage, decode_key, encode, encode_key
+from datacreator.config import Settings
+from datacreator.contracts import DeadLetter
+
+log = logging.getLogger(__name__)
+
+DLQ_VALUE_LIMIT = 10_000
+
+
+@dataclass(slots=True)
+class Output:
+    topic: str
+    key: str | None
+    value: BaseModel
+
+
+class Context(Protocol):
+    """What a handler may use besides its return value."""
+
+    settings: Settings
+
+    async def publish(self, outputs: Iterable[Output]) -> None: ...
+
+
+class Handler(Protocol):
+    """A service's logic behind the loop; it never sees offsets or commits."""
+
+    name: str
+    topics: list[str]
+    ordered: bool  # True: one record at a time per partition (stateful services)
+
+    async def start(self, ctx: Context) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def handle(self, record: ConsumerRecord) -> list[Output]: ...
+
+    async def on_assigned(self, partitions: set[TopicPartition]) -> None: ...
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None: ...
+
+
+class BaseHandler:
+    name = "service"
+    topics: list[str] = []
+    ordered = False
+
+    async def start(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def stop(self) -> None:
+        return None
+
+    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        return None
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        return None
+
+
+class _PartitionTrack:
+    """Offsets of one partition in arrival order; commits the longest finished prefix."""
+
+    __slots__ = ("order", "finished", "committed", "queue", "worker")
+
+    def __init__(self) -> None:
+        self.order: deque[int] = deque()
+        self.finished: set[int] = set()
+        self.committed: int | None = None  # next offset to read, as last committed
+        self.queue: asyncio.Queue[ConsumerRecord] | None = None
+        self.worker: asyncio.Task[None] | None = None
+
+    def add(self, offset: int) -> None:
+        self.order.append(offset)
+
+    def finish(self, offset: int) -> None:
+        self.finished.add(offset)
+
+    def committable(self) -> int | None:
+        position = None
+        while self.order and self.order[0] in self.finished:
+            offset = self.order.popleft()
+            self.finished.discard(offset)
+            position = offset + 1
+        return position
+
+    @property
+    def pending(self) -> int:
+        return len(self.order)
+
+
+@dataclass
+class RunnerState:
+    ready: bool = False
+    running: bool = False
+    assigned: set[TopicPartition] = field(default_factory=set)
+
+
+def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
+    # Idempotent producers need broker support that not every Kafka-protocol broker has;
+    # deterministic ids downstream make plain acks=all enough.
+    options: dict[str, object] = dict(
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=2,
+        max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+        request_timeout_ms=30_000,
+    )
+    if settings.kafka_single_record_batches:
+        options["max_batch_size"] = 1  # a record larger than the batch size travels alone
+    options.update(overrides)
+    return AIOKafkaProducer(**settings.kafka_kwargs(), **options)
+
+
+class ServiceRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        *,
+        group_id: str | None = None,
+        max_in_flight: int | None = None,
+        commit_interval_s: float = 0.2,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.group_id = group_id or f"datacreator-{handler.name}"
+        self.max_in_flight = max_in_flight or settings.max_in_flight
+        self.commit_interval_s = commit_interval_s
+        self.state = RunnerState()
+        self._tracks: dict[TopicPartition, _PartitionTrack] = {}
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._paused = False
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._commit_lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+
+    # -- what handlers may call -------------------------------------------------------------
+
+    async def publish(self, outputs: Iterable[Output]) -> None:
+        """Produce and wait for every acknowledgement; retries while the broker is away."""
+        assert self._producer is not None
+        outputs = list(outputs)
+        if not outputs:
+            return
+        delay = 0.2
+        while True:
+            try:
+                futures = [
+                    await self._producer.send(o.topic, encode(o.value), key=encode_key(o.key)) for o in outputs
+                ]
+                await asyncio.gather(*futures)
+                break
+            except KafkaError as exc:
+                if self._stopping.is_set() and delay > 5:
+                    raise
+                log.warning("%s: produce failed (%s); retrying in %.1fs", self.handler.name, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for o in outputs:
+            metrics.messages_produced.labels(self.handler.name, o.topic).inc()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        name = self.handler.name
+        self._producer = make_producer(self.settings)
+        self._consumer = AIOKafkaConsumer(
+            **self.settings.kafka_kwargs(),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_poll_interval_ms=600_000,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+            fetch_max_bytes=self.settings.max_message_bytes * 8,
+            max_partition_fetch_bytes=max(self.settings.max_message_bytes * 2, 1_048_576),
+        )
+        await _retry_start(self._producer.start, f"{name} producer")
+        self._consumer.subscribe(self.handler.topics, listener=_Listener(self))
+        await _retry_start(self._consumer.start, f"{name} consumer")
+        await self.handler.start(self)
+        self.state.running = True
+        metrics.service_up.labels(name).set(1)
+        committer = asyncio.create_task(self._commit_loop(), name=f"{name}-commit")
+        log.info("%s: consuming %s as group %s", name, ", ".join(self.handler.topics), self.group_id)
+        try:
+            while not self._stopping.is_set():
+                self._apply_backpressure()
+                try:
+                    batches = await self._consumer.getmany(timeout_ms=100, max_records=self.max_in_flight)
+                except KafkaError as exc:
+                    log.warning("%s: fetch failed (%s); retrying", name, type(exc).__name__)
+                    await asyncio.sleep(0.5)
+                    continue
+                for tp, records in batches.items():
+                    track = self._tracks.get(tp)
+                    if track is None:  # revoked while the fetch was under way: the new owner reads it
+                        continue
+                    for record in records:
+                        metrics.messages_consumed.labels(name, tp.topic).inc()
+                        self._dispatch(tp, track, record)
+        finally:
+            self.state.ready = False
+            metrics.service_up.labels(name).set(0)
+            await self._drain(self.settings.shutdown_timeout_s)
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
+            with contextlib.suppress(Exception):
+                await self._commit()
+            await self.handler.stop()
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            self.state.running = False
+            log.info("%s: stopped", name)
+
+    def _dispatch(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
+        track.add(record.offset)
+        self._in_flight += 1
+        metrics.in_flight.labels(self.handler.name).set(self._in_flight)
+        if self.handler.ordered:
+            if track.queue is None:
+                track.queue = asyncio.Queue()
+                track.worker = asyncio.create_task(self._partition_worker(tp, track))
+            track.queue.put_nowait(record)
+        else:
+            task = asyncio.create_task(self._process(tp, track, record))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _partition_worker(self, tp: TopicPartition, track: _PartitionTrack) -> None:
+        assert track.queue is not None
+        while True:
+            record = await track.queue.get()
+            await self._process(tp, track, record)
+
+    async def _process(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
+        name = self.handler.name
+        started = time.perf_counter()
+        try:
+            outputs = await self._handle_with_retries(record)
+            await self.publish(outputs)
+            track.finish(record.offset)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
+            log.exception("%s: could not finish %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
+        finally:
+            self._in_flight -= 1
+            metrics.in_flight.labels(name).set(self._in_flight)
+            metrics.processing_seconds.labels(name, tp.topic).observe(time.perf_counter() - started)
+
+    async def _handle_with_retries(self, record: ConsumerRecord) -> list[Output]:
+        name = self.handler.name
+        attempts = self.settings.max_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.handler.handle(record)
+            except PoisonMessage as exc:
+                return [self.dead_letter(record, exc, attempt)]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                metrics.processing_errors.labels(name, record.topic).inc()
+                if attempt == attempts:
+                    log.error("%s: %s[%d]@%d failed %d times, to the DLQ: %s", name, record.topic,
+                              record.partition, record.offset, attempt, type(exc).__name__)
+                    return [self.dead_letter(record, exc, attempt)]
+                log.warning("%s: attempt %d at %s[%d]@%d failed: %r", name, attempt, record.topic,
+                            record.partition, record.offset, exc)
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def dead_letter(self, record: ConsumerRecord, exc: Exception, attempts: int) -> Output:
+        metrics.messages_dead_lettered.labels(self.handler.name, record.topic).inc()
+        value = (record.value or b"")[:DLQ_VALUE_LIMIT].decode("utf-8", "replace")
+        letter = DeadLetter(
+            service=self.handler.name,
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=decode_key(record.key),
+            value=value,
+            error=str(exc)[:2000] or type(exc).__name__,
+            error_type=type(exc).__name__,
+            attempts=attempts,
+        )
+        return Output(self.settings.topics.dlq, decode_key(record.key), letter)
+
+    def _apply_backpressure(self) -> None:
+        assert self._consumer is not None
+        assigned = list(self._tracks)
+        if not self._paused and self._in_flight >= self.max_in_flight:
+            self._consumer.pause(*assigned)
+            self._paused = True
+        elif self._paused and self._in_flight <= self.max_in_flight // 2:
+            self._consumer.resume(*assigned)
+            self._paused = False
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.commit_interval_s)
+            try:
+                await self._commit()
+                await self._update_lag()
+            except KafkaError as exc:
+                log.warning("%s: commit failed (%s); retrying", self.handler.name, type(exc).__name__)
+
+    async def _commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        assert self._consumer is not None
+        async with self._commit_lock:
+            offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+            for tp in list(partitions if partitions is not None else self._tracks):
+                track = self._tracks.get(tp)
+                if track is None:
+                    continue
+                position = track.committable()
+                if position is not None and position != track.committed:
+                    offsets[tp] = OffsetAndMetadata(position, "")
+            if offsets:
+                await self._consumer.commit(offsets)
+                for tp, meta in offsets.items():
+                    if tp in self._tracks:
+                        self._tracks[tp].committed = meta.offset
+
+    async def _update_lag(self) -> None:
+        assert self._consumer is not None
+        for tp in list(self._tracks):
+            with contextlib.suppress(Exception):
+                highwater = self._consumer.highwater(tp)
+                position = await self._consumer.position(tp)
+                if highwater is not None:
+                    metrics.consumer_lag.labels(self.handler.name, tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+    async def _drain(self, timeout_s: float, partitions: set[TopicPartition] | None = None) -> None:
+        """Wait (bounded) for in-flight records, of some partitions or all, to finish."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            tracks = [t for tp, t in self._tracks.items() if partitions is None or tp in partitions]
+            if all(t.pending == len(t.finished) for t in tracks):
+                break
+            await asyncio.sleep(0.05)
+        if partitions is None:
+            for task in list(self._tasks):
+                task.cancel()
+        for tp, track in list(self._tracks.items()):
+            if (partitions is None or tp in partitions) and track.worker is not None:
+                track.worker.cancel()
+
+    # -- rebalancing ------------------------------------------------------------------------
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        self.state.ready = False
+        if not revoked:
+            return
+        await self._drain(self.settings.shutdown_timeout_s, revoked)
+        with contextlib.suppress(KafkaError):
+            await self._commit(revoked)
+        for tp in revoked:
+            track = self._tracks.pop(tp, None)
+            if track is not None:
+                self._in_flight -= track.queue.qsize() if track.queue is not None else 0
+            self.state.assigned.discard(tp)
+        await self.handler.on_revoked(revoked)
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            self._tracks.setdefault(tp, _PartitionTrack())
+        self.state.assigned |= assigned
+        await self.handler.on_assigned(assigned)
+        self._paused = False
+        self.state.ready = True
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, runner: ServiceRunner) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.runner._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.runner._assigned(set(assigned))
+
+
+async def _retry_start(start: Callable[[], Awaitable[None]], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            await start()
+            return
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: cannot reach the broker yet (%s)", what, type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop)

@@ -1,0 +1,248 @@
+"""The `datacreator` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from datacreator.config import Settings
+from datacreator.contracts import RequestStatus
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiokafka reports every reconnect at WARNING; they are expected around restarts
+    logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level.upper()), logging.ERROR))
+
+
+def _summary(status: RequestStatus, wall_s: float, out: str | None) -> str:
+    lines = [
+        f"request      {status.request_id}: {status.state.value}" + (f" ({status.error})" if status.error else ""),
+        f"accepted     {status.accepted} of {status.target_count}" + (f"  -> {out}" if out else ""),
+    ]
+    rejected = sum(status.rejected.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(status.rejected.items(), key=lambda kv: -kv[1]))
+    lines.append(f"rejected     {rejected}" + (f" ({reasons})" if reasons else ""))
+    lines.append(f"llm calls    {status.llm_calls} ({status.failed_calls} failed)")
+    lines.append(f"tokens       {status.prompt_tokens} prompt + {status.completion_tokens} completion")
+    lines.append(f"cost         ${status.cost_usd:.6f}")
+    lines.append(f"wall time    {wall_s:.1f} s ({status.accepted / wall_s if wall_s else 0:.2f} examples/s)")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A progress bar on a terminal, plain lines elsewhere."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), disable=not enabled or not sys.stderr.isatty(), transient=False,
+        )
+        self.task = self.progress.add_task("examples", total=total, info="")
+        self._last_line = 0.0
+
+    def __enter__(self) -> "_Progress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, status: RequestStatus) -> None:
+        rejected = sum(status.rejected.values())
+        info = f"{status.state.value} | rejected {rejected} | calls {status.llm_calls} | ${status.cost_usd:.4f}"
+        self.progress.update(self.task, completed=status.accepted, total=status.target_count or None, info=info)
+        if self.enabled and not sys.stderr.isatty() and (time.monotonic() - self._last_line > 5 or status.state.final):
+            self._last_line = time.monotonic()
+            print(f"  {status.accepted}/{status.target_count} accepted; {info}", file=sys.stderr)
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from datacreator import client
+    from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
+
+    request = client.load_request(
+        args.request, target_count=args.target_count, strategy=args.strategy, request_id=args.request_id,
+        examples_per_call=args.examples_per_call,
+    )
+    print(f"datacreator: starting the embedded stack (broker, {args.llm} LLM, planner, generator, curator)", file=sys.stderr)
+    target = await start_llm(args.llm, args.model)
+    stack = EmbeddedStack(Settings())
+    try:
+        options = {"max_concurrency": args.concurrency}
+        if args.llm == "embedded":
+            options.update(read_timeout_s=600.0, total_timeout_s=900.0)
+        settings = await stack.start(endpoints_json=endpoint_json(target, **options))
+        started = time.monotonic()
+        await client.submit(settings, request)
+        with _Progress(request.target_count, enabled=not args.quiet) as progress:
+            final = await client.wait_for_final(settings, request.request_id, progress.update, timeout_s=args.timeout)
+        wall = time.monotonic() - started
+        examples = await client.collect_examples(settings, request.request_id)
+        if args.out:
+            client.write_jsonl(args.out, examples, with_metadata=args.with_metadata)
+        print(_summary(final, wall, args.out))
+        return 0 if final.state.value == "COMPLETED" else 1
+    finally:
+        await stack.stop()
+        await stop_llm(target)
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    from datacreator import client
+
+    settings = Settings()
+    request = client.load_request(args.request, target_count=args.target_count, strategy=args.strategy, request_id=args.request_id)
+    await client.submit(settings, request)
+    print(request.request_id)
+    if not args.wait:
+        return 0
+    started = time.monotonic()
+    with _Progress(request.target_count) as progress:
+        final = await client.wait_for_final(settings, request.request_id, progress.update, timeout_s=args.timeout)
+    print(_summary(final, time.monotonic() - started, None))
+    return 0 if final.state.value == "COMPLETED" else 1
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from datacreator import client
+
+    status = await client.latest_status(Settings(), args.request_id)
+    if status is None:
+        print(f"no status for request {args.request_id}", file=sys.stderr)
+        return 2
+    print(status.model_dump_json(indent=2))
+    return 0
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    from datacreator import client
+
+    await client.cancel(Settings(), args.request_id, args.reason)
+    print(f"cancel sent for {args.request_id}")
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from datacreator.services.app import CORE_SERVICES, serve
+
+    names = list(CORE_SERVICES) if args.service == "all" else [args.service]
+    await serve(Settings(), names)
+    return 0
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from datacreator.bus.runtime import install_signal_handlers
+    from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
+
+    target = await start_llm(args.llm, args.model)
+    stack = EmbeddedStack(Settings(), broker_port=args.port)
+    stopped = asyncio.Event()
+    try:
+        settings = await stack.start(endpoints_json=endpoint_json(target))
+        install_signal_handlers(stopped.set)
+        assert stack.group is not None
+        print(f"datacreator is up: Kafka bootstrap {settings.kafka_bootstrap}", flush=True)
+        print(f"  publish requests to {settings.topics.requests}; read examples from {settings.topics.examples}", flush=True)
+        print(f"  LLM: {target.base_url} ({target.model}); metrics: {stack.group.health.url}/metrics", flush=True)
+        print("  Ctrl-C stops it all", flush=True)
+        await stopped.wait()
+        return 0
+    finally:
+        await stack.stop()
+        await stop_llm(target)
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    from datacreator import schemas
+
+    for path in schemas.write(args.out):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datacreator", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("DATACREATOR_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def request_overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("request", help="a CreationRequest as a JSON file")
+        p.add_argument("--target-count", type=int)
+        p.add_argument("--strategy", choices=["none", "random", "contrastive", "similar", "tree"])
+        p.add_argument("--request-id")
+        p.add_argument("--timeout", type=float, default=None, help="seconds to wait for a final state")
+
+    run = sub.add_parser("run", help="create examples end to end on the embedded stack")
+    request_overrides(run)
+    run.add_argument("--llm", default="embedded", help="embedded (default), simulator, or an OpenAI-compatible base URL")
+    run.add_argument("--model", help="embedded model name, or the model at the given URL")
+    run.add_argument("--out", default="examples.jsonl")
+    run.add_argument("--with-metadata", action="store_true", help="write whole Example messages, not only the data")
+    run.add_argument("--examples-per-call", type=int)
+    run.add_argument("--concurrency", type=int, default=8, help="LLM calls in flight at once")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(handler=_run)
+
+    submit = sub.add_parser("submit", help="publish a request to a running bus (DATACREATOR_KAFKA_BOOTSTRAP)")
+    request_overrides(submit)
+    submit.add_argument("--wait", action="store_true", help="follow the status until a final state")
+    submit.set_defaults(handler=_submit)
+
+    status = sub.add_parser("status", help="the latest status of a request")
+    status.add_argument("request_id")
+    status.set_defaults(handler=_status)
+
+    cancel = sub.add_parser("cancel", help="stop a request")
+    cancel.add_argument("request_id")
+    cancel.add_argument("--reason", default="cancelled by user")
+    cancel.set_defaults(handler=_cancel)
+
+    serve = sub.add_parser("serve", help="run one service (or all) against the configured broker")
+    serve.add_argument("service", choices=["planner", "generator", "curator", "sink", "all"])
+    serve.set_defaults(handler=_serve)
+
+    up = sub.add_parser("up", help="the long-running embedded stack, for any Kafka client")
+    up.add_argument("--llm", default="embedded")
+    up.add_argument("--model")
+    up.add_argument("--port", type=int, default=9092, help="the broker's port")
+    up.set_defaults(handler=_up)
+
+    schemas = sub.add_parser("schemas", help="write the JSON Schemas and the AsyncAPI document")
+    schemas.add_argument("--out", default="schemas")
+    schemas.set_defaults(handler=_schemas, sync=True)
+
+    from datacreator.simulator import add_arguments as simulator_arguments
+    from datacreator.simulator import main as simulator_main
+
+    simulate = sub.add_parser("simulate-llm", help="run the LLM simulator (an OpenAI-compatible test server)")
+    simulator_arguments(simulate)
+    simulate.set_defaults(handler=simulator_main, sync=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    if getattr(args, "sync", False):
+        return int(args.handler(args) or 0)
+    try:
+        return asyncio.run(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Talking to a running bus from outside: publish requests, follow statuses, read examples."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from datacreator.bus.codec import PoisonMessage, decode, encode, encode_key
+from datacreator.bus.readback import StatusWatcher, read_to_end
+from datacreator.bus.runtime import make_producer
+from datacreator.config import Settings
+from datacreator.contracts import CancelRequest, CreationRequest, Example, RequestStatus
+
+
+def load_request(path: str | Path, **overrides: Any) -> CreationRequest:
+    raw = orjson.loads(Path(path).read_bytes())
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return CreationRequest.model_validate(raw)
+
+
+async def publish_raw(settings: Settings, topic: str, key: str | None, value: bytes) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=encode_key(key))
+    finally:
+        await producer.stop()
+
+
+async def publish(settings: Settings, topic: str, key: str, message: Any) -> None:
+    await publish_raw(settings, topic, key, encode(message))
+
+
+async def submit(settings: Settings, request: CreationRequest) -> str:
+    await publish(settings, settings.topics.requests, request.request_id, request)
+    return request.request_id
+
+
+async def cancel(settings: Settings, request_id: str, reason: str = "cancelled by user") -> None:
+    await publish(settings, settings.topics.requests, request_id, CancelRequest(request_id=request_id, reason=reason))
+
+
+async def wait_for_final(
+    settings: Settings,
+    request_id: str,
+    on_status: Callable[[RequestStatus], None] | None = None,
+    timeout_s: float | None = None,
+) -> RequestStatus:
+    """Follow the status topic until the request reaches a final state."""
+    watcher = await StatusWatcher(settings).start()
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    seen: float = -1.0
+    try:
+        while True:
+            status = watcher.latest.get(request_id)
+            if status is not None and status.updated_at != seen:
+                seen = status.updated_at
+                if on_status is not None:
+                    on_status(status)
+                if status.state.final:
+                    return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"request {request_id} not final after {timeout_s} s (last: {status.state if status else 'none'})")
+            await watcher.wait_change(0.5)
+    finally:
+        await watcher.stop()
+
+
+async def latest_status(settings: Settings, request_id: str) -> RequestStatus | None:
+    latest: RequestStatus | None = None
+    async for record in read_to_end(settings, settings.topics.status):
+        try:
+            status = decode(RequestStatus, record.value)
+        except PoisonMessage:
+            continue
+        if status.request_id == request_id and (latest is None or status.updated_at >= latest.updated_at):
+            latest = status
+    return latest
+
+
+async def read_examples(settings: Settings, request_id: str | None = None) -> AsyncIterator[Example]:
+    """The distinct examples published so far (of one request, or all): a redelivery is dropped by id."""
+    seen: set[str] = set()
+    async for record in read_to_end(settings, settings.topics.examples):
+        try:
+            example = decode(Example, record.value)
+        except PoisonMessage:
+            continue
+        if (request_id is None or example.request_id == request_id) and example.example_id not in seen:
+            seen.add(example.example_id)
+            yield example
+
+
+async def collect_examples(settings: Settings, request_id: str) -> list[Example]:
+    return [example async for example in read_examples(settings, request_id)]
+
+
+def write_jsonl(path: str | Path, examples: list[Example], with_metadata: bool = False) -> None:
+    with open(path, "wb") as out:
+        for example in examples:
+            row = example.model_dump(mode="json") if with_metadata else example.data
+            out.write(orjson.dumps(row) + b"\n")
+

@@ -1,0 +1,316 @@
+"""Reading the examples stream from a training system: an async iterator and a blocking one.
+
+    async for example in stream_examples(settings, request_id, stop_at_completion=True):
+        train_on(example.data)
+
+Delivery upstream is at-least-once, so the same example can be on the topic twice; the
+iterator yields each example id once per request. With `stop_at_completion` it ends once the
+request's status is final and every example published before that has been read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.consumer.fetcher import ConsumerRecord
+
+from datacreator.bus.codec import PoisonMessage, decode
+from datacreator.bus.readback import StatusWatcher
+from datacreator.config import Settings
+from datacreator.contracts import Example, RequestStatus
+
+log = logging.getLogger(__name__)
+
+
+class ExampleStream:
+    """Distinct examples from the examples topic, as an async iterator (and async context manager).
+
+    - `request_id`: only that request's examples (None: every request's).
+    - `from_beginning`: start at the oldest record (True) or at the end, i.e. new ones only.
+    - `from_offsets`: {partition: offset} to resume from, e.g. a saved `positions()`.
+    - `stop_at_completion`: end once the request is final and all of its examples were read.
+    - `group_id`: read as a member of this consumer group (partitions shared between members,
+      positions committed by `commit()` and on close) instead of reading every partition.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        request_id: str | None = None,
+        *,
+        from_beginning: bool = True,
+        from_offsets: dict[int, int] | None = None,
+        stop_at_completion: bool = False,
+        group_id: str | None = None,
+        completion_grace_s: float = 5.0,
+        poll_timeout_ms: int = 200,
+    ) -> None:
+        if stop_at_completion and request_id is None:
+            raise ValueError("stop_at_completion needs a request_id")
+        if group_id is not None and from_offsets:
+            raise ValueError("from_offsets applies to a stream without a consumer group")
+        self.settings = settings
+        self.request_id = request_id
+        self.from_beginning = from_beginning
+        self.from_offsets = dict(from_offsets or {})
+        self.stop_at_completion = stop_at_completion
+        self.group_id = group_id
+        self.completion_grace_s = completion_grace_s
+        self.poll_timeout_ms = poll_timeout_ms
+        self.topic = settings.topics.examples
+        self.final_status: RequestStatus | None = None
+        self.duplicates_dropped = 0
+        self._seen: dict[str, set[str]] = {}
+        self._positions: dict[int, int] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._watcher: StatusWatcher | None = None
+        self._iterator: AsyncIterator[Example] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "ExampleStream":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        group = self.group_id is not None
+        consumer = AIOKafkaConsumer(
+            **self.settings.kafka_kwargs(),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if self.from_beginning else "latest",
+            max_partition_fetch_bytes=max(self.settings.max_message_bytes * 2, 1_048_576),
+        )
+        await consumer.start()
+        self._consumer = consumer
+        try:
+            if group:
+                consumer.subscribe([self.topic])
+            else:
+                tps = await self._partitions(consumer)
+                consumer.assign(tps)
+                if self.from_beginning:
+                    await consumer.seek_to_beginning(*tps)
+                else:
+                    await consumer.seek_to_end(*tps)
+                for tp in tps:
+                    if tp.partition in self.from_offsets:
+                        consumer.seek(tp, self.from_offsets[tp.partition])
+            if self.stop_at_completion:
+                self._watcher = await StatusWatcher(self.settings).start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            if self.group_id is not None:
+                with contextlib.suppress(Exception):
+                    await self._commit(consumer)
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        found = consumer.partitions_for_topic(self.topic)
+        deadline = time.monotonic() + 10
+        while not found and time.monotonic() < deadline:
+            await consumer._client.force_metadata_update()  # topic created after the consumer started
+            found = consumer.partitions_for_topic(self.topic)
+            if not found:
+                await asyncio.sleep(0.2)
+        if not found:
+            raise LookupError(f"topic {self.topic} has no partitions")
+        return [TopicPartition(self.topic, p) for p in sorted(found)]
+
+    # -- positions --------------------------------------------------------------------------
+
+    def positions(self) -> dict[int, int]:
+        """{partition: next offset} after the examples handed out so far; resume with `from_offsets`."""
+        return dict(self._positions)
+
+    async def commit(self) -> None:
+        """Commit the group's positions up to what was handed out (consumer-group streams only)."""
+        if self._consumer is None or self.group_id is None:
+            return
+        await self._commit(self._consumer)
+
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        assigned = {tp.partition for tp in consumer.assignment()}
+        offsets = {TopicPartition(self.topic, p): o for p, o in self._positions.items() if p in assigned}
+        if offsets:
+            await consumer.commit(offsets)
+
+    # -- iteration --------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Example]:
+        if self._iterator is None:
+            self._iterator = self._iterate()
+        return self._iterator
+
+    async def __anext__(self) -> Example:
+        return await self.__aiter__().__anext__()
+
+    def _accept(self, record: ConsumerRecord) -> Example | None:
+        self._positions[record.partition] = record.offset + 1
+        try:
+            example = decode(Example, record.value)
+        except PoisonMessage as exc:
+            log.warning("examples stream: skipping %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+            return None
+        if self.request_id is not None and example.request_id != self.request_id:
+            return None
+        seen = self._seen.setdefault(example.request_id, set())
+        if example.example_id in seen:
+            self.duplicates_dropped += 1
+            return None
+        seen.add(example.example_id)
+        return example
+
+    async def _iterate(self) -> AsyncIterator[Example]:
+        await self.start()
+        try:
+            end: dict[TopicPartition, int] | None = None
+            grace_until = 0.0
+            while True:
+                consumer = self._consumer
+                assert consumer is not None
+                batches = await consumer.getmany(timeout_ms=self.poll_timeout_ms)
+                for tp in sorted(batches, key=lambda t: t.partition):
+                    for record in batches[tp]:
+                        example = self._accept(record)
+                        if example is not None:
+                            yield example
+                if not self.stop_at_completion:
+                    continue
+                assert self._watcher is not None and self.request_id is not None
+                if end is None:
+                    status = self._watcher.latest.get(self.request_id)
+                    if status is None or not status.state.final or not consumer.assignment():
+                        continue
+                    # Everything the request published is on the topic before its final status.
+                    self.final_status = status
+                    end = await self._end_offsets(consumer)
+                    grace_until = time.monotonic() + self.completion_grace_s
+                if not await self._reached(consumer, end):
+                    continue
+                if self._complete() or time.monotonic() >= grace_until:
+                    if not self._complete():
+                        log.warning("request %s: %d distinct examples read, status says %d accepted",
+                                    self.request_id, self.read_count, self.final_status.accepted if self.final_status else -1)
+                    return
+                # An example acknowledged after the status (different partitions): look again.
+                end = await self._end_offsets(consumer)
+        finally:
+            await self.close()
+
+    @property
+    def read_count(self) -> int:
+        return len(self._seen.get(self.request_id or "", ())) if self.request_id else sum(map(len, self._seen.values()))
+
+    def _full_view(self) -> bool:
+        return self.from_beginning and not self.from_offsets and self.group_id is None
+
+    def _complete(self) -> bool:
+        if self.final_status is None or not self._full_view():
+            return True
+        return self.read_count >= self.final_status.accepted
+
+    async def _end_offsets(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+        tps = list(consumer.assignment())
+        return dict(await consumer.end_offsets(tps)) if tps else {}
+
+    async def _reached(self, consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:
+        for tp, last in end.items():
+            if tp not in consumer.assignment():
+                continue
+            position = max(self._positions.get(tp.partition, 0), await consumer.position(tp))
+            if position < last:
+                return False
+        return True
+
+
+def stream_examples(
+    settings: Settings,
+    request_id: str | None = None,
+    *,
+    from_beginning: bool = True,
+    from_offsets: dict[int, int] | None = None,
+    stop_at_completion: bool = False,
+    group_id: str | None = None,
+    completion_grace_s: float = 5.0,
+) -> ExampleStream:
+    """An async iterator over distinct examples; see `ExampleStream` for the options."""
+    return ExampleStream(
+        settings, request_id, from_beginning=from_beginning, from_offsets=from_offsets,
+        stop_at_completion=stop_at_completion, group_id=group_id, completion_grace_s=completion_grace_s,
+    )
+
+
+_DONE = object()
+
+
+def iter_examples(settings: Settings, request_id: str | None = None, *, buffer: int = 1000, **options: Any) -> Iterator[Example]:
+    """`stream_examples` for synchronous code: the stream runs on an event loop in a background thread.
+
+    Closing the iterator (or leaving a `for` loop early) stops the thread.
+    """
+    items: queue.Queue[Any] = queue.Queue(maxsize=buffer)
+    stop = threading.Event()
+
+    async def pump() -> None:
+        async with stream_examples(settings, request_id, **options) as stream:
+            async for example in stream:
+                while True:  # never block the loop: the consumer's heartbeats run on it
+                    if stop.is_set():
+                        return
+                    try:
+                        items.put_nowait(example)
+                        break
+                    except queue.Full:
+                        await asyncio.sleep(0.02)
+                if stop.is_set():
+                    return
+
+    def run() -> None:
+        outcome: Any = _DONE
+        try:
+            asyncio.run(pump())
+        except BaseException as exc:  # handed to the reading thread
+            outcome = exc
+        while not stop.is_set():
+            try:
+                items.put(outcome, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=run, name="datacreator-examples", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -1,0 +1,340 @@
+"""An OpenAI-compatible chat client that paces, retries and accounts for every call.
+
+One `LLMClient` per endpoint alias holds one pooled HTTP client. A call goes:
+circuit breaker -> concurrency slot -> rate limiter -> POST /chat/completions -> headers to the
+limiter -> parse, settle the limiter, cost and metrics. Provider faults never raise: they end up
+in `CallResult.outcome` and `CallResult.error`, which never hold the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import orjson
+
+from datacreator import metrics
+from datacreator.config import EndpointConfig, Settings
+from datacreator.contracts import GenerationTask, Usage
+from datacreator.logic.cost import call_cost_usd
+from datacreator.logic.prompt import (
+    build_messages,
+    estimate_call_tokens,
+    estimate_prompt_tokens,
+    estimate_text_tokens,
+    response_format,
+)
+from datacreator.logic.ratelimit import (
+    ProviderView,
+    RateLimiter,
+    Reservation,
+    build_rate_limiter,
+    parse_retry_after,
+)
+from datacreator.logic.retry import CircuitBreaker, RetryPolicy
+
+log = logging.getLogger("datacreator.llm")
+
+Outcome = Literal["ok", "429", "5xx", "timeout", "connection", "malformed", "circuit_open", "client_error"]
+_RETRYABLE = {"429", "5xx", "timeout", "connection", "malformed"}
+_BREAKER_FAILURES = {"5xx", "timeout", "connection", "malformed"}
+_DOWNGRADE = {"json_schema": "json_object", "json_object": "none"}
+_ERROR_SNIPPET = 300
+_KEYLIKE = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|\b(sk|pk|key|api[-_]?key)[-_][A-Za-z0-9_\-*.]{6,}")
+
+
+@dataclass
+class CallResult:
+    text: str | None
+    usage: Usage
+    latency_s: float
+    attempts: int
+    outcome: str  # ok|429|5xx|timeout|connection|malformed|circuit_open|client_error
+    error: str | None
+    cost_usd: float
+    model: str
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+@dataclass
+class _Attempt:
+    outcome: str
+    text: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    format_rejected: bool = False
+    usage_reported: bool = False
+
+
+class LLMClient:
+    """Calls one endpoint. Safe to share between any number of concurrent tasks."""
+
+    def __init__(
+        self,
+        alias: str,
+        cfg: EndpointConfig,
+        limiter: RateLimiter,
+        policy: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        *,
+        tpm_counts: Literal["max_tokens", "usage"] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.alias = alias
+        self.cfg = cfg
+        self.limiter = limiter
+        self.policy = policy or RetryPolicy(max_attempts=cfg.max_attempts)
+        self.breaker = breaker or CircuitBreaker(alias=alias)
+        # Providers that charge prompt + max_tokens at admission keep that charge: settling down to
+        # the real usage would let more through than they allow.
+        self.tpm_counts = tpm_counts or getattr(cfg, "tpm_counts", None) or "max_tokens"
+        self.mode: str = cfg.structured_output
+        key = cfg.key()
+        self._secret = key.get_secret_value() if key else None
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if self._secret:
+            headers["authorization"] = f"Bearer {self._secret}"
+        self._http = httpx.AsyncClient(
+            base_url=cfg.base_url.rstrip("/") + "/",
+            headers=headers,
+            http2=cfg.http2,
+            timeout=httpx.Timeout(
+                connect=cfg.connect_timeout_s, read=cfg.read_timeout_s, write=cfg.read_timeout_s, pool=cfg.total_timeout_s
+            ),
+            limits=httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency),
+            transport=transport,
+        )
+        self._slots = asyncio.Semaphore(cfg.max_concurrency)
+
+    # -- public ------------------------------------------------------------------------------
+
+    async def complete(self, task: GenerationTask) -> CallResult:
+        started = time.monotonic()
+        model = task.model.name or self.cfg.model
+        messages = build_messages(task)
+        estimate = estimate_call_tokens(messages, task.model.max_tokens)
+        attempts = 0
+        last = _Attempt("connection", error="no attempt made")
+        try:
+            async with asyncio.timeout(self.cfg.total_timeout_s):
+                while True:
+                    if not self.breaker.allow():
+                        metrics.llm_calls.labels(self.alias, "circuit_open").inc()
+                        wait = self.breaker.retry_in()
+                        last = _Attempt("circuit_open", error=f"circuit open for endpoint {self.alias}; next probe in {wait:.1f}s")
+                        break
+                    attempts += 1
+                    last = await self._attempt(task, model, messages, estimate)
+                    if last.outcome == "ok":
+                        return self._success(last, model, started, attempts)
+                    if last.format_rejected:
+                        attempts -= 1  # a setting to change, not a fault of the endpoint
+                        continue
+                    if last.outcome not in _RETRYABLE or attempts >= self.policy.max_attempts:
+                        break
+                    delay = self.policy.delay(attempts, last.retry_after)
+                    level = logging.DEBUG if last.outcome == "429" else logging.WARNING
+                    log.log(
+                        level, "LLM call to %s failed (%s), attempt %d of %d; retrying in %.2fs",
+                        self.alias, last.error, attempts, self.policy.max_attempts, delay,
+                    )
+                    await asyncio.sleep(delay)
+        except TimeoutError:
+            last = _Attempt("timeout", error=f"no answer within the {self.cfg.total_timeout_s:g}s deadline ({last.error})")
+        metrics.llm_tasks_failed.labels(self.alias).inc()
+        error = self._redact(f"{last.error} after {attempts} attempt(s)")
+        log.warning("LLM call to %s gave up: %s", self.alias, error)
+        return CallResult(
+            text=None, usage=Usage(), latency_s=time.monotonic() - started, attempts=attempts,
+            outcome=last.outcome, error=error, cost_usd=0.0, model=model,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self.limiter.aclose()
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    def _body(self, task: GenerationTask, model: str, messages: list[dict[str, str]]) -> bytes:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "temperature": task.model.temperature,
+            "max_tokens": task.model.max_tokens,
+        }
+        fmt = response_format(task, self.mode)  # type: ignore[arg-type]
+        if fmt is not None:
+            body["response_format"] = fmt
+        return orjson.dumps(body)
+
+    async def _attempt(self, task: GenerationTask, model: str, messages: list[dict[str, str]], estimate: int) -> _Attempt:
+        body = self._body(task, model, messages)
+        recorded = False
+        try:
+            async with self._slots:
+                reservation = await self.limiter.acquire(estimate)
+                metrics.ratelimit_wait_seconds.labels(self.alias).observe(reservation.waited_s)
+                metrics.llm_in_flight.labels(self.alias).inc()
+                sent = time.monotonic()
+                try:
+                    response = await self._http.post("chat/completions", content=body)
+                except httpx.TimeoutException as exc:
+                    result = _Attempt("timeout", error=f"timed out ({type(exc).__name__})")
+                except httpx.TransportError as exc:
+                    result = _Attempt("connection", error=f"connection failed ({type(exc).__name__}: {exc})")
+                else:
+                    result = await self._read(response, messages, task.model.max_tokens, reservation, time.monotonic() - sent)
+                finally:
+                    metrics.llm_in_flight.labels(self.alias).dec()
+            if result.outcome in ("timeout", "connection") and self.tpm_counts == "usage":
+                await self.limiter.settle(reservation, 0)
+            metrics.llm_calls.labels(self.alias, result.outcome).inc()
+            if result.outcome == "ok":
+                self.breaker.record_success()
+            elif result.outcome in _BREAKER_FAILURES:
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_neutral()
+            recorded = True
+            return result
+        finally:
+            if not recorded:  # cancelled (deadline): free the probe slot if this was the probe
+                self.breaker.record_neutral()
+
+    async def _read(
+        self, response: httpx.Response, messages: list[dict[str, str]], max_tokens: int, reservation: Reservation, latency: float
+    ) -> _Attempt:
+        self.limiter.observe_headers(response.headers, reservation)
+        status = response.status_code
+        if status == 200:
+            result = self._parse(response, messages, max_tokens)
+            if result.outcome == "ok":
+                assert result.usage is not None
+                if result.usage_reported:
+                    # What the provider charged: the real usage, or the prompt plus max_tokens.
+                    charged = result.usage.total_tokens if self.tpm_counts == "usage" else result.usage.prompt_tokens + max_tokens
+                    if charged != reservation.tokens:
+                        await self.limiter.settle(reservation, charged)
+                metrics.llm_latency_seconds.labels(self.alias).observe(latency)
+            return result
+        if status == 429:
+            # Refused before admission: the provider counts none of its tokens.
+            await self.limiter.settle(reservation, 0)
+            retry_after = parse_retry_after(response.headers)
+            if retry_after is None:
+                retry_after = ProviderView.from_headers(response.headers).reset_after()
+            return _Attempt("429", error=f"HTTP 429: {self._snippet(response)}", retry_after=retry_after)
+        if status >= 500:
+            if self.tpm_counts == "usage":
+                await self.limiter.settle(reservation, 0)
+            retry_after = parse_retry_after(response.headers) if status == 503 else None
+            return _Attempt("5xx", error=f"HTTP {status}: {self._snippet(response)}", retry_after=retry_after)
+        await self.limiter.settle(reservation, 0)
+        text = self._snippet(response)
+        if status == 400 and self.mode in _DOWNGRADE and re.search(r"response_format|json_schema|structured", text, re.I):
+            old, self.mode = self.mode, _DOWNGRADE[self.mode]
+            log.warning("endpoint %s refused response_format %s; using %s from now on", self.alias, old, self.mode)
+            return _Attempt("client_error", error=f"HTTP 400: {text}", format_rejected=True)
+        if status == 408:
+            return _Attempt("timeout", error=f"HTTP 408: {text}")
+        return _Attempt("client_error", error=f"HTTP {status}: {text}")
+
+    def _parse(self, response: httpx.Response, messages: list[dict[str, str]], max_tokens: int) -> _Attempt:
+        try:
+            data = orjson.loads(response.content)
+            content = data["choices"][0]["message"]["content"]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            return _Attempt("malformed", error=f"malformed response ({type(exc).__name__}): {self._snippet(response)}")
+        if not isinstance(content, str):
+            return _Attempt("malformed", error="response without message content")
+        raw_usage = data.get("usage") if isinstance(data, dict) else None
+        try:
+            usage = Usage(prompt_tokens=int(raw_usage["prompt_tokens"]), completion_tokens=int(raw_usage["completion_tokens"]))
+        except (TypeError, KeyError, ValueError):
+            usage = Usage(prompt_tokens=estimate_prompt_tokens(messages), completion_tokens=estimate_text_tokens(content))
+            return _Attempt("ok", text=content, usage=usage)
+        return _Attempt("ok", text=content, usage=usage, usage_reported=True)
+
+    def _success(self, attempt: _Attempt, model: str, started: float, attempts: int) -> CallResult:
+        usage = attempt.usage or Usage()
+        cost = call_cost_usd(usage, self.cfg.input_price_per_1m, self.cfg.output_price_per_1m)
+        metrics.llm_tokens.labels(self.alias, "prompt").inc(usage.prompt_tokens)
+        metrics.llm_tokens.labels(self.alias, "completion").inc(usage.completion_tokens)
+        if cost:
+            metrics.llm_cost_usd.labels(self.alias).inc(cost)
+        for kind, ratio in self.limiter.usage_ratio().items():
+            metrics.ratelimit_usage_ratio.labels(self.alias, kind).set(ratio)
+        return CallResult(
+            text=attempt.text, usage=usage, latency_s=time.monotonic() - started, attempts=attempts,
+            outcome="ok", error=None, cost_usd=cost, model=model,
+        )
+
+    # -- secrets stay out ------------------------------------------------------------------------
+
+    def _snippet(self, response: httpx.Response) -> str:
+        try:
+            text = response.text
+        except Exception:  # undecodable body
+            text = repr(response.content[:_ERROR_SNIPPET])
+        text = " ".join(text.split())
+        if len(text) > _ERROR_SNIPPET:
+            text = text[:_ERROR_SNIPPET] + "..."
+        return self._redact(text)
+
+    def _redact(self, text: str) -> str:
+        if self._secret:
+            text = text.replace(self._secret, "***")
+            # Providers echo a key shortened with stars (sk-abc***wxyz): hide what is left of it too.
+            if len(self._secret) >= 8:
+                text = text.replace(self._secret[:6], "***").replace(self._secret[-4:], "***")
+        return _KEYLIKE.sub(lambda m: (m.group(1) or "") + "***", text)
+
+
+class LLMPool:
+    """One `LLMClient` per endpoint alias of `Settings.endpoints`, built on first use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str | None = None,
+        *,
+        replicas_hint: int = 1,
+        window_s: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.redis_url = redis_url if redis_url is not None else settings.redis_url
+        self.replicas_hint = replicas_hint
+        self.window_s = window_s
+        self._clients: dict[str, LLMClient] = {}
+
+    @property
+    def aliases(self) -> list[str]:
+        return sorted(self.settings.endpoints)
+
+    def get(self, alias: str) -> LLMClient:
+        client = self._clients.get(alias)
+        if client is not None:
+            return client
+        endpoints = self.settings.endpoints
+        if alias not in endpoints:
+            known = ", ".join(sorted(endpoints)) or "none"
+            raise KeyError(f"unknown LLM endpoint alias {alias!r} (configured: {known})")
+        cfg = endpoints[alias]
+        limiter = build_rate_limiter(alias, cfg, self.redis_url, self.replicas_hint, window_s=self.window_s)
+        client = LLMClient(alias, cfg, limiter, RetryPolicy(max_attempts=cfg.max_attempts), CircuitBreaker(alias=alias))
+        self._clients[alias] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()

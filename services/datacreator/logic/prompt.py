@@ -1,0 +1,106 @@
+"""The prompt of one generation call, its response format and its token estimate.
+
+The wording is part of the project's contract: the LLM simulator reads the number of examples
+and the formatting examples back out of it. Small models copy their formatting example, so the
+prompt is short, direct and says plainly not to copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from datacreator.contracts import GenerationTask
+
+SYSTEM_PROMPT = "You create training data. Answer with JSON only."
+
+StructuredOutput = Literal["json_schema", "json_object", "none"]
+
+# Chat formats add a few tokens of framing per message, and a few to prime the reply.
+_TOKENS_PER_MESSAGE = 4
+_TOKENS_PER_REPLY = 3
+
+try:  # one definition project-wide when the schema module is present
+    from datacreator.logic.schema import batch_schema  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - the same shape, kept here until then
+
+    def batch_schema(example_schema: dict[str, Any], n: int) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"examples": {"type": "array", "items": example_schema, "minItems": n, "maxItems": n}},
+            "required": ["examples"],
+            "additionalProperties": False,
+        }
+
+
+def _json_block(data: Any) -> str:
+    return "```json\n" + json.dumps(data, indent=2, ensure_ascii=False) + "\n```"
+
+
+def _label_sentence(task: GenerationTask) -> str | None:
+    if not task.label_space:
+        return None
+    values = ", ".join(json.dumps(v, ensure_ascii=False) for v in task.label_space)
+    field = task.label_field or "label"
+    return f'The "{field}" field must be one of: {values}.'
+
+
+def build_user_prompt(task: GenerationTask) -> str:
+    n = task.num_examples
+    several = len(task.references) > 1
+    parts = [task.instruction.strip()]
+    parts.append("Here are examples of the format:" if several else "Here is an example of the format:")
+    parts.extend(_json_block(ref.data) for ref in task.references)
+    request = [
+        f"Write exactly {n} new examples of the same JSON structure, "
+        "each different from the examples above and from each other.",
+        "Do not copy the examples; write new content." if several else "Do not copy the example; write new content.",
+    ]
+    label = _label_sentence(task)
+    if label:
+        request.append(label)
+    request.append(f'Return one JSON object: {{"examples": [...]}} with exactly {n} items.')
+    parts.append(" ".join(request))
+    return "\n\n".join(parts)
+
+
+def build_messages(task: GenerationTask) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": build_user_prompt(task)},
+    ]
+
+
+def response_format(task: GenerationTask, mode: StructuredOutput) -> dict[str, Any] | None:
+    """The `response_format` field of the request body for the endpoint's structured-output mode."""
+    if mode == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "examples", "strict": True, "schema": batch_schema(task.example_schema, task.num_examples)},
+        }
+    if mode == "json_object":
+        return {"type": "json_object"}
+    if mode == "none":
+        return None
+    raise ValueError(f"unknown structured output mode: {mode!r}")
+
+
+def estimate_text_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4)
+
+
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """A tokenizer-free estimate: four characters a token, plus each message's framing."""
+    total = _TOKENS_PER_REPLY
+    for message in messages:
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            content = json.dumps(content, ensure_ascii=False)
+        total += estimate_text_tokens(content) + _TOKENS_PER_MESSAGE
+    return total
+
+
+def estimate_call_tokens(messages: list[dict[str, Any]], max_tokens: int) -> int:
+    """Tokens a call may use at most: what a provider counts against tokens per minute when it admits it."""
+    return estimate_prompt_tokens(messages) + max_tokens

@@ -1,0 +1,90 @@
+"""Generator: one LLM call per task, under the endpoint's shared rate limit; the answer becomes a candidate."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+from aiokafka.consumer.fetcher import ConsumerRecord
+
+from datacreator.bus.codec import decode
+from datacreator.bus.readback import StatusWatcher
+from datacreator.bus.runtime import BaseHandler, Context, Output
+from datacreator.config import Settings
+from datacreator.contracts import Candidate, DeadLetter, GenerationTask, Usage
+from datacreator.llm.client import LLMPool
+
+log = logging.getLogger(__name__)
+
+
+class _RecentIds:
+    """Task ids answered lately, so a redelivered task does not pay for a second call."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._ids
+
+    def add(self, task_id: str) -> None:
+        self._ids[task_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+
+class GeneratorHandler(BaseHandler):
+    name = "generator"
+    ordered = False
+
+    def __init__(self, settings: Settings, pool: LLMPool | None = None) -> None:
+        self.settings = settings
+        self.topics = [settings.topics.tasks]
+        self.pool = pool
+        self.status = StatusWatcher(settings)
+        self._answered = _RecentIds()
+
+    async def start(self, ctx: Context) -> None:
+        await super().start(ctx)
+        if self.pool is None:
+            self.pool = LLMPool(self.settings, redis_url=self.settings.redis_url)
+        await self.status.start()
+
+    async def stop(self) -> None:
+        await self.status.stop()
+        if self.pool is not None:
+            await self.pool.aclose()
+
+    async def handle(self, record: ConsumerRecord) -> list[Output]:
+        task = decode(GenerationTask, record.value, self.settings.max_message_bytes)
+        if self.status.is_closed(task.request_id) or task.task_id in self._answered:
+            return []
+        assert self.pool is not None
+        try:
+            client = self.pool.get(task.model.endpoint)
+        except KeyError as exc:
+            candidate = Candidate(task=task, endpoint=task.model.endpoint, model=task.model.name or "unknown",
+                                  error=f"unknown endpoint: {exc.args[0] if exc.args else task.model.endpoint}", attempts=0)
+        else:
+            result = await client.complete(task)
+            candidate = Candidate(
+                task=task,
+                endpoint=task.model.endpoint,
+                model=result.model,
+                raw_output=result.text,
+                error=result.error,
+                usage=result.usage if isinstance(result.usage, Usage) else Usage.model_validate(result.usage),
+                cost_usd=result.cost_usd,
+                latency_s=result.latency_s,
+                attempts=result.attempts,
+            )
+        self._answered.add(task.task_id)
+        outputs = [Output(self.settings.topics.candidates, task.request_id, candidate)]
+        if candidate.error is not None:
+            # The planner learns of the failure through the candidate; the DLQ keeps the task for audit.
+            outputs.append(Output(self.settings.topics.dlq, task.request_id, DeadLetter(
+                service=self.name, source_topic=record.topic, partition=record.partition, offset=record.offset,
+                key=task.request_id, value=task.model_dump_json()[:10_000], error=candidate.error,
+                error_type="LLMCallFailed", attempts=candidate.attempts,
+            )))
+        return outputs

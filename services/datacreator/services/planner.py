@@ -1,0 +1,205 @@
+"""Planner: owns each request's lifecycle; turns requests and task outcomes into the next tasks.
+
+Requests and outcomes are both keyed by request_id and have the same partition count, and the
+range assignor gives the same partition numbers of both topics to one member, so every message of
+a request reaches the same planner. After each step the planner writes a snapshot of the request's
+plan to a compacted topic before the input offset is committed; a planner that takes over the
+partitions (after a crash or a rebalance) restores those snapshots and carries on where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiokafka import TopicPartition
+from aiokafka.consumer.fetcher import ConsumerRecord
+
+from datacreator import metrics
+from datacreator.bus.codec import PoisonMessage, decode, decode_request, request_id_of
+from datacreator.bus.readback import read_to_end
+from datacreator.bus.runtime import BaseHandler, Context, Output
+from datacreator.config import Settings
+from datacreator.contracts import (
+    CancelRequest,
+    CreationRequest,
+    PlannerSnapshot,
+    RequestState,
+    RequestStatus,
+    Strategy,
+    TaskOutcome,
+)
+from datacreator.logic.embeddings import Embedder, shared_embedder
+from datacreator.logic.planning import PlannerLimits, RequestPlan, validate_request
+
+log = logging.getLogger(__name__)
+
+_EMBEDDING_STRATEGIES = {Strategy.contrastive, Strategy.similar}
+
+
+class PlannerHandler(BaseHandler):
+    name = "planner"
+    ordered = True
+
+    def __init__(self, settings: Settings, embedder: Embedder | None = None, limits: PlannerLimits | None = None) -> None:
+        self.settings = settings
+        self.topics = [settings.topics.requests, settings.topics.outcomes]
+        self.limits = limits or PlannerLimits(stall_calls=settings.stall_calls)
+        self._embedder = embedder
+        self.plans: dict[str, RequestPlan] = {}
+        self.partition_of: dict[str, int] = {}
+        self._last_status: dict[str, float] = {}
+        self._dirty: set[str] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = shared_embedder()
+        return self._embedder
+
+    async def start(self, ctx: Context) -> None:
+        await super().start(ctx)
+        self._ticker = asyncio.create_task(self._flush_statuses(), name="planner-status")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    # -- partitions -------------------------------------------------------------------------
+
+    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        held = set(self.partition_of.values())
+        numbers = sorted({tp.partition for tp in partitions} - held)
+        if not numbers:
+            return
+        latest: dict[str, tuple[int, PlannerSnapshot]] = {}
+        async for record in read_to_end(self.settings, self.settings.topics.planner_state, numbers):
+            try:
+                snapshot = decode(PlannerSnapshot, record.value)
+            except PoisonMessage:
+                continue
+            latest[snapshot.request_id] = (record.partition, snapshot)
+        for request_id, (partition, snapshot) in latest.items():
+            self.plans[request_id] = RequestPlan.restore(snapshot.plan)
+            self.partition_of[request_id] = partition
+        if latest:
+            log.info("planner: resumed %d requests from partitions %s", len(latest), numbers)
+        self._update_gauges()
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        lost = {tp.partition for tp in partitions}
+        for request_id, partition in list(self.partition_of.items()):
+            if partition in lost:
+                self.plans.pop(request_id, None)
+                self._dirty.discard(request_id)
+                del self.partition_of[request_id]
+        self._update_gauges()
+
+    # -- messages ---------------------------------------------------------------------------
+
+    async def handle(self, record: ConsumerRecord) -> list[Output]:
+        if record.topic == self.settings.topics.requests:
+            return await self._on_request(record)
+        outcome = decode(TaskOutcome, record.value, self.settings.max_message_bytes)
+        plan = self.plans.get(outcome.request_id)
+        if plan is None or plan.state.final:
+            return []  # a late outcome of a request that has ended: nothing left to plan
+        now = time.time()
+        was = plan.state
+        plan.on_outcome(outcome, now)
+        tasks = await self._next_tasks(plan, now)
+        return self._step_outputs(plan, tasks, now, force_status=plan.state != was)
+
+    async def _on_request(self, record: ConsumerRecord) -> list[Output]:
+        now = time.time()
+        try:
+            message = decode_request(record.value, self.settings.max_message_bytes)
+        except PoisonMessage as exc:
+            outputs = [self.ctx.dead_letter(record, exc, 1)]  # type: ignore[attr-defined]
+            request_id = request_id_of(record.value, record.key)
+            if request_id is not None and request_id not in self.plans:
+                outputs.append(self._rejected(request_id, str(exc), now))
+            return outputs
+        if isinstance(message, CancelRequest):
+            plan = self.plans.get(message.request_id)
+            if plan is None or plan.state.final:
+                return []
+            plan.cancel(message.reason, now)
+            return self._step_outputs(plan, [], now, force_status=True)
+        assert isinstance(message, CreationRequest)
+        if message.request_id in self.plans:
+            return []  # a redelivery: the request is under way or done already
+        active = sum(1 for p in self.plans.values() if not p.state.final)
+        reason = validate_request(message, set(self.settings.endpoints) | {"default"}, self.limits)
+        if reason is None and active >= self.settings.max_active_requests:
+            reason = f"too many active requests ({active}); the limit is {self.settings.max_active_requests}"
+        if reason is not None:
+            return [self._rejected(message.request_id, reason, now, message)]
+        plan = RequestPlan.start(message, now, self.limits)
+        self.plans[message.request_id] = plan
+        self.partition_of[message.request_id] = record.partition
+        tasks = await self._next_tasks(plan, now)
+        self._update_gauges()
+        return self._step_outputs(plan, tasks, now, force_status=True)
+
+    async def _next_tasks(self, plan: RequestPlan, now: float) -> list:
+        if plan.request.strategy in _EMBEDDING_STRATEGIES:
+            # Embeddings are CPU-bound: keep them off the event loop.
+            return await asyncio.to_thread(plan.next_tasks, now, self.embedder.embed)
+        return plan.next_tasks(now)
+
+    def _step_outputs(self, plan: RequestPlan, tasks: list, now: float, force_status: bool) -> list[Output]:
+        topics = self.settings.topics
+        request_id = plan.request.request_id
+        outputs = [Output(topics.tasks, request_id, task) for task in tasks]
+        for _ in tasks:
+            metrics.tasks_planned.labels(plan.request.strategy.value).inc()
+        outputs.append(Output(topics.planner_state, request_id, PlannerSnapshot(request_id=request_id, plan=plan.snapshot())))
+        if force_status or plan.state.final or now - self._last_status.get(request_id, 0.0) >= self.settings.status_interval_s:
+            outputs.append(Output(topics.status, request_id, plan.status(now)))
+            self._last_status[request_id] = now
+            self._dirty.discard(request_id)
+            if plan.state.final:
+                metrics.requests_total.labels(plan.state.value).inc()
+                self._update_gauges()
+        else:
+            self._dirty.add(request_id)
+        return outputs
+
+    def _rejected(self, request_id: str, reason: str, now: float, request: CreationRequest | None = None) -> Output:
+        metrics.requests_total.labels(RequestState.REJECTED.value).inc()
+        status = RequestStatus(
+            request_id=request_id,
+            state=RequestState.REJECTED,
+            target_count=request.target_count if request else 0,
+            strategy=request.strategy if request else None,
+            error=reason,
+            finished_at=now,
+        )
+        return Output(self.settings.topics.status, request_id, status)
+
+    async def _flush_statuses(self) -> None:
+        """Statuses held back by the rate bound are published here, so the last one is never lost."""
+        while True:
+            await asyncio.sleep(self.settings.status_interval_s)
+            now = time.time()
+            pending = [rid for rid in list(self._dirty) if rid in self.plans]
+            self._dirty.clear()
+            if pending:
+                outputs = [Output(self.settings.topics.status, rid, self.plans[rid].status(now)) for rid in pending]
+                for rid in pending:
+                    self._last_status[rid] = now
+                with contextlib.suppress(Exception):
+                    await self.ctx.publish(outputs)
+
+    def _update_gauges(self) -> None:
+        counts: dict[str, int] = {state.value: 0 for state in RequestState}
+        for plan in self.plans.values():
+            counts[plan.state.value] += 1
+        for state, count in counts.items():
+            metrics.requests_by_state.labels(state).set(count)

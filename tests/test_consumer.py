@@ -1,0 +1,153 @@
+"""The examples stream for training systems, against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from datacreator.bus.codec import encode, encode_key
+from datacreator.bus.runtime import make_producer
+from datacreator.consumer import ExampleStream, iter_examples, stream_examples
+from datacreator.contracts import Example, RequestState, RequestStatus, Strategy
+from datacreator.logic.dedup import example_id
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_example(request_id: str, n: int) -> Example:
+    data = {"text": f"example number {n} of {request_id}", "label": n % 2 == 0}
+    return Example(
+        example_id=example_id(request_id, data), request_id=request_id, data=data, strategy=Strategy.random,
+        reference_ids=[None], task_id=f"{request_id}-t{n // 5}", chain=0, step=n // 5, model="m",
+    )
+
+
+async def publish(settings, topic: str, messages: list[tuple[str, object]], partition: int | None = None) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for key, message in messages:
+            await producer.send_and_wait(topic, encode(message), key=encode_key(key), partition=partition)
+    finally:
+        await producer.stop()
+
+
+def status(request_id: str, state: RequestState, accepted: int) -> RequestStatus:
+    return RequestStatus(request_id=request_id, state=state, target_count=accepted, accepted=accepted)
+
+
+async def test_redeliveries_and_other_requests_are_dropped(bus_settings):
+    a = [make_example("req-a", n) for n in range(12)]
+    b = [make_example("req-b", n) for n in range(5)]
+    # Every example of a twice (a redelivery after a crash), interleaved with b.
+    messages = [("req-a", e) for e in a] + [("req-b", e) for e in b] + [("req-a", e) for e in a[:7]]
+    await publish(bus_settings, bus_settings.topics.examples, messages)
+    # The same example on a second partition (as after a producer retry with another key).
+    await publish(bus_settings, bus_settings.topics.examples, [("x", a[3])], partition=2)
+    await publish(bus_settings, bus_settings.topics.status, [("req-a", status("req-a", RequestState.COMPLETED, 12))])
+
+    stream = stream_examples(bus_settings, "req-a", stop_at_completion=True)
+    got = [e async for e in stream]
+    assert [e.example_id for e in got].count(a[3].example_id) == 1
+    assert sorted(e.example_id for e in got) == sorted(e.example_id for e in a)
+    assert stream.duplicates_dropped == 8
+    assert stream.final_status is not None and stream.final_status.state is RequestState.COMPLETED
+
+    # No request filter: both requests, each id once.
+    everything = ExampleStream(bus_settings)
+    seen: list[str] = []
+    async with everything:
+        async for example in everything:
+            seen.append(example.example_id)
+            if len(seen) == 17:
+                break
+    assert sorted(seen) == sorted(e.example_id for e in a + b)
+
+
+async def test_stop_at_completion_waits_for_status_and_examples(bus_settings):
+    rid = "req-live"
+    examples = [make_example(rid, n) for n in range(20)]
+    topic = bus_settings.topics.examples
+    await publish(bus_settings, bus_settings.topics.status, [(rid, status(rid, RequestState.RUNNING, 0))])
+    got: list[Example] = []
+
+    async def read() -> float:
+        async for example in stream_examples(bus_settings, rid, stop_at_completion=True):
+            got.append(example)
+        return time.monotonic()
+
+    reader = asyncio.create_task(read())
+    await publish(bus_settings, topic, [(rid, e) for e in examples[:10]])
+    await asyncio.sleep(1.0)
+    assert not reader.done(), "the stream ended before the request was final"
+    await publish(bus_settings, topic, [(rid, e) for e in examples[10:]] + [(rid, examples[0])])
+    finished_status_at = time.monotonic()
+    await publish(bus_settings, bus_settings.topics.status, [(rid, status(rid, RequestState.COMPLETED, 20))])
+    ended = await asyncio.wait_for(reader, 20)
+    assert ended >= finished_status_at
+    assert sorted(e.example_id for e in got) == sorted(e.example_id for e in examples)
+
+
+async def test_resume_from_positions(bus_settings):
+    rid = "req-resume"
+    examples = [make_example(rid, n) for n in range(8)]
+    await publish(bus_settings, bus_settings.topics.examples, [(rid, e) for e in examples])
+    first = ExampleStream(bus_settings, rid)
+    taken: list[str] = []
+    async with first:
+        async for example in first:
+            taken.append(example.example_id)
+            if len(taken) == 3:
+                break
+        positions = first.positions()
+    rest: list[str] = []
+    async with ExampleStream(bus_settings, rid, from_offsets=positions) as second:
+        async for example in second:
+            rest.append(example.example_id)
+            if len(taken) + len(rest) == 8:
+                break
+    assert sorted(taken + rest) == sorted(e.example_id for e in examples)
+
+
+async def test_consumer_group_commits_positions(bus_settings):
+    rid = "req-group"
+    examples = [make_example(rid, n) for n in range(6)]
+    await publish(bus_settings, bus_settings.topics.examples, [(rid, e) for e in examples])
+    group = f"trainer-{bus_settings.topics.examples}"
+    got: list[str] = []
+    async with ExampleStream(bus_settings, rid, group_id=group) as stream:
+        async for example in stream:
+            got.append(example.example_id)
+            if len(got) == 6:
+                break
+    assert sorted(got) == sorted(e.example_id for e in examples)
+    more = make_example(rid, 99)
+    await publish(bus_settings, bus_settings.topics.examples, [(rid, more)])
+    # The group resumes after its committed positions: only the new example comes.
+    async with ExampleStream(bus_settings, rid, group_id=group) as again:
+        first = await asyncio.wait_for(again.__anext__(), 25)
+    assert first.example_id == more.example_id
+
+
+async def test_sync_iterator(bus_settings):
+    rid = "req-sync"
+    examples = [make_example(rid, n) for n in range(5)]
+    await publish(bus_settings, bus_settings.topics.examples, [(rid, e) for e in examples + examples[:2]])
+    await publish(bus_settings, bus_settings.topics.status, [(rid, status(rid, RequestState.COMPLETED, 5))])
+
+    ids = await asyncio.to_thread(
+        lambda: [e.example_id for e in iter_examples(bus_settings, rid, stop_at_completion=True)]
+    )
+    assert sorted(ids) == sorted(e.example_id for e in examples)
+
+    def first_two() -> list[str]:
+        out = []
+        for example in iter_examples(bus_settings, rid):  # never ends by itself: leaving the loop stops it
+            out.append(example.example_id)
+            if len(out) == 2:
+                break
+        return out
+
+    assert len(set(await asyncio.to_thread(first_two))) == 2

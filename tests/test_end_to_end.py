@@ -1,0 +1,78 @@
+"""The vertical slice: a request published to the requests topic becomes exactly target_count
+distinct, well-formed examples on the examples topic, and a COMPLETED status, through every
+service on the real broker with the LLM simulator behind the generator."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from datacreator import client
+from datacreator.bus.codec import decode
+from datacreator.bus.readback import read_to_end
+from datacreator.contracts import CreationRequest, Example, RequestState, Strategy
+from datacreator.services.app import ServiceGroup
+from datacreator.stack import LLMTarget, endpoint_json
+
+MCQ = {
+    "question": "Where would you most likely keep frozen peas?",
+    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
+    "answer": "B",
+}
+
+
+def _settings_for(bus_settings, simulator):
+    target = LLMTarget(simulator.base_url, "datacreator-simulator")
+    return bus_settings.with_updates(endpoints_json=endpoint_json(target))
+
+
+async def _published(settings, request_id: str) -> list[Example]:
+    out = []
+    async for record in read_to_end(settings, settings.topics.examples):
+        example = decode(Example, record.value)
+        if example.request_id == request_id:
+            out.append(example)
+    return out
+
+
+@pytest.mark.parametrize("strategy", [Strategy.none, Strategy.random, Strategy.tree])
+async def test_request_becomes_exactly_target_count_examples(bus_settings, simulator, strategy):
+    settings = _settings_for(bus_settings, simulator)
+    group = await ServiceGroup(settings).start()
+    try:
+        request = CreationRequest(
+            instruction="Create commonsense multiple-choice questions with options A to D.",
+            formatting_example=MCQ, target_count=23, examples_per_call=5, strategy=strategy, chains=3,
+        )
+        await client.submit(settings, request)
+        final = await client.wait_for_final(settings, request.request_id, timeout_s=60)
+        assert final.state == RequestState.COMPLETED, final.error
+        assert final.accepted == 23
+        assert final.llm_calls >= 5
+
+        examples = await _published(settings, request.request_id)
+        ids = [e.example_id for e in examples]
+        assert len(ids) == 23 and len(set(ids)) == 23
+        for example in examples:
+            assert set(example.data) == {"question", "options", "answer"}
+            assert set(example.data["options"]) == {"A", "B", "C", "D"}
+            assert example.data["answer"] in {"A", "B", "C", "D"}
+            assert example.strategy == strategy
+            assert example.reference_ids, "every example records what it was made from"
+        if strategy != Strategy.none:  # self-reference: later calls are seeded by accepted examples
+            assert any(rid is not None for e in examples for rid in e.reference_ids)
+    finally:
+        await group.stop()
+
+
+async def test_invalid_request_is_rejected_with_a_reason(bus_settings, simulator):
+    settings = _settings_for(bus_settings, simulator)
+    group = await ServiceGroup(settings).start()
+    try:
+        bad = {"request_id": "bad-1", "instruction": "x", "formatting_example": "not an object", "target_count": 3}
+        await client.publish_raw(settings, settings.topics.requests, "bad-1", orjson.dumps(bad))
+        final = await client.wait_for_final(settings, "bad-1", timeout_s=30)
+        assert final.state == RequestState.REJECTED
+        assert "formatting_example" in (final.error or "")
+    finally:
+        await group.stop()
