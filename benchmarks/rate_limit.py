@@ -84,7 +84,7 @@ class Simulator:
 
     def __init__(self, args: argparse.Namespace, tpm: int | None):
         cmd = [
-            sys.executable, "-m", "datacreator.simulator", "--port", "0",
+            sys.executable, "-m", "datacreator.simulator", "--port", "0", "--log-level", "critical",
             "--rpm", str(args.rpm), "--tpm", str(tpm) if tpm else "none", "--rate-window-s", str(args.window),
             "--latency", "normal", "--latency-s", str(args.latency), "--latency-sd-s", str(args.latency / 4),
         ]

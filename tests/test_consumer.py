@@ -116,8 +116,10 @@ async def test_consumer_group_commits_positions(bus_settings):
     examples = [make_example(rid, n) for n in range(6)]
     await publish(bus_settings, bus_settings.topics.examples, [(rid, e) for e in examples])
     group = f"trainer-{bus_settings.topics.examples}"
+    # Tansu's join time scales with the session timeout: keep it short.
+    fast = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 200}
     got: list[str] = []
-    async with ExampleStream(bus_settings, rid, group_id=group) as stream:
+    async with ExampleStream(bus_settings, rid, group_id=group, consumer_options=fast) as stream:
         async for example in stream:
             got.append(example.example_id)
             if len(got) == 6:
@@ -126,7 +128,7 @@ async def test_consumer_group_commits_positions(bus_settings):
     more = make_example(rid, 99)
     await publish(bus_settings, bus_settings.topics.examples, [(rid, more)])
     # The group resumes after its committed positions: only the new example comes.
-    async with ExampleStream(bus_settings, rid, group_id=group) as again:
+    async with ExampleStream(bus_settings, rid, group_id=group, consumer_options=fast) as again:
         first = await asyncio.wait_for(again.__anext__(), 25)
     assert first.example_id == more.example_id
 

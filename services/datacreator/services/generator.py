@@ -47,7 +47,7 @@ class GeneratorHandler(BaseHandler):
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         if self.pool is None:
-            self.pool = LLMPool(self.settings, redis_url=self.settings.redis_url)
+            self.pool = LLMPool(self.settings, redis_url=self.settings.redis_url, replicas_hint=self.settings.generator_replicas)
         await self.status.start()
 
     async def stop(self) -> None:
