@@ -345,10 +345,15 @@ def test_k8s_references_resolve() -> None:
                 assert str(Path(mount["mountPath"]) / item["path"]) == config["DATACREATOR_ENDPOINTS_FILE"]
     endpoints = Settings(endpoints_json=config["endpoints.json"]).endpoints
     assert "default" in endpoints
-    env_names = {e["name"] for e in container["env"]}
+    deployments = k8s_objects("Deployment")
+    env_names = {
+        service: {e["name"] for e in deployments[f"datacreator-{service}"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        for service in SERVICE_NAMES
+    }
     for alias, endpoint in endpoints.items():
         assert endpoint.api_key is None, f"endpoint {alias}: keys belong in the Secret"
-        assert endpoint.api_key_env in env_names
+        # Only generators call the LLM, so only they get the key.
+        assert {s for s, names in env_names.items() if endpoint.api_key_env in names} == {"generator"}
     assert all(not v or v == "replace-me" for v in secret["stringData"].values()), "the Secret holds placeholders only"
 
 

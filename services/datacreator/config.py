@@ -93,6 +93,8 @@ class Settings(BaseSettings):
         description="Send each record in a batch of its own. The embedded broker (Tansu, memory engine) sets the "
         "high watermark after the first record of a batch, hiding the rest until the next write.",
     )
+    kafka_session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout: how soon a dead member's partitions move.")
+    kafka_heartbeat_interval_ms: int = Field(2_000, ge=100)
     topics: TopicNames = Field(default_factory=TopicNames)
     topic_partitions: int = Field(6, ge=1)
     topic_replication_factor: int = Field(1, ge=1)
@@ -117,6 +119,8 @@ class Settings(BaseSettings):
     generator_replicas: int = Field(
         1, ge=1, description="Generator replicas expected to share the limit: while Redis is unreachable each keeps 1/N of it."
     )
+
+    ratelimit_window_s: float = Field(60.0, gt=0, description="Window of the RPM/TPM limits (providers use 60 s; tests use shorter).")
 
     # Planner
     status_interval_s: float = Field(0.5, gt=0, description="Least time between two status messages of one request.")

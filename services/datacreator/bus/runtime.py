@@ -207,8 +207,8 @@ class ServiceRunner:
             auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_interval_ms=600_000,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=2_000,
+            session_timeout_ms=self.settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
             fetch_max_bytes=self.settings.max_message_bytes * 8,
             max_partition_fetch_bytes=max(self.settings.max_message_bytes * 2, 1_048_576),
         )

@@ -47,7 +47,8 @@ class GeneratorHandler(BaseHandler):
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         if self.pool is None:
-            self.pool = LLMPool(self.settings, redis_url=self.settings.redis_url, replicas_hint=self.settings.generator_replicas)
+            self.pool = LLMPool(self.settings, redis_url=self.settings.redis_url, replicas_hint=self.settings.generator_replicas,
+                                window_s=self.settings.ratelimit_window_s)
         await self.status.start()
 
     async def stop(self) -> None:
