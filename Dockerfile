@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for every datacreator service; the command picks the service:
 #   docker run IMAGE serve generator      (planner | generator | curator | sink | all)
-#   docker run IMAGE simulate-llm --host 0.0.0.0 --port 8000
+#   docker run IMAGE simulate-llm --host 0.0.0.0 --port 8080   (the HEALTHCHECK probes DATACREATOR_HTTP_PORT)
 #
 # Build arguments:
 #   EXTRAS             optional extras, e.g. "embeddings" (torch + sentence-transformers: large) or "embeddings,export"

@@ -229,6 +229,8 @@ def test_compose_example_endpoints_load_and_point_at_the_simulator() -> None:
     assert real and all(e.api_key is None for e in real), "keys belong in secrets, not in the endpoints file"
     secret_targets = {s["target"] for s in generator["secrets"]}
     assert all(e.api_key_file in secret_targets for e in real if e.api_key_file)
+    holders = {name for name, svc in services.items() if svc.get("secrets")}
+    assert holders == {"generator"}, "only generators call the LLM, so only they get the key"
 
 
 def test_compose_bind_mounts_exist() -> None:
