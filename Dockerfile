@@ -33,8 +33,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DATACREATOR_HTTP_PORT=8080 \
     DATACREATOR_LOG_LEVEL=INFO \
     HF_HOME=/tmp/hf
+# /data belongs to the service user, so a volume mounted there (the sink's files) is writable.
 RUN groupadd --system --gid 10001 datacreator \
- && useradd --system --uid 10001 --gid datacreator --home-dir /app --create-home --shell /usr/sbin/nologin datacreator
+ && useradd --system --uid 10001 --gid datacreator --home-dir /app --create-home --shell /usr/sbin/nologin datacreator \
+ && install -d -o 10001 -g 10001 /data
 # Installed from the builder's wheels only (--no-index): the runtime stage never reaches a registry.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels "datacreator${EXTRAS:+[${EXTRAS}]}"

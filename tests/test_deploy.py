@@ -202,6 +202,20 @@ def test_compose_generator_replicas_follow_the_variable() -> None:
     assert json.loads(result.stdout)["services"]["generator"]["deploy"]["replicas"] == 5
 
 
+def test_compose_generators_know_their_count_and_the_sink_writes_to_a_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datacreator.services.sink import SinkHandler
+
+    services = resolved_compose()["services"]
+    generator = services["generator"]
+    replicas = Settings(**{"generator_replicas": generator["environment"]["DATACREATOR_GENERATOR_REPLICAS"]}).generator_replicas
+    assert replicas == generator["deploy"]["replicas"]
+    sink = services["sink"]
+    monkeypatch.setenv("DATACREATOR_SINK_DIR", sink["environment"]["DATACREATOR_SINK_DIR"])
+    directory = SinkHandler(Settings()).directory
+    (volume,) = [v for v in sink["volumes"] if v["type"] == "volume"]
+    assert directory.is_relative_to(volume["target"]) and volume["source"] in resolved_compose()["volumes"]
+
+
 def test_compose_topics_match_the_configured_topic_names() -> None:
     services = resolved_compose()["services"]
     env = services["kafka-topics"]["environment"]
@@ -292,7 +306,7 @@ def test_k8s_manifests_match_the_kubernetes_schemas() -> None:
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
         checked += 1
-    assert checked >= 4 * 3 + 3  # Deployment, Service and PDB per service; Namespace, ConfigMap, Secret
+    assert checked >= 4 * 3 + 4  # Deployment, Service and PDB per service; Namespace, ConfigMap, Secret, PVC
 
 
 def test_k8s_schema_check_rejects_an_unknown_field() -> None:
@@ -408,6 +422,22 @@ def test_k8s_keda_scales_generators_and_curators_on_their_consumer_lag() -> None
         }
         assert meta["offsetResetPolicy"] in ("earliest", "latest")
     assert targets == SCALED_SERVICES
+
+
+def test_k8s_generators_know_their_ceiling_and_the_sink_writes_to_a_claim() -> None:
+    deployments = k8s_objects("Deployment")
+    env = {e["name"]: e.get("value") for e in deployments["datacreator-generator"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert int(env["DATACREATOR_GENERATOR_REPLICAS"]) == k8s_objects("ScaledObject")["datacreator-generator"]["spec"]["maxReplicaCount"]
+    pod = deployments["datacreator-sink"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    sink_dir = Path(next(e["value"] for e in container["env"] if e["name"] == "DATACREATOR_SINK_DIR"))
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] in claims]
+    assert sink_dir.is_relative_to(mount["mountPath"])
+    assert claims[mount["name"]] in k8s_objects("PersistentVolumeClaim")
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]  # the claim is writable
+    # A ReadWriteOnce claim cannot be held by an old and a new pod on two nodes at once.
+    assert deployments["datacreator-sink"]["spec"]["strategy"]["type"] == "Recreate"
 
 
 def test_k8s_kustomization_lists_every_manifest_but_the_placeholder_secret() -> None:

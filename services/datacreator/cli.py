@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.add_argument("--out", default="schemas")
     schemas.set_defaults(handler=_schemas, sync=True)
 
+    from datacreator import top
+
+    top_parser = sub.add_parser("top", help="a live view of a running bus: requests, throughput, cost, 429s, lag")
+    top.add_arguments(top_parser)
+    top_parser.set_defaults(handler=top.top_command)
+
     from datacreator.simulator import add_arguments as simulator_arguments
     from datacreator.simulator import main as simulator_main
 

@@ -301,7 +301,7 @@ def plot_report(report: dict[str, Any], data: RequestData, path: str | Path) -> 
 
     ax = axes[1][2]
     ax.axis("off")
-    ax.text(0.0, 1.0, format_report(report), va="top", ha="left", family="monospace", fontsize=7, wrap=True)
+    ax.text(0.0, 1.0, format_report(report), va="top", ha="left", family="monospace", fontsize=7, parse_math=False)
 
     fig.tight_layout()
     out = Path(path)
