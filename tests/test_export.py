@@ -84,6 +84,16 @@ def test_formats_hold_exactly_the_distinct_examples(tmp_path, examples, fmt):
     assert manifest["example_schema"]["properties"]["options"]["type"] == "object"
 
 
+def test_output_paths(tmp_path):
+    from datacreator.export import output_paths
+
+    files, manifest = output_paths(str(tmp_path / "new") + "/", "csv", "r1", split=False)
+    assert files == {"all": tmp_path / "new" / "r1.csv"} and manifest == tmp_path / "new" / "r1.manifest.json"
+    files, manifest = output_paths(tmp_path / "data.jsonl", "jsonl", "r1", split=True)
+    assert files == {"train": tmp_path / "data.train.jsonl", "validation": tmp_path / "data.validation.jsonl"}
+    assert manifest == tmp_path / "data.manifest.json"
+
+
 def test_same_examples_give_the_same_bytes(tmp_path, examples):
     a = write_export(examples, tmp_path / "a.jsonl", request_id=RID)
     b = write_export(list(reversed(examples)), tmp_path / "b.jsonl", request_id=RID)

@@ -18,6 +18,7 @@ import pytest
 from datacreator import client
 from datacreator.bus.codec import decode
 from datacreator.bus.readback import read_to_end
+from datacreator.config import TopicNames
 from datacreator.contracts import CreationRequest, RejectReason, Rejection, RequestState, Strategy
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
@@ -38,22 +39,49 @@ def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=20)
 
 
-async def settled(url: str, quiet_s: float = 1.0, timeout_s: float = 20.0) -> MetricsSnapshot:
-    """Scrape until nothing is in flight, no consumer lags, and the counters stop moving."""
+async def settled(url: str, topics: TopicNames, quiet_s: float = 1.0, timeout_s: float = 20.0) -> MetricsSnapshot:
+    """Scrape until nothing is in flight, no consumer of `topics` lags, and the counters stop moving."""
     deadline = time.monotonic() + timeout_s
-    last: list | None = None
+    last: list[tuple] | None = None
     since = time.monotonic()
     while True:
         snap = await scrape([url])
-        busy = snap.total(P + "in_flight_messages") + snap.total(P + "llm_in_flight_calls") + snap.total(P + "consumer_lag_messages")
-        key = sorted((s.name, sorted(s.labels.items()), s.value) for s in snap.samples if s.name.endswith("_total"))
+        lag = sum(snap.total(P + "consumer_lag_messages", topic=t) for t in topics.model_dump().values())
+        busy = snap.total(P + "in_flight_messages") + snap.total(P + "llm_in_flight_calls") + lag
+        key = sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in snap.samples
+                     if s.name.startswith(P) and s.name.endswith("_total"))
         if busy or key != last:
             last, since = key, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
             return snap
         if time.monotonic() > deadline:
-            raise TimeoutError(f"metrics still moving after {timeout_s}s: {[(s.name, s.labels, s.value) for s in snap.samples if s.value and ('lag' in s.name or 'in_flight' in s.name)]}")
+            raise TimeoutError(f"metrics still moving after {timeout_s}s")
         await asyncio.sleep(0.25)
+
+
+async def faults_in_turn(sim) -> None:
+    """A 429 storm, then server errors, each until the simulator has answered one (so both surely occur)."""
+    sim.configure(storm_429_rate=1.0)
+    while sim.stats.status(429) == 0:
+        await asyncio.sleep(0.005)
+    sim.configure(storm_429_rate=0.0, error_rate=1.0)
+    while sim.stats.status(500) + sim.stats.status(503) == 0:
+        await asyncio.sleep(0.005)
+    sim.configure(error_rate=0.0)
+
+
+async def fetch(url: str) -> str:
+    async with httpx.AsyncClient(timeout=5) as http:
+        response = await http.get(url)
+        response.raise_for_status()
+        return response.text
+
+
+async def scrape_registry() -> MetricsSnapshot:
+    """This process's registry as text, read back the way a scrape would."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    return MetricsSnapshot.parse(generate_latest(REGISTRY).decode())
 
 
 def delta(after: MetricsSnapshot, before: MetricsSnapshot, name: str, **labels: str) -> float:
@@ -63,8 +91,7 @@ def delta(after: MetricsSnapshot, before: MetricsSnapshot, name: str, **labels: 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_counters_match_what_the_bus_and_the_llm_saw(bus_settings, make_simulator):
-    sim = make_simulator(wrong_structure_rate=0.15, copy_rate=0.1, malformed_rate=0.1, storm_429_rate=0.15,
-                         error_rate=0.1, seed=7)
+    sim = make_simulator(wrong_structure_rate=0.15, copy_rate=0.1, malformed_rate=0.1, seed=7)
     target = LLMTarget(sim.base_url, "datacreator-simulator")
     settings = bus_settings.with_updates(
         endpoints_json=endpoint_json(target, input_price_per_1m=INPUT_PRICE, output_price_per_1m=OUTPUT_PRICE),
@@ -79,11 +106,13 @@ async def test_counters_match_what_the_bus_and_the_llm_saw(bus_settings, make_si
             instruction="Create commonsense multiple-choice questions with options A to D.",
             formatting_example=MCQ, target_count=20, examples_per_call=5, strategy=Strategy.random, chains=3,
         )
+        faults = asyncio.create_task(faults_in_turn(sim))
         await client.submit(settings, request)
         final = await client.wait_for_final(settings, request.request_id, timeout_s=60)
+        await asyncio.wait_for(faults, 1)
         assert final.state == RequestState.COMPLETED, final.error
-        after = await settled(url)
-        text = httpx.get(url, timeout=5).text
+        after = await settled(url, topics)
+        text = await fetch(url)
     finally:
         await group.stop()
 
@@ -144,21 +173,32 @@ async def test_metrics_text_passes_promtool_and_parses(bus_settings, simulator):
     group = await ServiceGroup(settings).start()
     try:
         url = f"{group.health.url}/metrics"
-        text = httpx.get(url, timeout=5).text
-        snap = await scrape([url])
+        text = await fetch(url)
+        wanted = {settings.topics.requests, settings.topics.tasks, settings.topics.candidates}
+        deadline = time.monotonic() + 10
+        while True:  # a partition's lag is known from its first fetch answer
+            snap = await scrape([url])
+            if {s.labels.get("topic") for s in snap.select(P + "consumer_lag_messages")} >= wanted or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
     finally:
         await group.stop()
     checked = promtool_check(text)
-    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked.stdout + checked.stderr
     for service in ("planner", "generator", "curator"):
         assert snap.total(P + "service_up", service=service) == 1
     assert any(s.labels.get("instance") == url for s in snap.samples)
-    assert {s.labels.get("topic") for s in snap.select(P + "consumer_lag_messages")} >= {
-        settings.topics.requests, settings.topics.tasks, settings.topics.candidates}
+    lags = {(s.labels["topic"], s.labels["partition"]): s.value for s in snap.select(P + "consumer_lag_messages")}
+    assert {(t, str(p)) for t in wanted for p in range(3)} <= set(lags)
+    assert all(v == 0 for (t, _), v in lags.items() if t in wanted)
+    after_stop = await scrape_registry()
+    assert not [s for s in after_stop.select(P + "consumer_lag_messages") if s.labels["topic"] in wanted], \
+        "a stopped consumer reports no lag for partitions it no longer reads"
 
 
 def test_promtool_rejects_bad_metric_text():
     """The check is real: a counter without `_total` and a malformed line fail."""
     bad = "# HELP x_bytes counter\n# TYPE x_bytes counter\nx_bytes 1\n"
-    assert promtool_check(bad).stdout.strip() != ""
+    linted = promtool_check(bad)
+    assert linted.returncode != 0 and "_total" in linted.stderr
     assert promtool_check("not a metric line {\n").returncode != 0

@@ -18,6 +18,7 @@ from aiokafka import TopicPartition
 from datacreator.bus.codec import encode
 from datacreator.bus.runtime import ServiceRunner
 from datacreator.contracts import Example
+from datacreator.config import Settings
 from datacreator.services.sink import SinkHandler, request_dir_name
 from tests.test_consumer import make_example, publish
 
@@ -87,6 +88,9 @@ def _sink_env(settings, directory: Path) -> dict[str, str]:
         "DATACREATOR_SINK_SHARD_ROWS": "25",
         "DATACREATOR_HTTP_PORT": "0",
         "DATACREATOR_LOG_LEVEL": "WARNING",
+        # Tansu's group joins take time in proportion to the session timeout: keep it short.
+        "DATACREATOR_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
+        "DATACREATOR_KAFKA_HEARTBEAT_INTERVAL_MS": str(settings.kafka_heartbeat_interval_ms),
     })
     for field, topic in settings.topics.model_dump().items():
         env[f"DATACREATOR_TOPICS__{field.upper()}"] = topic
@@ -107,6 +111,7 @@ async def _wait_rows(directory: Path, at_least: int, timeout_s: float) -> int:
 
 @pytest.mark.slow
 async def test_sigkill_mid_stream_then_restart_loses_and_repeats_nothing(bus_settings, tmp_path):
+    bus_settings = bus_settings.with_updates(kafka_session_timeout_ms=3000, kafka_heartbeat_interval_ms=500)
     sink_dir = tmp_path / "sink"
     topic = bus_settings.topics.examples
     requests = {rid: [make_example(rid, n) for n in range(150)] for rid in ("req-k1", "req-k2", "req-k3")}
@@ -136,7 +141,8 @@ async def test_sigkill_mid_stream_then_restart_loses_and_repeats_nothing(bus_set
     os.environ["DATACREATOR_SINK_DIR"] = str(sink_dir)
     os.environ["DATACREATOR_SINK_SHARD_ROWS"] = "25"
     try:
-        handler = SinkHandler(bus_settings)
+        settings = Settings(**bus_settings.model_dump(exclude={"sink_dir", "sink_shard_rows"}))
+        handler = SinkHandler(settings)
     finally:
         del os.environ["DATACREATOR_SINK_DIR"], os.environ["DATACREATOR_SINK_SHARD_ROWS"]
     assert handler.directory == sink_dir and handler.shard_rows == 25

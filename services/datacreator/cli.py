@@ -229,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_arguments(top_parser)
     top_parser.set_defaults(handler=top.top_command)
 
+    from datacreator import evaluate, export, report
+
+    export_parser = sub.add_parser("export", help="write a request's examples as jsonl/parquet/csv with a manifest")
+    export.add_arguments(export_parser)
+    export_parser.set_defaults(handler=export.main)
+    report_parser = sub.add_parser("report", help="quality and cost figures of a request (and a plot)")
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(handler=report.main)
+    evaluate_parser = sub.add_parser("evaluate", help="train a classifier on created data, score it on human-labeled data")
+    evaluate.add_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(handler=evaluate.main, sync=True)
+
     from datacreator.simulator import add_arguments as simulator_arguments
     from datacreator.simulator import main as simulator_main
 

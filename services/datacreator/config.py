@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     raw_text_limit: int = Field(2_000, ge=100, description="Characters of raw model output kept on a rejection.")
     minhash_num_perm: int = Field(64, ge=16)
 
+    # Sink
+    sink_dir: str = Field("./sink", description="Where `serve sink` writes its JSONL shards, one folder per request.")
+    sink_shard_rows: int = Field(10_000, ge=1)
+    sink_fsync: bool = Field(True, description="fsync each row before its offset is committed (restart-safe).")
+
     # Embeddings
     embedding_device: str = "cpu"
 

@@ -13,6 +13,7 @@ import argparse
 import csv
 import hashlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -98,9 +99,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def output_paths(out: Path, fmt: Format, request_id: str, split: bool) -> tuple[dict[str, Path], Path]:
-    """({split name: data file}, manifest file). `out` is a file path, or a directory to write into."""
-    if out.is_dir() or str(out).endswith(("/", "\\")):
+def output_paths(target: str | Path, fmt: Format, request_id: str, split: bool) -> tuple[dict[str, Path], Path]:
+    """({split name: data file}, manifest file). `target` is a file path, or a directory to write into."""
+    out = Path(target)
+    if out.is_dir() or str(target).endswith(("/", os.sep)):  # Path() drops a trailing slash
         out = out / f"{request_id}.{fmt}"
     suffix = f".{fmt}"
     stem = out.name[: -len(suffix)] if out.name.endswith(suffix) else out.name
@@ -124,7 +126,7 @@ def write_export(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     distinct = sorted({e.example_id: e for e in examples}.values(), key=_by_id)
-    files, manifest_path = output_paths(Path(out), fmt, request_id, split is not None)
+    files, manifest_path = output_paths(out, fmt, request_id, split is not None)
     parts = dict(zip(("train", "validation"), split_examples(distinct, split, seed))) if split is not None else {"all": distinct}
     entries = []
     for name, part in parts.items():

@@ -80,6 +80,8 @@ async def test_sigkill_each_service_during_one_request(fresh_broker, make_simula
         record_faults("test_kill", "SIGKILL + restart, one process per service", sum(killed.values()),
                       {"by_service": dict(killed), **summary(ledger, final, fold), "sink_rows": len(ids)})
     except BaseException:
+        from tests.reliability._diag import diagnose
+        await diagnose(settings, request.request_id)
         print(fleet.logs())
         raise
     finally:

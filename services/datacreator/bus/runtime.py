@@ -50,6 +50,8 @@ class Context(Protocol):
 
     async def publish(self, outputs: Iterable[Output]) -> None: ...
 
+    def dead_letter(self, record: ConsumerRecord, exc: Exception, attempts: int) -> Output: ...
+
 
 class Handler(Protocol):
     """A service's logic behind the loop; it never sees offsets or commits."""
@@ -250,6 +252,7 @@ class ServiceRunner:
                 await self._consumer.stop()
             with contextlib.suppress(Exception):
                 await self._producer.stop()
+            self._forget_lag(list(self._tracks))
             self.state.running = False
             log.info("%s: stopped", name)
 
@@ -368,8 +371,14 @@ class ServiceRunner:
             with contextlib.suppress(Exception):
                 highwater = self._consumer.highwater(tp)
                 position = await self._consumer.position(tp)
-                if highwater is not None:
+                if highwater is not None and tp in self._tracks:
                     metrics.consumer_lag.labels(self.handler.name, tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+    def _forget_lag(self, partitions: Iterable[TopicPartition]) -> None:
+        # A partition's new owner reports its lag; a frozen value here would be counted twice.
+        for tp in partitions:
+            with contextlib.suppress(KeyError):
+                metrics.consumer_lag.remove(self.handler.name, tp.topic, str(tp.partition))
 
     async def _drain(self, timeout_s: float, partitions: set[TopicPartition] | None = None) -> None:
         """Wait (bounded) for in-flight records, of some partitions or all, to finish."""
@@ -400,6 +409,7 @@ class ServiceRunner:
             if track is not None:
                 self._in_flight -= track.queue.qsize() if track.queue is not None else 0
             self.state.assigned.discard(tp)
+        self._forget_lag(revoked)
         await self.handler.on_revoked(revoked)
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:

@@ -120,7 +120,7 @@ class PlannerHandler(BaseHandler):
         try:
             message = decode_request(record.value, self.settings.max_message_bytes)
         except PoisonMessage as exc:
-            outputs = [self.ctx.dead_letter(record, exc, 1)]  # type: ignore[attr-defined]
+            outputs = [self.ctx.dead_letter(record, exc, 1)]
             request_id = request_id_of(record.value, record.key)
             if request_id is not None and request_id not in self.plans:
                 outputs.append(self._rejected(request_id, str(exc), now))

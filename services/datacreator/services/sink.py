@@ -29,7 +29,7 @@ from aiokafka import TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 
 from datacreator.bus.codec import decode
-from datacreator.bus.runtime import BaseHandler, Output
+from datacreator.bus.runtime import BaseHandler, Context, Output
 from datacreator.config import Settings
 from datacreator.contracts import Example
 
@@ -177,21 +177,17 @@ class SinkHandler(BaseHandler):
     ) -> None:
         self.settings = settings
         self.topics = [settings.topics.examples]
-        self.directory = Path(directory or getattr(settings, "sink_dir", None) or os.environ.get("DATACREATOR_SINK_DIR", DEFAULT_DIR))
-        rows = shard_rows or getattr(settings, "sink_shard_rows", None) or int(os.environ.get("DATACREATOR_SINK_SHARD_ROWS", DEFAULT_SHARD_ROWS))
+        self.directory = Path(directory or settings.sink_dir)
+        rows = shard_rows or settings.sink_shard_rows
         if rows < 1:
             raise ValueError("shard_rows must be at least 1")
         self.shard_rows = int(rows)
-        if fsync is None:
-            fsync = getattr(settings, "sink_fsync", None)
-        if fsync is None:
-            fsync = os.environ.get("DATACREATOR_SINK_FSYNC", "1").lower() not in ("0", "false", "no", "off")
-        self.fsync = bool(fsync)
+        self.fsync = settings.sink_fsync if fsync is None else bool(fsync)
         self.written = 0
         self.duplicates = 0
         self._partitions: dict[int, PartitionFiles] = {}
 
-    async def start(self, ctx) -> None:  # type: ignore[no-untyped-def]
+    async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         self.directory.mkdir(parents=True, exist_ok=True)
         log.info("sink: writing %s to %s (%d rows per file)", self.topics[0], self.directory.resolve(), self.shard_rows)
