@@ -232,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--structured-output", choices=["json_schema", "json_object", "none"])
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     parser.add_argument("--n-ctx", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: every core but one)")
     parser.add_argument("--show-rejections", type=int, default=0, help="print this many rejections of each run")
     parser.add_argument("--json", help="write every run, with its rejection counts, to this file")
     return parser.parse_args(argv)

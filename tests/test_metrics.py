@@ -167,6 +167,7 @@ async def test_counters_match_what_the_bus_and_the_llm_saw(bus_settings, make_si
     assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked.stdout + checked.stderr
 
 
+@pytest.mark.slow
 async def test_metrics_text_passes_promtool_and_parses(bus_settings, simulator):
     """Even before any request: the endpoint serves lint-clean text that `top` can read."""
     settings = bus_settings.with_updates(endpoints_json=endpoint_json(LLMTarget(simulator.base_url, "datacreator-simulator")))

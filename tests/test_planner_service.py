@@ -283,12 +283,7 @@ async def test_killed_planner_resumes_from_its_snapshots(fresh_broker, make_simu
         assert mid is not None and not mid.state.final, "killed before the request could finish"
 
         second = _start_planner(settings, tmp_path / "planner-2.log")
-        try:
-            final = await client.wait_for_final(settings, request.request_id, timeout_s=25)
-        except TimeoutError:
-            await _diagnose(settings, request.request_id)
-            print((tmp_path / "planner-2.log").read_text())
-            raise
+        final = await client.wait_for_final(settings, request.request_id, timeout_s=40)
         assert final.state is RequestState.COMPLETED, final.error
         assert final.accepted == 60
         assert final.started_at == before.started_at, "the plan was resumed, not started again"
@@ -308,21 +303,3 @@ async def test_killed_planner_resumes_from_its_snapshots(fresh_broker, make_simu
             _stop(second)
         await workers.stop()
 
-
-async def _diagnose(settings, rid):
-    from datacreator.contracts import PlannerSnapshot, GenerationTask, TaskOutcome, Candidate
-    snaps=[decode(PlannerSnapshot, r.value) async for r in read_to_end(settings, settings.topics.planner_state)]
-    print("snapshots", len(snaps))
-    last=snaps[-1].plan
-    print("state", last["state"], "accepted", last["counts"]["accepted"], "inflight", list(last["in_flight"]))
-    tasks=[decode(GenerationTask, r.value).task_id async for r in read_to_end(settings, settings.topics.tasks)]
-    cands=[decode(Candidate, r.value).task.task_id async for r in read_to_end(settings, settings.topics.candidates)]
-    outs=[]
-    async for r in read_to_end(settings, settings.topics.outcomes):
-        outs.append(decode(TaskOutcome, r.value).task_id); print("outcome", r.partition, r.offset, outs[-1])
-    from aiokafka.admin import AIOKafkaAdminClient
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap); await admin.start()
-    print("committed", await admin.list_consumer_group_offsets("datacreator-planner")); await admin.close()
-    for t in last["in_flight"]:
-        print(t, t in tasks, t in cands, t in outs)
-    print("counts", len(tasks), len(cands), len(outs))

@@ -68,7 +68,7 @@ async def redis_prefix() -> AsyncIterator[str]:
 
 
 async def test_local_never_admits_more_than_rpm_in_any_window_and_uses_the_quota():
-    limiter = LocalRateLimiter(rpm=5, tpm=None, window_s=0.5)
+    limiter = LocalRateLimiter(rpm=5, tpm=None, window_s=0.5, margin_s=0.01)
     started = time.monotonic()
     times = await admit_all(limiter, 20)
     assert len(times) == 20

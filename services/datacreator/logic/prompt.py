@@ -45,6 +45,10 @@ def build_user_prompt(task: GenerationTask) -> str:
         f"Write exactly {n} new examples of the same JSON structure, "
         "each different from the examples above and from each other.",
         "Do not copy the examples; write new content." if several else "Do not copy the example; write new content.",
+        # Small models otherwise open their answer with the formatting example and stay on its topic.
+        "They are already in the data set, so start with a new one." if several
+        else "It is already in the data set, so start with a new one.",
+        "Give each example a different topic.",
     ]
     label = _label_sentence(task)
     if label:

@@ -75,7 +75,7 @@ class RateLimiterUnavailable(ConnectionError):
 
 def default_margin(window_s: float) -> float:
     """Extra window length covering the delay between admission here and arrival at the provider."""
-    return min(max(0.005 * window_s, 0.01), 0.5)
+    return min(max(0.005 * window_s, 0.05), 0.5)
 
 
 def default_burst(span_s: float, rpm: int | None) -> float:

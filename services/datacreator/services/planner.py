@@ -84,11 +84,18 @@ class PlannerHandler(BaseHandler):
             except PoisonMessage:
                 continue
             latest[snapshot.request_id] = (record.partition, snapshot)
+        resent: list[Output] = []
         for request_id, (partition, snapshot) in latest.items():
-            self.plans[request_id] = RequestPlan.restore(snapshot.plan)
+            plan = self.plans[request_id] = RequestPlan.restore(snapshot.plan)
             self.partition_of[request_id] = partition
+            if not plan.state.final:
+                # A crash may have come between the snapshot and its tasks: send them again (same
+                # ids, so a task that did go out is answered once and its outcome applied once).
+                resent += [Output(self.settings.topics.tasks, request_id, task) for task in plan.in_flight_tasks()]
         if latest:
             log.info("planner: resumed %d requests from partitions %s", len(latest), numbers)
+        if resent:
+            await self.ctx.publish(resent)
         self._update_gauges()
 
     async def on_revoked(self, partitions: set[TopicPartition]) -> None:
@@ -107,11 +114,13 @@ class PlannerHandler(BaseHandler):
             return await self._on_request(record)
         outcome = decode(TaskOutcome, record.value, self.settings.max_message_bytes)
         plan = self.plans.get(outcome.request_id)
-        if plan is None or plan.state.final:
-            return []  # a late outcome of a request that has ended: nothing left to plan
+        if plan is None:
+            return []
         now = time.time()
         was = plan.state
         plan.on_outcome(outcome, now)
+        if was.final:  # a call that was under way when the request ended: its cost still counts
+            return self._step_outputs(plan, [], now, force_status=False)
         tasks = await self._next_tasks(plan, now)
         return self._step_outputs(plan, tasks, now, force_status=plan.state != was)
 
@@ -160,11 +169,11 @@ class PlannerHandler(BaseHandler):
         for _ in tasks:
             metrics.tasks_planned.labels(plan.request.strategy.value).inc()
         outputs.append(Output(topics.planner_state, request_id, PlannerSnapshot(request_id=request_id, plan=plan.snapshot())))
-        if force_status or plan.state.final or now - self._last_status.get(request_id, 0.0) >= self.settings.status_interval_s:
+        if force_status or now - self._last_status.get(request_id, 0.0) >= self.settings.status_interval_s:
             outputs.append(Output(topics.status, request_id, plan.status(now)))
             self._last_status[request_id] = now
             self._dirty.discard(request_id)
-            if plan.state.final:
+            if force_status and plan.state.final:
                 metrics.requests_total.labels(plan.state.value).inc()
                 self._update_gauges()
         else:

@@ -1,0 +1,140 @@
+"""What the benchmarks share: the simulator in a child process, the task they all ask for, process
+figures (CPU time, RSS) and the machine they ran on."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import httpx
+
+SEED_EXAMPLE = {
+    "question": "Where would you most likely keep frozen peas?",
+    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
+    "answer": "B",
+}
+INSTRUCTION = "Create commonsense multiple-choice questions with options A to D and the letter of the right answer."
+MAX_TOKENS = 1024
+
+
+class SimulatorProcess:
+    """`python -m datacreator.simulator` in a child process (its own GIL), reconfigured through /sim/*."""
+
+    def __init__(self, **config: Any) -> None:
+        cmd = [sys.executable, "-m", "datacreator.simulator", "--port", "0", "--log-level", "critical"]
+        for name, value in config.items():
+            cmd += [f"--{name.replace('_', '-')}", "none" if value is None else str(value)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        match = re.search(r"(http://\S+/v1)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        self.base_url = match.group(1)
+        self.root = self.base_url[: -len("/v1")]
+        self._http = httpx.Client(timeout=30)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        response = self._http.post(f"{self.root}/sim/config", json=changes)
+        response.raise_for_status()
+        return response.json()
+
+    def reset(self) -> None:
+        self._http.post(f"{self.root}/sim/reset").raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        response = self._http.get(f"{self.root}/sim/stats")
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if hasattr(self, "_http"):
+            self._http.close()
+
+
+def call_counts(stats: dict[str, Any]) -> dict[str, int]:
+    """Calls the simulator answered, the 429s among them and the answers a client retries (429s and 5xx)."""
+    responses = {int(k): int(v) for k, v in stats["responses"].items()}
+    retried = sum(n for code, n in responses.items() if code == 429 or code >= 500)
+    return {"calls": sum(responses.values()), "ok": responses.get(200, 0), "429": responses.get(429, 0), "retries": retried}
+
+
+def peer_messages(examples_per_call: int, max_tokens: int = MAX_TOKENS) -> list[dict[str, str]]:
+    """The prompt datacreator sends for the seed example, for the peers to send too (same tokens, same answers)."""
+    from datacreator.contracts import GenerationTask, ModelSpec, Reference, Strategy
+    from datacreator.logic.prompt import build_messages
+    from datacreator.logic.schema import example_schema, infer_label
+
+    field, space = infer_label(SEED_EXAMPLE)
+    task = GenerationTask(
+        task_id="peer", request_id="peer", chain=0, step=0, strategy=Strategy.none, instruction=INSTRUCTION,
+        references=[Reference(data=SEED_EXAMPLE)], num_examples=examples_per_call, target_count=1,
+        example_schema=example_schema(SEED_EXAMPLE, field, space), label_field=field, label_space=space,
+        model=ModelSpec(max_tokens=max_tokens),
+    )
+    return build_messages(task)
+
+
+def call_tokens(examples_per_call: int, max_tokens: int = MAX_TOKENS) -> int:
+    """What one call costs against TPM when the provider counts prompt + max_tokens."""
+    from datacreator.logic.prompt import estimate_call_tokens
+
+    return estimate_call_tokens(peer_messages(examples_per_call, max_tokens), max_tokens)
+
+
+def unique_alias(prefix: str) -> str:
+    """An endpoint alias of its own: the Redis rate-limit keys are per alias, so runs never share them."""
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int | None = None) -> float:
+    with open(f"/proc/{pid or os.getpid()}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = math.nan
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(), "load_1m": round(load, 2)}

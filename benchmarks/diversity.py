@@ -1,0 +1,193 @@
+"""Diversity of what each self-reference strategy makes, side by side, on one endpoint.
+
+    python benchmarks/diversity.py [--llm simulator|embedded|URL] [--model NAME] [--target 60]
+                                   [--per-call 5] [--chains 4] [--strategies none,random,...]
+                                   [--out docs/diversity.md]
+
+One request per strategy, run in turn through the embedded stack (broker, planner, generator,
+curator). For each it reports:
+- distinct-2: distinct word bigrams / all word bigrams over the request's examples;
+- mean pairwise embedding distance: 1 - cosine of all-MiniLM-L6-v2 sentence embeddings;
+- label balance: entropy of the label distribution over log(size of the label space) (1 = even),
+  and the largest label share over the smallest (labels never made count as share 0);
+- accepted/call: accepted examples per LLM call, and the final state and wall time.
+
+The simulator writes random words, so its table is a plumbing check only: it says nothing about
+the diversity of a real model. Real figures need a model (`--llm embedded` or an endpoint URL).
+Figures only: nothing here asserts a value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from datacreator import client
+from datacreator.config import Settings
+from datacreator.contracts import CreationRequest, Example, ModelSpec, Strategy
+from datacreator.logic.embeddings import example_text, shared_embedder
+from datacreator.logic.planning import resolve_label
+from datacreator.logic.schema import get_path
+from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
+
+INSTRUCTION = (
+    "Create commonsense multiple-choice questions about everyday situations. Each question has "
+    "four options A to D and exactly one correct answer; vary the topic and the correct letter."
+)
+SEED = {
+    "question": "Where would you most likely keep frozen peas?",
+    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
+    "answer": "B",
+}
+_WORD = re.compile(r"\w+", re.UNICODE)
+_MISSING = object()
+
+
+@dataclass
+class Row:
+    strategy: str
+    state: str
+    examples: int
+    calls: int
+    distinct_2: float
+    mean_distance: float
+    label_entropy: float
+    label_max_min: float
+    seconds: float
+
+    @property
+    def per_call(self) -> float:
+        return self.examples / self.calls if self.calls else 0.0
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Share of distinct word n-grams among all word n-grams (Li et al., 2016)."""
+    grams: list[tuple[str, ...]] = []
+    for text in texts:
+        words = _WORD.findall(text.lower())
+        grams += [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def mean_pairwise_distance(vectors: np.ndarray) -> float:
+    """Mean of 1 - cosine over all distinct pairs of L2-normalised rows."""
+    count = len(vectors)
+    if count < 2:
+        return 0.0
+    sims = vectors @ vectors.T
+    off_diagonal = sims.sum() - np.trace(sims)
+    return float(1.0 - off_diagonal / (count * (count - 1)))
+
+
+def label_balance(labels: list[Any], space: list[Any] | None) -> tuple[float, float]:
+    """(normalised entropy, largest share / smallest share) of the labels over the label space."""
+    counts = Counter(repr(label) for label in labels)
+    keys = [repr(v) for v in space] if space else list(counts)
+    if not labels or len(keys) < 2:
+        return 0.0, math.inf
+    shares = [counts.get(key, 0) / len(labels) for key in keys]
+    entropy = -sum(p * math.log(p) for p in shares if p > 0) / math.log(len(keys))
+    smallest = min(shares)
+    return entropy, (max(shares) / smallest if smallest > 0 else math.inf)
+
+
+def measure(strategy: str, state: str, examples: list[Example], calls: int, seconds: float, request: CreationRequest) -> Row:
+    texts = [example_text(e.data) for e in examples]
+    vectors = shared_embedder().embed(texts) if texts else np.zeros((0, 384), dtype=np.float32)
+    field, space = resolve_label(request)
+    labels: list[Any] = []
+    if field is not None:
+        for example in examples:
+            value = get_path(example.data, field, _MISSING)
+            if value is not _MISSING:
+                labels += value if isinstance(value, list) else [value]
+    entropy, max_min = label_balance(labels, space)
+    return Row(strategy, state, len(examples), calls, distinct_n(texts), mean_pairwise_distance(vectors), entropy, max_min, seconds)
+
+
+def table(rows: list[Row], title: str) -> str:
+    lines = [
+        title,
+        "",
+        "| strategy | state | examples | LLM calls | accepted/call | distinct-2 | mean embedding distance | label entropy | label max/min | seconds |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        ratio = "inf" if math.isinf(r.label_max_min) else f"{r.label_max_min:.2f}"
+        lines.append(
+            f"| {r.strategy} | {r.state} | {r.examples} | {r.calls} | {r.per_call:.2f} | {r.distinct_2:.3f} | "
+            f"{r.mean_distance:.3f} | {r.label_entropy:.3f} | {ratio} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+async def run(args: argparse.Namespace) -> str:
+    strategies = [Strategy(s.strip()) for s in args.strategies.split(",") if s.strip()]
+    target = await start_llm(args.llm, args.model)
+    stack = EmbeddedStack(Settings())
+    rows: list[Row] = []
+    try:
+        options: dict[str, Any] = {"max_concurrency": args.chains}
+        if args.llm == "embedded":
+            options.update(read_timeout_s=600.0, total_timeout_s=900.0)
+        settings = await stack.start(endpoints_json=endpoint_json(target, **options), stall_calls=args.stall_calls)
+        for strategy in strategies:
+            request = CreationRequest(
+                instruction=INSTRUCTION, formatting_example=SEED, target_count=args.target,
+                examples_per_call=args.per_call, chains=args.chains, strategy=strategy,
+                tree_branching=args.branching, model=ModelSpec(temperature=args.temperature),
+            )
+            started = time.monotonic()
+            await client.submit(settings, request)
+            final = await client.wait_for_final(settings, request.request_id, timeout_s=args.timeout)
+            seconds = time.monotonic() - started
+            examples = await client.collect_examples(settings, request.request_id)
+            rows.append(measure(strategy.value, final.state.value, examples, final.llm_calls, seconds, request))
+            print(f"{strategy.value}: {final.state.value}, {len(examples)} examples, {final.llm_calls} calls, "
+                  f"{seconds:.1f} s" + (f" ({final.error})" if final.error else ""), file=sys.stderr)
+    finally:
+        await stack.stop()
+        await stop_llm(target)
+    if args.llm == "simulator":
+        title = ("### Simulator (plumbing check only: its text is random words, so these figures say nothing "
+                 "about a real model's diversity)")
+    else:
+        title = f"### {args.llm}" + (f" {args.model}" if args.model else "") + f" ({target.model})"
+    title += (f"\n\nOne request per strategy: target {args.target}, {args.per_call} examples per call, "
+              f"{args.chains} chains, temperature {args.temperature}, tree branching {args.branching}.")
+    return table(rows, title)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--llm", default="simulator", help="simulator, embedded or an OpenAI-compatible base URL")
+    parser.add_argument("--model", default=None, help="embedded model name (see `datacreator.llm.embedded.MODELS`) or the endpoint's model")
+    parser.add_argument("--target", type=int, default=60, help="examples per strategy")
+    parser.add_argument("--per-call", type=int, default=5)
+    parser.add_argument("--chains", type=int, default=4, help="keep it at 1-2 for the embedded server (one call at a time)")
+    parser.add_argument("--branching", type=int, default=3, help="tree strategy: children kept per node")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--strategies", default=",".join(s.value for s in Strategy))
+    parser.add_argument("--stall-calls", type=int, default=30)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per request")
+    parser.add_argument("--out", default=None, help="also append the table to this markdown file")
+    args = parser.parse_args(argv)
+    text = asyncio.run(run(args))
+    print(text)
+    if args.out:
+        with open(args.out, "a") as out:
+            out.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,574 @@
+"""datacreator benchmarks, in one run, as ratios measured side by side on the same machine.
+
+Starts what it needs: the embedded broker and every service in this process (EmbeddedStack),
+the LLM simulator in a child process of its own, the peers in child processes; Redis must be
+running. Prints one table and writes results.json and benchmarks.png:
+
+1. quota    share of the RPM/TPM limit used and share of 429s, 1/2/4 generator replicas sharing Redis
+2. overhead per-call latency the bus adds (zero-latency simulator), examples/s, CPU per example
+3. batching prompt tokens per accepted example at examples_per_call = 1, 5, 10
+4. peers    datacreator vs a cookbook-style asyncio client and Bespoke Curator: at the rate limit
+            and with no limit, same simulator, limits, examples, concurrency
+5. scaling  wall time and memory for 1k, 10k (and 100k with --full) examples
+6. bus      the cost of the single-record batches the embedded broker needs (one-off)
+
+    python benchmarks/run.py            # ~5-10 minutes
+    python benchmarks/run.py --quick    # ~2 minutes
+    python benchmarks/run.py --full     # adds 100k examples to the scaling section
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from aiokafka.partitioner import murmur2  # noqa: E402
+
+from benchmarks import common, peers  # noqa: E402
+from benchmarks.rate_limit import max_in_window  # noqa: E402
+from datacreator import client  # noqa: E402
+from datacreator.bus.readback import read_to_end  # noqa: E402
+from datacreator.bus.runtime import make_producer  # noqa: E402
+from datacreator.bus.codec import encode, encode_key  # noqa: E402
+from datacreator.config import Settings  # noqa: E402
+from datacreator.contracts import Candidate, CreationRequest, Example, GenerationTask, ModelSpec, RequestStatus, TaskOutcome  # noqa: E402
+from datacreator.services.app import CORE_SERVICES  # noqa: E402
+from datacreator.stack import EmbeddedStack  # noqa: E402
+
+SECTIONS = ("quota", "overhead", "batching", "peers", "scaling", "bus")
+PARTITIONS = 4
+
+
+@dataclass
+class Plan:
+    """Sizes of one run (default, --quick, --full)."""
+
+    window_s: float = 5.0
+    quota_rpm: int = 120  # per window: 24 calls/s
+    quota_duration_s: float = 20.0
+    replicas: tuple[int, ...] = (1, 2, 4)
+    latency_s: float = 0.3
+    peer_latency_s: float = 0.5
+    concurrency: int = 32
+    examples_per_call: int = 5
+    peer_limited_n: int = 3000
+    peer_open_n: int = 3000
+    overhead_n: int = 2000
+    batching_n: int = 300
+    scaling: tuple[int, ...] = (1_000, 10_000)
+    bus_publishes: int = 300
+
+    @classmethod
+    def for_mode(cls, quick: bool, full: bool) -> "Plan":
+        if quick:
+            return cls(window_s=2.0, quota_rpm=48, quota_duration_s=8.0, replicas=(1, 2), peer_limited_n=1500,
+                       peer_open_n=1000, overhead_n=1000, batching_n=100, scaling=(1_000,), bus_publishes=100)
+        plan = cls()
+        if full:
+            plan.scaling = (1_000, 10_000, 100_000)
+        return plan
+
+
+@dataclass
+class Row:
+    section: str
+    measure: str
+    value: str
+    goal: str = ""
+    ok: bool | None = None
+
+
+@dataclass
+class Bench:
+    plan: Plan
+    redis_url: str
+    sim: common.SimulatorProcess
+    rows: list[Row] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+
+    def row(self, section: str, measure: str, value: str, goal: str = "", ok: bool | None = None) -> None:
+        self.rows.append(Row(section, measure, value, goal, ok))
+        mark = "" if ok is None else ("  [goal met]" if ok else "  [goal NOT met]")
+        print(f"  {section:<9} {measure:<58} {value}{mark}", file=sys.stderr, flush=True)
+
+    def settings(self, endpoints: dict[str, dict[str, Any]], **changes: Any) -> Settings:
+        return Settings(
+            endpoints_json=json.dumps(endpoints), redis_url=self.redis_url, topic_partitions=PARTITIONS,
+            ratelimit_window_s=self.plan.window_s, kafka_session_timeout_ms=6000, shutdown_timeout_s=3.0,
+            max_in_flight=256, **changes,
+        )
+
+    def endpoint(self, rpm: int | None = None, tpm: int | None = None, concurrency: int = 256) -> dict[str, Any]:
+        return {"base_url": self.sim.base_url, "model": "datacreator-simulator", "rpm": rpm, "tpm": tpm,
+                "max_concurrency": concurrency, "max_attempts": 8}
+
+
+def request(target: int, endpoint: str, chains: int, per_call: int, request_id: str | None = None) -> CreationRequest:
+    return CreationRequest(
+        request_id=request_id or f"bench-{uuid.uuid4().hex[:12]}", instruction=common.INSTRUCTION,
+        formatting_example=common.SEED_EXAMPLE, target_count=target, examples_per_call=per_call, chains=chains,
+        model=ModelSpec(endpoint=endpoint, max_tokens=common.MAX_TOKENS),
+    )
+
+
+async def run_to_end(settings: Settings, req: CreationRequest, timeout_s: float = 3600) -> tuple[RequestStatus, float]:
+    """Submit and wait; the wall time runs from submission to the planner's finished_at."""
+    submitted = time.time()
+    await client.submit(settings, req)
+    final = await client.wait_for_final(settings, req.request_id, timeout_s=timeout_s)
+    return final, (final.finished_at or time.time()) - submitted
+
+
+def ids_per_partition(count: int) -> list[str]:
+    """Request ids whose tasks land on partitions 0..count-1 (aiokafka's default partitioner), so
+    that every generator replica of a consumer group gets its share of the work."""
+    found: dict[int, str] = {}
+    while len(found) < count:
+        rid = f"bench-q-{uuid.uuid4().hex[:10]}"
+        partition = (murmur2(rid.encode()) & 0x7FFFFFFF) % PARTITIONS
+        if partition < count:
+            found.setdefault(partition, rid)
+    return [found[p] for p in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Quota use through the pipeline
+
+
+async def quota(bench: Bench) -> None:
+    plan = bench.plan
+    per_call = common.call_tokens(plan.examples_per_call)
+    rpm, window = plan.quota_rpm, plan.window_s
+    tpm = int(rpm * per_call * 1.1)  # requests bind; tokens keep 10% headroom
+    duration = plan.quota_duration_s
+    print(f"quota: {rpm} requests and {tpm} tokens per {window:g} s window, {duration:g} s per run, "
+          f"simulated latency {plan.latency_s:g} s", file=sys.stderr)
+    out = []
+    for replicas in plan.replicas:
+        alias = common.unique_alias("quota")
+        bench.aliases.append(alias)
+        bench.sim.configure(rpm=rpm, tpm=tpm, rate_window_s=window, latency="normal", latency_s=plan.latency_s,
+                            latency_sd_s=plan.latency_s / 4)
+        bench.sim.reset()
+        settings = bench.settings({alias: bench.endpoint(rpm, tpm, concurrency=64)}, generator_replicas=replicas)
+        stack = EmbeddedStack(settings, services=("planner", "curator") + ("generator",) * replicas)
+        live = await stack.start()
+        try:
+            ids = ids_per_partition(PARTITIONS)
+            for rid in ids:
+                await client.submit(live, request(1_000_000, alias, chains=16, per_call=plan.examples_per_call, request_id=rid))
+            await asyncio.sleep(duration + 2 * plan.latency_s + 1)
+            for rid in ids:
+                await client.cancel(live, rid, "benchmark run over")
+        finally:
+            await stack.stop()
+        stats = await asyncio.to_thread(bench.sim.stats)
+        admitted_at, costs = stats["admitted_at"], stats["admitted_tokens"]
+        start = min(admitted_at) if admitted_at else 0.0
+        in_run = [(t, c) for t, c in zip(admitted_at, costs) if t < start + duration]
+        periods = duration / window
+        counts = common.call_counts(stats)
+        request_share = len(in_run) / (rpm * periods)
+        token_share = sum(c for _, c in in_run) / (tpm * periods)
+        share_429 = counts["429"] / counts["calls"] if counts["calls"] else 0.0
+        peak = max_in_window(admitted_at, window)
+        result = {"replicas": replicas, "request_share": request_share, "token_share": token_share, "share_429": share_429,
+                  "calls": counts["calls"], "429": counts["429"], "max_in_window": peak, "rpm": rpm, "tpm": tpm}
+        out.append(result)
+        used = max(request_share, token_share)
+        bench.row("quota", f"{replicas} generator replica(s): limit used ({'requests' if request_share >= token_share else 'tokens'})",
+                  f"{used:.1%}", ">= 97%", used >= 0.97)
+        bench.row("quota", f"{replicas} generator replica(s): 429 share ({counts['429']}/{counts['calls']}), peak {peak}/{rpm}",
+                  f"{share_429:.2%}", "<= 0.5%", share_429 <= 0.005 and peak <= rpm)
+    bench.results["quota"] = {"window_s": window, "duration_s": duration, "runs": out}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Bus overhead
+
+
+async def _load(settings: Settings, topic: str, model: type, request_id: str) -> list[Any]:
+    items = []
+    async for record in read_to_end(settings, topic):
+        if request_id.encode() != record.key:
+            continue
+        items.append(model.model_validate_json(record.value))
+    return items
+
+
+async def overhead(bench: Bench, settings: Settings, stack: EmbeddedStack, alias: str) -> None:
+    plan = bench.plan
+    bench.sim.configure(rpm=None, tpm=None, latency="fixed", latency_s=0.0)
+    bench.sim.reset()
+    req = request(plan.overhead_n, alias, chains=plan.concurrency, per_call=plan.examples_per_call)
+    pids = {"services": os.getpid(), "broker": stack.broker.pid, "simulator": bench.sim.pid}
+    before = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
+    final, wall = await run_to_end(settings, req)
+    cpu = {name: common.cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    tasks = {t.task_id: t for t in await _load(settings, settings.topics.tasks, GenerationTask, req.request_id)}
+    candidates = {c.task.task_id: c for c in await _load(settings, settings.topics.candidates, Candidate, req.request_id)}
+    first_example: dict[str, float] = {}
+    for example in await _load(settings, settings.topics.examples, Example, req.request_id):
+        first_example[example.task_id] = min(example.created_at, first_example.get(example.task_id, math.inf))
+    outcomes = {o.task_id: o for o in await _load(settings, settings.topics.outcomes, TaskOutcome, req.request_id)}
+    added, llm, loop = [], [], []
+    successor = {(t.chain, t.step): t for t in tasks.values()}
+    for task_id, task in tasks.items():
+        cand = candidates.get(task_id)
+        if cand is None or task_id not in first_example:
+            continue
+        llm.append(cand.latency_s)
+        added.append(first_example[task_id] - task.created_at - cand.latency_s)
+        nxt = successor.get((task.chain, task.step + 1))
+        if nxt is not None and task_id in outcomes:
+            loop.append(nxt.created_at - outcomes[task_id].created_at)
+    rate = final.accepted / wall
+    result = {
+        "examples": final.accepted, "calls": final.llm_calls, "wall_s": wall, "examples_per_s": rate,
+        "added_ms": {"p50": 1000 * common.percentile(added, 50), "p99": 1000 * common.percentile(added, 99)},
+        "llm_ms": {"p50": 1000 * common.percentile(llm, 50), "p99": 1000 * common.percentile(llm, 99)},
+        "loop_ms": {"p50": 1000 * common.percentile(loop, 50), "p99": 1000 * common.percentile(loop, 99)},
+        "cpu_ms_per_example": {name: 1000 * seconds / max(1, final.accepted) for name, seconds in cpu.items()},
+        "added_samples_ms": [1000 * a for a in added], "concurrency": plan.concurrency,
+    }
+    bench.results["overhead"] = result
+    bench.row("overhead", "added latency per call, task -> examples topic, minus LLM (p50/p99)",
+              f"{result['added_ms']['p50']:.1f} / {result['added_ms']['p99']:.1f} ms")
+    bench.row("overhead", "planner turn-around, outcome -> next task of the chain (p50/p99)",
+              f"{result['loop_ms']['p50']:.1f} / {result['loop_ms']['p99']:.1f} ms")
+    bench.row("overhead", f"examples/s sustained, zero-latency LLM, {plan.concurrency} chains, {common.machine()['nproc']} cores",
+              f"{rate:,.0f}")
+    bench.row("overhead", "CPU per 1000 examples: services / broker / simulator",
+              " / ".join(f"{result['cpu_ms_per_example'][n]:.2f} s" for n in ("services", "broker", "simulator")))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Batching
+
+
+async def batching(bench: Bench, settings: Settings, alias: str) -> None:
+    bench.sim.configure(rpm=None, tpm=None, latency="fixed", latency_s=0.0)
+    out = []
+    for per_call in (1, 5, 10):
+        final, wall = await run_to_end(settings, request(bench.plan.batching_n, alias, chains=8, per_call=per_call))
+        out.append({"examples_per_call": per_call, "prompt_tokens": final.prompt_tokens, "accepted": final.accepted,
+                    "calls": final.llm_calls, "prompt_tokens_per_example": final.prompt_tokens / max(1, final.accepted)})
+    bench.results["batching"] = out
+    for entry in out:
+        bench.row("batching", f"prompt tokens per accepted example, examples_per_call={entry['examples_per_call']}",
+                  f"{entry['prompt_tokens_per_example']:.0f}")
+    ratio = out[0]["prompt_tokens_per_example"] / out[1]["prompt_tokens_per_example"]
+    bench.row("batching", "fewer prompt tokens per example at 5 than at 1", f"{ratio:.2f}x", ">= 3x", ratio >= 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Side by side with the peers
+
+
+async def side_by_side(bench: Bench, settings: Settings, limited_alias: str, open_alias: str, curator_reason: str | None) -> None:
+    plan = bench.plan
+    rpm, window, per_call, conc = plan.quota_rpm, plan.window_s, plan.examples_per_call, plan.concurrency
+    messages = common.peer_messages(per_call)
+    call_tokens = common.call_tokens(per_call)
+    regimes = [
+        ("at the rate limit", limited_alias, rpm, plan.peer_limited_n, 0.97),
+        ("no limit (overhead-bound)", open_alias, None, plan.peer_open_n, 1.2),
+    ]
+    out = []
+    for regime, alias, limit, n, goal in regimes:
+        bench.sim.configure(rpm=limit, tpm=None, rate_window_s=window, latency="normal", latency_s=plan.peer_latency_s,
+                            latency_sd_s=plan.peer_latency_s / 5)
+        runs: dict[str, dict[str, Any]] = {}
+        bench.sim.reset()
+        final, wall = await run_to_end(settings, request(n, alias, chains=conc, per_call=per_call))
+        runs["datacreator"] = {"examples": final.accepted, "wall_s": wall, **common.call_counts(bench.sim.stats())}
+        bench.sim.reset()
+        config = {"base_url": bench.sim.base_url, "messages": messages, "target": n, "examples_per_call": per_call,
+                  "concurrency": conc, "max_tokens": common.MAX_TOKENS, "call_tokens": call_tokens, "rpm": limit,
+                  "tpm": None, "window_s": window, "model": "datacreator-simulator"}
+        result = await asyncio.to_thread(peers.run_peer, "baseline", config)
+        runs["asyncio+httpx (cookbook)"] = {**result, **common.call_counts(bench.sim.stats())}
+        if curator_reason is None:
+            bench.sim.reset()
+            config = {"base_url": bench.sim.base_url, "messages": messages, "calls": math.ceil(n / per_call),
+                      "concurrency": conc, "max_tokens": common.MAX_TOKENS,
+                      "rpm_per_minute": int(limit * 60 / window) if limit else 10_000_000, "tpm_per_minute": 10**10,
+                      "pause_s": max(1, round(10 * window / 60))}
+            try:
+                result = await asyncio.to_thread(peers.run_peer, "curator", config)
+                runs["Bespoke Curator"] = {**result, **common.call_counts(bench.sim.stats())}
+            except (RuntimeError, OSError) as exc:
+                bench.row("peers", "Bespoke Curator", f"not run: {exc}"[:160])
+        for run in runs.values():
+            run["examples_per_s"] = run["examples"] / run["wall_s"] if run["wall_s"] else 0.0
+        dc = runs["datacreator"]
+        for name, run in runs.items():
+            if name == "datacreator":
+                bench.row("peers", f"{regime}: datacreator, {n} examples, {conc} concurrent calls",
+                          f"{dc['wall_s']:.1f} s, {dc['examples_per_s']:.0f} ex/s, 429s {dc['429']}, retries {dc['retries']}")
+                continue
+            bench.row("peers", f"{regime}: {name} / datacreator",
+                      f"wall {run['wall_s'] / dc['wall_s']:.2f}x, ex/s {run['examples_per_s'] / dc['examples_per_s']:.2f}x, "
+                      f"429s {_ratio(run['429'], dc['429'])}, retries {_ratio(run['retries'], dc['retries'])} "
+                      f"({run['examples']} ex, {run['429']} 429s)")
+        best = max(r["examples_per_s"] for name, r in runs.items() if name != "datacreator")
+        ratio = dc["examples_per_s"] / best
+        bench.row("peers", f"{regime}: datacreator ex/s / best peer's", f"{ratio:.2f}x", f">= {goal}x", ratio >= goal)
+        out.append({"regime": regime, "rpm": limit, "window_s": window, "n": n, "concurrency": conc,
+                    "latency_s": plan.peer_latency_s, "runs": runs, "ratio_to_best_peer": ratio})
+    bench.results["peers"] = {"regimes": out, "curator": curator_reason or "run"}
+
+
+def _ratio(peer: float, ours: float) -> str:
+    if ours == 0:
+        return "-" if peer == 0 else f"{peer:g} vs 0"
+    return f"{peer / ours:.2f}x"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Scaling with work
+
+
+async def scaling(bench: Bench, settings: Settings, stack: EmbeddedStack, alias: str) -> None:
+    bench.sim.configure(rpm=None, tpm=None, latency="fixed", latency_s=0.0)
+    out = []
+    for n in bench.plan.scaling:
+        rss_before = common.rss_mib()
+        final, wall = await run_to_end(settings, request(n, alias, chains=64, per_call=bench.plan.examples_per_call))
+        assert stack.group is not None
+        curator = next(r.handler for r in stack.group.runners if r.handler.name == "curator")
+        entry = {"n": n, "accepted": final.accepted, "wall_s": wall, "examples_per_s": final.accepted / wall,
+                 "rss_mib": common.rss_mib(), "rss_growth_mib": common.rss_mib() - rss_before,
+                 "broker_rss_mib": common.rss_mib(stack.broker.pid),
+                 "dedup_entries": sum(c.state_size() for c in curator.requests.values())}
+        out.append(entry)
+        bench.row("scaling", f"{n:,} examples: wall, examples/s",
+                  f"{wall:.1f} s, {entry['examples_per_s']:.0f} ex/s ({final.state.value})")
+        bench.row("scaling", f"{n:,} examples: RSS of services (growth) / of broker",
+                  f"{entry['rss_mib']:.0f} MiB (+{entry['rss_growth_mib']:.0f}) / {entry['broker_rss_mib']:.0f} MiB")
+    bench.results["scaling"] = out
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Single-record batches
+
+
+async def single_record_cost(bench: Bench, settings: Settings) -> None:
+    """What a curator publish costs (5 examples on one partition and an outcome), with the
+    single-record batches the embedded broker needs, and with the client's ordinary batching."""
+    sample = Example(example_id="x" * 64, request_id="bench-bus", data=common.SEED_EXAMPLE, strategy="random",
+                     reference_ids=[None], task_id="t" * 32, chain=0, step=0, model="datacreator-simulator")
+    value = encode(sample)
+    out = {}
+    for label, single in (("single-record batches", True), ("ordinary batching", False)):
+        producer = make_producer(settings.with_updates(kafka_single_record_batches=single))
+        await producer.start()
+        try:
+            started = time.perf_counter()
+            for _ in range(bench.plan.bus_publishes):
+                futures = [await producer.send(settings.topics.examples, value, key=encode_key("bench-bus")) for _ in range(5)]
+                futures.append(await producer.send(settings.topics.outcomes, value, key=encode_key("bench-bus")))
+                await asyncio.gather(*futures)
+            elapsed = time.perf_counter() - started
+        finally:
+            await producer.stop()
+        out[label] = {"ms_per_publish": 1000 * elapsed / bench.plan.bus_publishes,
+                      "records_per_s": 6 * bench.plan.bus_publishes / elapsed}
+    slow, fast = out["single-record batches"], out["ordinary batching"]
+    bench.results["bus"] = out
+    bench.row("bus", "one curator publish (5 examples + outcome), single-record / batched",
+              f"{slow['ms_per_publish']:.2f} / {fast['ms_per_publish']:.2f} ms = {slow['ms_per_publish'] / fast['ms_per_publish']:.1f}x slower")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def print_table(bench: Bench, header: str) -> None:
+    print()
+    print(header)
+    widths = [9, max(len(r.measure) for r in bench.rows), max(len(r.value) for r in bench.rows), 8]
+    line = f"{'section':<{widths[0]}}  {'measure':<{widths[1]}}  {'value':<{widths[2]}}  {'goal':<{widths[3]}}  met"
+    print(line)
+    print("-" * len(line))
+    for r in bench.rows:
+        met = "" if r.ok is None else ("yes" if r.ok else "NO")
+        print(f"{r.section:<{widths[0]}}  {r.measure:<{widths[1]}}  {r.value:<{widths[2]}}  {r.goal:<{widths[3]}}  {met}")
+
+
+def plot(bench: Bench, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot"
+    res = bench.results
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    ax = axes[0][0]
+    if "quota" in res:
+        runs = res["quota"]["runs"]
+        labels = [str(r["replicas"]) for r in runs]
+        ax.bar(labels, [100 * max(r["request_share"], r["token_share"]) for r in runs], color="#4c72b0")
+        ax.axhline(97, color="red", ls="--", lw=1, label="goal 97%")
+        for i, r in enumerate(runs):
+            ax.text(i, 5, f"429s {100 * r['share_429']:.2f}%", ha="center", color="white", fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.legend(loc="lower right")
+    ax.set(title="Quota used (limit share, %)", xlabel="generator replicas")
+    ax = axes[0][1]
+    if "peers" in res:
+        regimes = res["peers"]["regimes"]
+        names = list(regimes[0]["runs"])
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            values = [reg["runs"].get(name, {}).get("examples_per_s", 0) for reg in regimes]
+            ax.bar([i + j * width for i in range(len(regimes))], values, width, label=name)
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(regimes))], [r["regime"] for r in regimes])
+        ax.legend(fontsize=8)
+    ax.set(title="Side by side: examples/s", ylabel="examples/s")
+    ax = axes[0][2]
+    if "overhead" in res:
+        samples = res["overhead"]["added_samples_ms"]
+        ax.hist(samples, bins=50, color="#55a868")
+        ax.axvline(res["overhead"]["added_ms"]["p50"], color="k", ls="--", lw=1, label="p50")
+        ax.axvline(res["overhead"]["added_ms"]["p99"], color="red", ls="--", lw=1, label="p99")
+        ax.legend()
+    ax.set(title="Bus latency added per call (ms)", xlabel="ms", ylabel="calls")
+    ax = axes[1][0]
+    if "batching" in res:
+        entries = res["batching"]
+        ax.bar([str(e["examples_per_call"]) for e in entries], [e["prompt_tokens_per_example"] for e in entries], color="#c44e52")
+    ax.set(title="Prompt tokens per accepted example", xlabel="examples_per_call")
+    ax = axes[1][1]
+    if "scaling" in res:
+        entries = res["scaling"]
+        xs = [e["n"] for e in entries]
+        ax.plot(xs, [e["wall_s"] for e in entries], "o-", label="wall (s)")
+        ax.plot(xs, [e["rss_mib"] for e in entries], "s-", label="services RSS (MiB)")
+        ax.plot(xs, [e["broker_rss_mib"] for e in entries], "^-", label="broker RSS (MiB)")
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    ax.set(title="Scaling with work", xlabel="examples")
+    ax = axes[1][2]
+    if "bus" in res:
+        labels = list(res["bus"])
+        ax.bar(labels, [res["bus"][k]["ms_per_publish"] for k in labels], color="#8172b2")
+    ax.set(title="One curator publish (ms)")
+    m = common.machine()
+    fig.suptitle(f"datacreator benchmarks - {m['nproc']} cores ({m['cpu']}), shared")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+async def _cleanup_redis(redis_url: str, aliases: list[str]) -> None:
+    import redis.asyncio as aioredis
+
+    conn = aioredis.Redis.from_url(redis_url)
+    try:
+        for alias in aliases:
+            keys = [k async for k in conn.scan_iter(match=f"*datacreator:ratelimit:{alias}*")]
+            if keys:
+                await conn.delete(*keys)
+    finally:
+        await conn.aclose()
+
+
+async def run(args: argparse.Namespace) -> int:
+    plan = Plan.for_mode(args.quick, args.full)
+    sections = [s for s in SECTIONS if s in (args.only or SECTIONS)]
+    started = time.monotonic()
+    info = common.machine()
+    print(f"machine: {info['nproc']} cores, {info['cpu']}, load {info['load_1m']}; sections: {', '.join(sections)}", file=sys.stderr)
+    sim = common.SimulatorProcess()
+    bench = Bench(plan, args.redis_url, sim)
+    try:
+        if "quota" in sections:
+            await quota(bench)
+        rest = [s for s in sections if s != "quota"]
+        if rest:
+            curator_reason = None
+            if "peers" in rest:
+                curator_reason = None if args.no_curator is False else "--no-curator"
+                if curator_reason is None:
+                    curator_reason = await asyncio.to_thread(peers.curator_available)
+                if curator_reason:
+                    bench.row("peers", "Bespoke Curator", f"not run: {curator_reason}"[:160])
+            limited, opened = common.unique_alias("limited"), common.unique_alias("open")
+            bench.aliases += [limited, opened]
+            settings = bench.settings({
+                limited: bench.endpoint(plan.quota_rpm, None, concurrency=plan.concurrency),
+                opened: bench.endpoint(None, None),
+            })
+            stack = EmbeddedStack(settings, services=CORE_SERVICES)
+            live = await stack.start()
+            try:
+                if "overhead" in rest:
+                    await overhead(bench, live, stack, opened)
+                if "batching" in rest:
+                    await batching(bench, live, opened)
+                if "peers" in rest:
+                    await side_by_side(bench, live, limited, opened, curator_reason)
+                if "scaling" in rest:
+                    await scaling(bench, live, stack, opened)
+                if "bus" in rest:
+                    await single_record_cost(bench, live)
+            finally:
+                await stack.stop()
+    finally:
+        sim.stop()
+        with contextlib.suppress(Exception):
+            await _cleanup_redis(args.redis_url, bench.aliases)
+    elapsed = time.monotonic() - started
+    info = common.machine()
+    bench.results["machine"] = info
+    bench.results["mode"] = "quick" if args.quick else ("full" if args.full else "default")
+    bench.results["elapsed_s"] = elapsed
+    bench.results["rows"] = [r.__dict__ for r in bench.rows]
+    header = (f"datacreator benchmarks ({bench.results['mode']}, {elapsed:.0f} s) on {info['nproc']} cores, {info['cpu']}, "
+              f"load {info['load_1m']}; rate-limit window {plan.window_s:g} s (simulator and limiter)")
+    print_table(bench, header)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(bench.results, indent=2, default=str))
+    problem = plot(bench, out_dir / "benchmarks.png")
+    print(f"\nresults: {out_dir / 'results.json'}; plot: {problem or out_dir / 'benchmarks.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="datacreator bench", description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smaller runs, about 2 minutes")
+    mode.add_argument("--full", action="store_true", help="adds 100k examples to the scaling section")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--no-curator", action="store_true", help="skip Bespoke Curator even when its venv exists")
+    parser.add_argument("--redis-url", default=os.environ.get("DATACREATOR_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where results.json and benchmarks.png go")
+    parser.add_argument("--verbose", action="store_true", help="log the services' warnings")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
