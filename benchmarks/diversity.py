@@ -26,6 +26,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from datacreator import client
 from datacreator.config import Settings
-from datacreator.contracts import CreationRequest, Example, ModelSpec, Strategy
+from datacreator.contracts import CreationRequest, Example, ModelSpec, RequestStatus, Strategy
 from datacreator.logic.embeddings import example_text, shared_embedder
 from datacreator.logic.planning import resolve_label
 from datacreator.logic.schema import get_path
@@ -130,6 +131,17 @@ def table(rows: list[Row], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _progress(strategy: Strategy) -> Callable[[RequestStatus], None]:
+    last = [-1]
+
+    def show(status: RequestStatus) -> None:
+        if status.llm_calls != last[0]:
+            last[0] = status.llm_calls
+            print(f"  {strategy.value}: {status.accepted}/{status.target_count} after {status.llm_calls} calls", file=sys.stderr)
+
+    return show
+
+
 async def run(args: argparse.Namespace) -> str:
     strategies = [Strategy(s.strip()) for s in args.strategies.split(",") if s.strip()]
     target = await start_llm(args.llm, args.model)
@@ -148,10 +160,17 @@ async def run(args: argparse.Namespace) -> str:
             )
             started = time.monotonic()
             await client.submit(settings, request)
-            final = await client.wait_for_final(settings, request.request_id, timeout_s=args.timeout)
+            try:
+                final = await client.wait_for_final(settings, request.request_id, _progress(strategy), args.timeout)
+                state = final.state.value
+            except TimeoutError:
+                # Too slow for the time given: stop it and measure what it made so far.
+                await client.cancel(settings, request.request_id, reason="benchmark timeout")
+                final = await client.wait_for_final(settings, request.request_id, timeout_s=120)
+                state = f"TIMEOUT after {args.timeout:.0f} s"
             seconds = time.monotonic() - started
             examples = await client.collect_examples(settings, request.request_id)
-            rows.append(measure(strategy.value, final.state.value, examples, final.llm_calls, seconds, request))
+            rows.append(measure(strategy.value, state, examples, final.llm_calls, seconds, request))
             print(f"{strategy.value}: {final.state.value}, {len(examples)} examples, {final.llm_calls} calls, "
                   f"{seconds:.1f} s" + (f" ({final.error})" if final.error else ""), file=sys.stderr)
     finally:

@@ -22,11 +22,12 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import BaseModel
 
 from datacreator import metrics
+from datacreator.bus.admin import ensure_topics
 from datacreator.bus.codec import PoisonMessage, decode_key, encode, encode_key
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
@@ -34,6 +35,9 @@ from datacreator.contracts import DeadLetter
 log = logging.getLogger(__name__)
 
 DLQ_VALUE_LIMIT = 10_000
+# aiokafka retries a commit for as long as the broker answers "unknown topic": bound each try.
+COMMIT_TIMEOUT_S = 10.0
+TOPIC_CHECK_INTERVAL_S = 2.0
 
 
 @dataclass(slots=True)
@@ -176,6 +180,7 @@ class ServiceRunner:
         self._producer: AIOKafkaProducer | None = None
         self._commit_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._next_topic_check = 0.0
 
     # -- what handlers may call -------------------------------------------------------------
 
@@ -358,8 +363,32 @@ class ServiceRunner:
             try:
                 await self._commit()
                 await self._update_lag()
+                await self._check_topics(failed=False)
             except KafkaError as exc:
                 log.warning("%s: commit failed (%s); retrying", self.handler.name, type(exc).__name__)
+                await self._check_topics(failed=True)
+
+    async def _check_topics(self, failed: bool) -> None:
+        """Create the topics again when the broker has lost them (e.g. restarted with empty storage).
+
+        Runs after a failed commit, or when the consumer's metadata no longer lists a subscribed
+        topic; at most every TOPIC_CHECK_INTERVAL_S. The consumer then rejoins and reads the new
+        partitions from their start.
+        """
+        assert self._consumer is not None
+        now = time.monotonic()
+        if now < self._next_topic_check:
+            return
+        missing = [t for t in self.handler.topics if not self._consumer.partitions_for_topic(t)]
+        if not failed and not missing:
+            return
+        self._next_topic_check = now + TOPIC_CHECK_INTERVAL_S
+        if missing:
+            log.warning("%s: topics %s are gone from the broker; creating them again", self.handler.name, ", ".join(missing))
+        try:
+            await ensure_topics(self.settings, timeout_s=5.0)
+        except Exception as exc:  # the broker is still away: the next failure tries again
+            log.warning("%s: cannot check the topics yet (%s)", self.handler.name, type(exc).__name__)
 
     async def _commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         assert self._consumer is not None
@@ -373,7 +402,10 @@ class ServiceRunner:
                 if position is not None and position != track.committed:
                     offsets[tp] = OffsetAndMetadata(position, "")
             if offsets:
-                await self._consumer.commit(offsets)
+                try:
+                    await asyncio.wait_for(self._consumer.commit(offsets), COMMIT_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    raise KafkaTimeoutError(f"commit not done within {COMMIT_TIMEOUT_S:g}s") from None
                 for tp, meta in offsets.items():
                     if tp in self._tracks:
                         self._tracks[tp].committed = meta.offset
@@ -383,7 +415,11 @@ class ServiceRunner:
         for tp in list(self._tracks):
             with contextlib.suppress(Exception):
                 highwater = self._consumer.highwater(tp)
-                position = await self._consumer.position(tp)
+                position = await asyncio.wait_for(self._consumer.position(tp), 1.0)
+                track = self._tracks.get(tp)
+                if track is not None and track.committed is not None and position < track.committed:
+                    await self._restart_partition(tp, position)
+                    continue
                 if highwater is not None and tp in self._tracks:
                     metrics.consumer_lag.labels(self.handler.name, tp.topic, str(tp.partition)).set(max(highwater - position, 0))
 
@@ -410,6 +446,43 @@ class ServiceRunner:
 
     # -- rebalancing ------------------------------------------------------------------------
 
+    async def _restart_partition(self, tp: TopicPartition, position: int) -> None:
+        """The consumer's position fell below what was committed: the broker lost the partition's
+        data and the consumer was reset to its new start. Handle it as the partition given up and
+        taken again, so the handler rebuilds its state from what the broker has now."""
+        assert self._consumer is not None
+        old = self._tracks.get(tp)
+        log.warning("%s: %s[%d] went back from offset %s to %d: the broker lost its records; starting it over",
+                    self.handler.name, tp.topic, tp.partition, old.committed if old else None, position)
+        if old is not None:
+            if old.worker is not None:
+                old.worker.cancel()
+            self._in_flight -= old.queue.qsize() if old.queue is not None else 0
+        self._tracks.pop(tp, None)
+        self._consumer.seek(tp, position)  # records fetched meanwhile went to the old track: read them again
+        await self.handler.on_revoked({tp})
+        try:
+            await self.handler.on_assigned({tp})
+        finally:
+            self._tracks[tp] = _PartitionTrack()
+
+    async def _skip_lost_offsets(self, assigned: set[TopicPartition]) -> None:
+        """A committed offset past the end of its partition was committed to a log the broker has
+        since lost (the commit can land after the topic was created again): read from the start."""
+        assert self._consumer is not None
+        if not assigned:
+            return
+        try:
+            ends = await asyncio.wait_for(self._consumer.end_offsets(list(assigned)), COMMIT_TIMEOUT_S)
+            for tp in assigned:
+                committed = await asyncio.wait_for(self._consumer.committed(tp), COMMIT_TIMEOUT_S)
+                if committed is not None and committed > ends.get(tp, committed):
+                    log.warning("%s: %s[%d] has offset %d committed but ends at %d: the broker lost its records; "
+                                "reading it from the start", self.handler.name, tp.topic, tp.partition, committed, ends[tp])
+                    self._consumer.seek(tp, 0)
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            log.warning("%s: cannot compare committed and end offsets (%s)", self.handler.name, type(exc).__name__)
+
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         self.state.ready = False
         if not revoked:
@@ -426,6 +499,12 @@ class ServiceRunner:
         await self.handler.on_revoked(revoked)
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        # A rebalance may be a rejoin to a broker that lost everything (restarted empty): create the
+        # topics before the handler reads its state back, or the reader's metadata request makes
+        # the broker create them with its default partition count.
+        self._next_topic_check = 0.0
+        await self._check_topics(failed=True)
+        await self._skip_lost_offsets(assigned)
         # Tracks only after the handler has rebuilt its state: no record is handled before that.
         try:
             await self.handler.on_assigned(assigned)

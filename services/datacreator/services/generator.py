@@ -43,6 +43,7 @@ class GeneratorHandler(BaseHandler):
         self.pool = pool
         self.status = StatusWatcher(settings)
         self._answered = _RecentIds()
+        self._calling: set[str] = set()
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
@@ -58,8 +59,16 @@ class GeneratorHandler(BaseHandler):
 
     async def handle(self, record: ConsumerRecord) -> list[Output]:
         task = decode(GenerationTask, record.value, self.settings.max_message_bytes)
-        if self.status.is_closed(task.request_id) or task.task_id in self._answered:
-            return []
+        if self.status.is_closed(task.request_id) or task.task_id in self._answered or task.task_id in self._calling:
+            return []  # a task the planner resent after a restart: one call answers both
+        assert self.pool is not None
+        self._calling.add(task.task_id)
+        try:
+            return await self._call(record, task)
+        finally:
+            self._calling.discard(task.task_id)
+
+    async def _call(self, record: ConsumerRecord, task: GenerationTask) -> list[Output]:
         assert self.pool is not None
         try:
             client = self.pool.get(task.model.endpoint)
