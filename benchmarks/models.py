@@ -2,7 +2,7 @@
 
     python benchmarks/models.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--requests examples/requests/*.json]
                                 [--target 10] [--per-call 5] [--chains 1] [--timeout 300] [--temperature 0.8]
-                                [--json results.json] [--show-rejections 3]
+                                [--json results.json] [--show-rejections 3] [--show-examples 3]
 
 For each model it starts the embedded LLM (one at a time: the machine is shared), an embedded
 stack pointed at it, and runs each request with a small target. Per run it prints:
@@ -63,6 +63,7 @@ class Run:
     completion_tokens: int
     wall_s: float
     samples: list[dict] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
 
     def share(self, reasons: set[str]) -> float:
         return sum(self.rejected.get(r, 0) for r in reasons) / self.items if self.items else 0.0
@@ -141,6 +142,8 @@ async def run_one(settings: Settings, model: str, path: str, args: argparse.Name
     wall = time.monotonic() - started
     run = from_status(model, name, status, request.target_count, wall)
     run.samples = await rejection_samples(settings, request.request_id, args.show_rejections)
+    if args.show_examples > 0:
+        run.examples = [e.data for e in (await client.collect_examples(settings, request.request_id))[: args.show_examples]]
     return run
 
 
@@ -164,6 +167,8 @@ async def bench_model(model: str, paths: list[str], args: argparse.Namespace) ->
             print(json.dumps(run.row()), file=sys.stderr, flush=True)
             for sample in run.samples:
                 print("   ", json.dumps(sample, ensure_ascii=False)[:400], file=sys.stderr)
+            for example in run.examples:
+                print("    accepted:", json.dumps(example, ensure_ascii=False)[:400], file=sys.stderr)
     finally:
         await stack.stop()
         await llm.stop()
@@ -234,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-ctx", type=int, default=4096)
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default: every core but one)")
     parser.add_argument("--show-rejections", type=int, default=0, help="print this many rejections of each run")
+    parser.add_argument("--show-examples", type=int, default=0, help="print this many accepted examples of each run")
     parser.add_argument("--json", help="write every run, with its rejection counts, to this file")
     return parser.parse_args(argv)
 

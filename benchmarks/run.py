@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import uuid
@@ -66,8 +67,8 @@ class Plan:
     peer_latency_s: float = 0.5
     concurrency: int = 32
     examples_per_call: int = 5
-    peer_limited_n: int = 3000
-    peer_open_n: int = 3000
+    peer_limited_n: int = 2000
+    peer_open_n: int = 2000
     overhead_n: int = 2000
     batching_n: int = 300
     scaling: tuple[int, ...] = (1_000, 10_000)
@@ -76,7 +77,7 @@ class Plan:
     @classmethod
     def for_mode(cls, quick: bool, full: bool) -> "Plan":
         if quick:
-            return cls(window_s=2.0, quota_rpm=48, quota_duration_s=8.0, replicas=(1, 2), peer_limited_n=1500,
+            return cls(window_s=2.0, quota_rpm=48, quota_duration_s=8.0, replicas=(1, 2), peer_limited_n=1000,
                        peer_open_n=1000, overhead_n=1000, batching_n=100, scaling=(1_000,), bus_publishes=100)
         plan = cls()
         if full:
@@ -135,6 +136,26 @@ async def run_to_end(settings: Settings, req: CreationRequest, timeout_s: float 
     return final, (final.finished_at or time.time()) - submitted
 
 
+async def start_stack(stack: EmbeddedStack) -> Settings:
+    started = time.monotonic()
+    try:
+        live = await asyncio.wait_for(stack.start(), 120)
+    except BaseException:
+        await stop_stack(stack)
+        raise
+    print(f"  (stack of {len(stack.services)} services ready in {time.monotonic() - started:.1f} s)", file=sys.stderr)
+    return live
+
+
+async def stop_stack(stack: EmbeddedStack) -> None:
+    """Stop the services, bounded: a stop that hangs must not hang the benchmark; the broker goes anyway."""
+    try:
+        await asyncio.wait_for(stack.stop(), 60)
+    except (TimeoutError, asyncio.TimeoutError):
+        print("  (services did not stop within 60 s; stopping the broker)", file=sys.stderr)
+        await stack.broker.stop()
+
+
 def ids_per_partition(count: int) -> list[str]:
     """Request ids whose tasks land on partitions 0..count-1 (aiokafka's default partitioner), so
     that every generator replica of a consumer group gets its share of the work."""
@@ -166,18 +187,19 @@ async def quota(bench: Bench) -> None:
         bench.sim.configure(rpm=rpm, tpm=tpm, rate_window_s=window, latency="normal", latency_s=plan.latency_s,
                             latency_sd_s=plan.latency_s / 4)
         bench.sim.reset()
-        settings = bench.settings({alias: bench.endpoint(rpm, tpm, concurrency=64)}, generator_replicas=replicas)
+        settings = bench.settings({alias: bench.endpoint(rpm, tpm, concurrency=128)}, generator_replicas=replicas)
         stack = EmbeddedStack(settings, services=("planner", "curator") + ("generator",) * replicas)
-        live = await stack.start()
+        live = await start_stack(stack)
         try:
             ids = ids_per_partition(PARTITIONS)
             for rid in ids:
-                await client.submit(live, request(1_000_000, alias, chains=16, per_call=plan.examples_per_call, request_id=rid))
+                # more chains than the limit needs, so that the limiter, not the chains' turn-around, binds
+                await client.submit(live, request(1_000_000, alias, chains=32, per_call=plan.examples_per_call, request_id=rid))
             await asyncio.sleep(duration + 2 * plan.latency_s + 1)
             for rid in ids:
                 await client.cancel(live, rid, "benchmark run over")
         finally:
-            await stack.stop()
+            await stop_stack(stack)
         stats = await asyncio.to_thread(bench.sim.stats)
         admitted_at, costs = stats["admitted_at"], stats["admitted_tokens"]
         start = min(admitted_at) if admitted_at else 0.0
@@ -282,6 +304,9 @@ async def batching(bench: Bench, settings: Settings, alias: str) -> None:
 
 
 async def side_by_side(bench: Bench, settings: Settings, limited_alias: str, open_alias: str, curator_reason: str | None) -> None:
+    """Concurrency is concurrent LLM calls: the endpoint's max_concurrency for datacreator, a semaphore
+    for the peers. datacreator runs twice as many self-reference chains as call slots, so that a chain
+    whose answer is still on the bus does not leave a slot idle."""
     plan = bench.plan
     rpm, window, per_call, conc = plan.quota_rpm, plan.window_s, plan.examples_per_call, plan.concurrency
     messages = common.peer_messages(per_call)
@@ -296,7 +321,7 @@ async def side_by_side(bench: Bench, settings: Settings, limited_alias: str, ope
                             latency_sd_s=plan.peer_latency_s / 5)
         runs: dict[str, dict[str, Any]] = {}
         bench.sim.reset()
-        final, wall = await run_to_end(settings, request(n, alias, chains=conc, per_call=per_call))
+        final, wall = await run_to_end(settings, request(n, alias, chains=2 * conc, per_call=per_call))
         runs["datacreator"] = {"examples": final.accepted, "wall_s": wall, **common.call_counts(bench.sim.stats())}
         bench.sim.reset()
         config = {"base_url": bench.sim.base_url, "messages": messages, "target": n, "examples_per_call": per_call,
@@ -320,7 +345,7 @@ async def side_by_side(bench: Bench, settings: Settings, limited_alias: str, ope
         dc = runs["datacreator"]
         for name, run in runs.items():
             if name == "datacreator":
-                bench.row("peers", f"{regime}: datacreator, {n} examples, {conc} concurrent calls",
+                bench.row("peers", f"{regime}: datacreator, {n} examples, {conc} concurrent calls ({2 * conc} chains)",
                           f"{dc['wall_s']:.1f} s, {dc['examples_per_s']:.0f} ex/s, 429s {dc['429']}, retries {dc['retries']}")
                 continue
             bench.row("peers", f"{regime}: {name} / datacreator",
@@ -360,8 +385,9 @@ async def scaling(bench: Bench, settings: Settings, stack: EmbeddedStack, alias:
         out.append(entry)
         bench.row("scaling", f"{n:,} examples: wall, examples/s",
                   f"{wall:.1f} s, {entry['examples_per_s']:.0f} ex/s ({final.state.value})")
-        bench.row("scaling", f"{n:,} examples: RSS of services (growth) / of broker",
-                  f"{entry['rss_mib']:.0f} MiB (+{entry['rss_growth_mib']:.0f}) / {entry['broker_rss_mib']:.0f} MiB")
+        bench.row("scaling", f"{n:,} examples: RSS of services (growth) / of broker; dedup entries",
+                  f"{entry['rss_mib']:.0f} MiB (+{entry['rss_growth_mib']:.0f}) / {entry['broker_rss_mib']:.0f} MiB; "
+                  f"{entry['dedup_entries']:,}")
     bench.results["scaling"] = out
 
 
@@ -370,11 +396,15 @@ async def scaling(bench: Bench, settings: Settings, stack: EmbeddedStack, alias:
 
 
 async def single_record_cost(bench: Bench, settings: Settings) -> None:
-    """What a curator publish costs (5 examples on one partition and an outcome), with the
-    single-record batches the embedded broker needs, and with the client's ordinary batching."""
+    """What the single-record batches the embedded broker needs cost, against the client's ordinary
+    batching: one curator publish awaited at a time (5 examples on one partition and an outcome),
+    and records sent to one partition as fast as the producer takes them. The producer has one
+    request in flight per broker and one batch per partition in it, so single-record batches
+    carry one record per partition per round trip."""
     sample = Example(example_id="x" * 64, request_id="bench-bus", data=common.SEED_EXAMPLE, strategy="random",
                      reference_ids=[None], task_id="t" * 32, chain=0, step=0, model="datacreator-simulator")
-    value = encode(sample)
+    value, key = encode(sample), encode_key("bench-bus")
+    topics = settings.topics
     out = {}
     for label, single in (("single-record batches", True), ("ordinary batching", False)):
         producer = make_producer(settings.with_updates(kafka_single_record_batches=single))
@@ -382,18 +412,24 @@ async def single_record_cost(bench: Bench, settings: Settings) -> None:
         try:
             started = time.perf_counter()
             for _ in range(bench.plan.bus_publishes):
-                futures = [await producer.send(settings.topics.examples, value, key=encode_key("bench-bus")) for _ in range(5)]
-                futures.append(await producer.send(settings.topics.outcomes, value, key=encode_key("bench-bus")))
+                futures = [await producer.send(topics.examples, value, key=key) for _ in range(5)]
+                futures.append(await producer.send(topics.outcomes, value, key=key))
                 await asyncio.gather(*futures)
-            elapsed = time.perf_counter() - started
+            serial = time.perf_counter() - started
+            records = 10 * bench.plan.bus_publishes
+            started = time.perf_counter()
+            await asyncio.gather(*[await producer.send(topics.examples, value, key=key) for _ in range(records)])
+            stream = time.perf_counter() - started
         finally:
             await producer.stop()
-        out[label] = {"ms_per_publish": 1000 * elapsed / bench.plan.bus_publishes,
-                      "records_per_s": 6 * bench.plan.bus_publishes / elapsed}
+        out[label] = {"ms_per_publish": 1000 * serial / bench.plan.bus_publishes, "records_per_s_one_partition": records / stream}
     slow, fast = out["single-record batches"], out["ordinary batching"]
     bench.results["bus"] = out
-    bench.row("bus", "one curator publish (5 examples + outcome), single-record / batched",
-              f"{slow['ms_per_publish']:.2f} / {fast['ms_per_publish']:.2f} ms = {slow['ms_per_publish'] / fast['ms_per_publish']:.1f}x slower")
+    bench.row("bus", "one curator publish (5 examples + outcome): single-record / batched",
+              f"{slow['ms_per_publish']:.2f} / {fast['ms_per_publish']:.2f} ms = {slow['ms_per_publish'] / fast['ms_per_publish']:.2f}x")
+    bench.row("bus", "records/s into one partition: single-record / batched",
+              f"{slow['records_per_s_one_partition']:,.0f} / {fast['records_per_s_one_partition']:,.0f} = "
+              f"{fast['records_per_s_one_partition'] / slow['records_per_s_one_partition']:.1f}x fewer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,8 +465,8 @@ def plot(bench: Bench, path: Path) -> str | None:
         ax.axhline(97, color="red", ls="--", lw=1, label="goal 97%")
         for i, r in enumerate(runs):
             ax.text(i, 5, f"429s {100 * r['share_429']:.2f}%", ha="center", color="white", fontsize=8)
-        ax.set_ylim(0, 105)
-        ax.legend(loc="lower right")
+        ax.set_ylim(0, 115)
+        ax.legend(loc="upper right", fontsize=8)
     ax.set(title="Quota used (limit share, %)", xlabel="generator replicas")
     ax = axes[0][1]
     if "peers" in res:
@@ -469,8 +505,9 @@ def plot(bench: Bench, path: Path) -> str | None:
     ax = axes[1][2]
     if "bus" in res:
         labels = list(res["bus"])
-        ax.bar(labels, [res["bus"][k]["ms_per_publish"] for k in labels], color="#8172b2")
-    ax.set(title="One curator publish (ms)")
+        ax.bar(labels, [res["bus"][k]["records_per_s_one_partition"] for k in labels], color="#8172b2")
+        ax.set_yscale("log")
+    ax.set(title="Produce into one partition (records/s)")
     m = common.machine()
     fig.suptitle(f"datacreator benchmarks - {m['nproc']} cores ({m['cpu']}), shared")
     fig.tight_layout()
@@ -513,27 +550,28 @@ async def run(args: argparse.Namespace) -> int:
                     curator_reason = await asyncio.to_thread(peers.curator_available)
                 if curator_reason:
                     bench.row("peers", "Bespoke Curator", f"not run: {curator_reason}"[:160])
-            limited, opened = common.unique_alias("limited"), common.unique_alias("open")
-            bench.aliases += [limited, opened]
+            limited, capped, opened = common.unique_alias("limited"), common.unique_alias("capped"), common.unique_alias("open")
+            bench.aliases += [limited, capped, opened]
             settings = bench.settings({
-                limited: bench.endpoint(plan.quota_rpm, None, concurrency=plan.concurrency),
+                limited: bench.endpoint(plan.quota_rpm, None, concurrency=plan.concurrency),  # peers, at the limit
+                capped: bench.endpoint(None, None, concurrency=plan.concurrency),  # peers, no limit
                 opened: bench.endpoint(None, None),
             })
             stack = EmbeddedStack(settings, services=CORE_SERVICES)
-            live = await stack.start()
+            live = await start_stack(stack)
             try:
                 if "overhead" in rest:
                     await overhead(bench, live, stack, opened)
                 if "batching" in rest:
                     await batching(bench, live, opened)
                 if "peers" in rest:
-                    await side_by_side(bench, live, limited, opened, curator_reason)
+                    await side_by_side(bench, live, limited, capped, curator_reason)
                 if "scaling" in rest:
                     await scaling(bench, live, stack, opened)
                 if "bus" in rest:
                     await single_record_cost(bench, live)
             finally:
-                await stack.stop()
+                await stop_stack(stack)
     finally:
         sim.stop()
         with contextlib.suppress(Exception):
@@ -567,7 +605,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="log the services' warnings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run(args))
+    return asyncio.run(_until_signalled(run(args)))
+
+
+async def _until_signalled(main_coro: Any) -> int:
+    """SIGTERM cancels the run, so that the simulator, the broker and the peers are stopped."""
+    task = asyncio.ensure_future(main_coro)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        print("benchmark cancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -38,6 +38,16 @@ def status(request_id: str, state: RequestState, accepted: int) -> RequestStatus
     return RequestStatus(request_id=request_id, state=state, target_count=accepted, accepted=accepted)
 
 
+async def take_ids(stream: ExampleStream, count: int) -> list[str]:
+    """Example ids from an open stream, leaving it once `count` were read (it does not end by itself)."""
+    ids: list[str] = []
+    async for example in stream:
+        ids.append(example.example_id)
+        if len(ids) == count:
+            break
+    return ids
+
+
 async def test_redeliveries_and_other_requests_are_dropped(bus_settings):
     a = [make_example("req-a", n) for n in range(12)]
     b = [make_example("req-b", n) for n in range(5)]
@@ -56,13 +66,8 @@ async def test_redeliveries_and_other_requests_are_dropped(bus_settings):
     assert stream.final_status is not None and stream.final_status.state is RequestState.COMPLETED
 
     # No request filter: both requests, each id once.
-    everything = ExampleStream(bus_settings)
-    seen: list[str] = []
-    async with everything:
-        async for example in everything:
-            seen.append(example.example_id)
-            if len(seen) == 17:
-                break
+    async with ExampleStream(bus_settings) as everything:
+        seen = await take_ids(everything, 17)
     assert sorted(seen) == sorted(e.example_id for e in a + b)
 
 
@@ -94,20 +99,11 @@ async def test_resume_from_positions(bus_settings):
     rid = "req-resume"
     examples = [make_example(rid, n) for n in range(8)]
     await publish(bus_settings, bus_settings.topics.examples, [(rid, e) for e in examples])
-    first = ExampleStream(bus_settings, rid)
-    taken: list[str] = []
-    async with first:
-        async for example in first:
-            taken.append(example.example_id)
-            if len(taken) == 3:
-                break
+    async with ExampleStream(bus_settings, rid) as first:
+        taken = await take_ids(first, 3)
         positions = first.positions()
-    rest: list[str] = []
     async with ExampleStream(bus_settings, rid, from_offsets=positions) as second:
-        async for example in second:
-            rest.append(example.example_id)
-            if len(taken) + len(rest) == 8:
-                break
+        rest = await take_ids(second, len(examples) - len(taken))
     assert sorted(taken + rest) == sorted(e.example_id for e in examples)
 
 
@@ -118,12 +114,8 @@ async def test_consumer_group_commits_positions(bus_settings):
     group = f"trainer-{bus_settings.topics.examples}"
     # Tansu's join time scales with the session timeout: keep it short.
     fast = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 200}
-    got: list[str] = []
     async with ExampleStream(bus_settings, rid, group_id=group, consumer_options=fast) as stream:
-        async for example in stream:
-            got.append(example.example_id)
-            if len(got) == 6:
-                break
+        got = await take_ids(stream, 6)
     assert sorted(got) == sorted(e.example_id for e in examples)
     more = make_example(rid, 99)
     await publish(bus_settings, bus_settings.topics.examples, [(rid, more)])

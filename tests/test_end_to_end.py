@@ -8,31 +8,15 @@ import orjson
 import pytest
 
 from datacreator import client
-from datacreator.bus.codec import decode
-from datacreator.bus.readback import read_to_end
-from datacreator.contracts import CreationRequest, Example, RequestState, Strategy
+from datacreator.contracts import CreationRequest, RequestState, Strategy
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
-
-MCQ = {
-    "question": "Where would you most likely keep frozen peas?",
-    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
-    "answer": "B",
-}
+from tests.helpers import MCQ, MCQ_INSTRUCTION, example_records
 
 
 def _settings_for(bus_settings, simulator):
     target = LLMTarget(simulator.base_url, "datacreator-simulator")
     return bus_settings.with_updates(endpoints_json=endpoint_json(target))
-
-
-async def _published(settings, request_id: str) -> list[Example]:
-    out = []
-    async for record in read_to_end(settings, settings.topics.examples):
-        example = decode(Example, record.value)
-        if example.request_id == request_id:
-            out.append(example)
-    return out
 
 
 @pytest.mark.parametrize("strategy", [Strategy.none, Strategy.random, Strategy.tree])
@@ -41,7 +25,7 @@ async def test_request_becomes_exactly_target_count_examples(bus_settings, simul
     group = await ServiceGroup(settings).start()
     try:
         request = CreationRequest(
-            instruction="Create commonsense multiple-choice questions with options A to D.",
+            instruction=MCQ_INSTRUCTION,
             formatting_example=MCQ, target_count=23, examples_per_call=5, strategy=strategy, chains=3,
         )
         await client.submit(settings, request)
@@ -50,7 +34,7 @@ async def test_request_becomes_exactly_target_count_examples(bus_settings, simul
         assert final.accepted == 23
         assert final.llm_calls >= 5
 
-        examples = await _published(settings, request.request_id)
+        examples = await example_records(settings, request.request_id)
         ids = [e.example_id for e in examples]
         assert len(ids) == 23 and len(set(ids)) == 23
         for example in examples:

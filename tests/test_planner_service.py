@@ -10,29 +10,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
 
 import pytest
 import pytest_asyncio
 
 from datacreator import client
 from datacreator.bus.admin import ensure_topics
-from datacreator.bus.codec import decode
-from datacreator.bus.readback import StatusWatcher, read_to_end
 from datacreator.config import Settings
-from datacreator.contracts import Budget, CreationRequest, Example, RequestState, RequestStatus, Strategy
+from datacreator.contracts import Budget, CreationRequest, Example, RequestState, Strategy
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.fixtures.broker import unique_topics
-
-MCQ = {
-    "question": "Where would you most likely keep frozen peas?",
-    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
-    "answer": "B",
-}
-INSTRUCTION = "Create commonsense multiple-choice questions with options A to D."
+from tests.helpers import MCQ, MCQ_INSTRUCTION, example_records
 
 # Short group timings: joins and rebalances on the embedded broker scale with the session timeout.
 FAST_GROUPS = {"kafka_session_timeout_ms": 3000, "kafka_heartbeat_interval_ms": 500}
@@ -44,34 +34,9 @@ def _settings(base: Settings, sim, **endpoint_options) -> Settings:
 
 
 def _request(**fields) -> CreationRequest:
-    values = dict(instruction=INSTRUCTION, formatting_example=MCQ, target_count=20, examples_per_call=4, chains=3)
+    values = dict(instruction=MCQ_INSTRUCTION, formatting_example=MCQ, target_count=20, examples_per_call=4, chains=3)
     values.update(fields)
     return CreationRequest(**values)
-
-
-async def _records(settings: Settings, request_id: str) -> list[Example]:
-    """Every example record of the request on the topic, redeliveries included."""
-    out = []
-    async for record in read_to_end(settings, settings.topics.examples):
-        example = decode(Example, record.value)
-        if example.request_id == request_id:
-            out.append(example)
-    return out
-
-
-async def _wait_until(settings: Settings, request_id: str, check: Callable[[RequestStatus], bool], timeout_s: float) -> RequestStatus:
-    watcher = await StatusWatcher(settings).start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            status = watcher.latest.get(request_id)
-            if status is not None and check(status):
-                return status
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{request_id}: condition not met in {timeout_s} s (last: {status})")
-            await watcher.wait_change(0.2)
-    finally:
-        await watcher.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -135,7 +100,7 @@ async def test_each_strategy_completes_with_lineage(running, strategy):
     assert final.state is RequestState.COMPLETED, final.error
     assert final.accepted == request.target_count
 
-    examples = await _records(settings, request.request_id)
+    examples = await example_records(settings, request.request_id)
     ids = {e.example_id for e in examples}
     assert len(ids) == request.target_count  # exactly: no overshoot, nothing missing
     _check_lineage(list({e.example_id: e for e in examples}.values()), request)
@@ -149,7 +114,7 @@ async def test_exact_target_under_a_high_rejection_rate(running):
     final = await client.wait_for_final(settings, request.request_id, timeout_s=40)
     assert final.state is RequestState.COMPLETED, final.error
     assert final.rejected.get("structure_mismatch", 0) > 0 and final.rejected.get("label_out_of_space", 0) > 0
-    ids = {e.example_id for e in await _records(settings, request.request_id)}
+    ids = {e.example_id for e in await example_records(settings, request.request_id)}
     assert len(ids) == 25
 
 
@@ -160,7 +125,7 @@ async def test_call_budget_stops_with_what_was_made(running):
     final = await client.wait_for_final(settings, request.request_id, timeout_s=30)
     assert final.state is RequestState.BUDGET_EXHAUSTED
     assert final.llm_calls == 3 and final.tasks_in_flight == 0
-    examples = await _records(settings, request.request_id)
+    examples = await example_records(settings, request.request_id)
     assert 0 < final.accepted < 200
     assert len({e.example_id for e in examples}) == final.accepted
 
@@ -175,7 +140,7 @@ async def test_cost_budget_stops_with_what_was_made(running):
     assert final.cost_usd >= 0.5 and final.llm_calls >= 2 and final.accepted < 500
     mean = final.cost_usd / final.llm_calls
     assert final.cost_usd < 0.5 + 2 * mean, "no more than the calls in flight were spent past the budget"
-    examples = await _records(settings, request.request_id)
+    examples = await example_records(settings, request.request_id)
     assert len({e.example_id for e in examples}) == final.accepted
 
 
@@ -187,7 +152,7 @@ async def test_copying_model_fails_as_stalled(running):
     assert final.state is RequestState.FAILED
     assert "copy_of_reference" in (final.error or "")
     assert final.accepted == 0 and 4 <= final.llm_calls <= 4 + request.chains
-    assert await _records(settings, request.request_id) == []
+    assert await example_records(settings, request.request_id) == []
 
 
 @pytest.mark.slow
@@ -195,15 +160,15 @@ async def test_cancel_stops_and_drops_work_in_flight(running):
     settings = await running(latency_s=0.05)
     request = _request(target_count=100_000, examples_per_call=5, chains=4)
     await client.submit(settings, request)
-    await _wait_until(settings, request.request_id, lambda s: s.accepted >= 20, timeout_s=30)
+    await client.wait_for_status(settings, request.request_id, lambda s: s.accepted >= 20, timeout_s=30)
     await client.cancel(settings, request.request_id, reason="enough for now")
     final = await client.wait_for_final(settings, request.request_id, timeout_s=20)
     assert final.state is RequestState.CANCELLED and final.error == "enough for now"
 
     await asyncio.sleep(1.0)  # let what was already on its way settle
-    settled = {e.example_id for e in await _records(settings, request.request_id)}
+    settled = {e.example_id for e in await example_records(settings, request.request_id)}
     await asyncio.sleep(2.0)
-    later = {e.example_id for e in await _records(settings, request.request_id)}
+    later = {e.example_id for e in await example_records(settings, request.request_id)}
     assert later == settled and len(settled) < request.target_count
     after = await client.latest_status(settings, request.request_id)
     assert after is not None and after.state is RequestState.CANCELLED
@@ -215,7 +180,7 @@ async def test_small_requests_finish_while_a_big_one_runs(running):
     big = _request(target_count=100_000, examples_per_call=5, chains=4)
     small = [_request(target_count=10, examples_per_call=5, chains=2) for _ in range(3)]
     await client.submit(settings, big)
-    await _wait_until(settings, big.request_id, lambda s: s.accepted > 0, timeout_s=30)
+    await client.wait_for_status(settings, big.request_id, lambda s: s.accepted > 0, timeout_s=30)
     for request in small:
         await client.submit(settings, request)
     finals = await asyncio.gather(*(client.wait_for_final(settings, r.request_id, timeout_s=30) for r in small))
@@ -276,7 +241,7 @@ async def test_killed_planner_resumes_from_its_snapshots(fresh_broker, make_simu
     try:
         request = _request(target_count=60, examples_per_call=3, chains=2)
         await client.submit(settings, request)
-        before = await _wait_until(settings, request.request_id, lambda s: s.accepted >= 12, timeout_s=30)
+        before = await client.wait_for_status(settings, request.request_id, lambda s: s.accepted >= 12, timeout_s=30)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         mid = await client.latest_status(settings, request.request_id)
@@ -289,7 +254,7 @@ async def test_killed_planner_resumes_from_its_snapshots(fresh_broker, make_simu
         assert final.started_at == before.started_at, "the plan was resumed, not started again"
         assert final.llm_calls >= mid.llm_calls
 
-        examples = await _records(settings, request.request_id)
+        examples = await example_records(settings, request.request_id)
         assert len({e.example_id for e in examples}) == 60  # nothing beyond the target
         chains = defaultdict(list)
         for example in examples:

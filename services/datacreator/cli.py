@@ -191,6 +191,21 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Benchmarks live beside the package in a clone (benchmarks/run.py), not in the wheel."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+    if not path.exists():
+        print(f"benchmarks/run.py not found next to the package ({path}): run from a clone", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("datacreator_benchmarks_run", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(args.bench_args) or 0)
+
+
 def _schemas(args: argparse.Namespace) -> int:
     from datacreator import schemas
 
@@ -254,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?")
     models.set_defaults(handler=_models, sync=True)
 
+    bench = sub.add_parser("bench", help="side-by-side benchmarks (benchmarks/run.py; --help there)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_bench, sync=True)
+
     schemas = sub.add_parser("schemas", help="write the JSON Schemas and the AsyncAPI document")
     schemas.add_argument("--out", default="schemas")
     schemas.set_defaults(handler=_schemas, sync=True)
@@ -286,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every flag after `bench` belongs to benchmarks/run.py
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from datacreator.bus.codec import PoisonMessage, decode, encode, encode_key
+from datacreator.bus.codec import M, PoisonMessage, decode, encode, encode_key
 from datacreator.bus.readback import StatusWatcher, read_to_end
 from datacreator.bus.runtime import make_producer
 from datacreator.config import Settings
@@ -44,13 +44,16 @@ async def cancel(settings: Settings, request_id: str, reason: str = "cancelled b
     await publish(settings, settings.topics.requests, request_id, CancelRequest(request_id=request_id, reason=reason))
 
 
-async def wait_for_final(
+async def wait_for_status(
     settings: Settings,
     request_id: str,
+    check: Callable[[RequestStatus], bool],
     on_status: Callable[[RequestStatus], None] | None = None,
     timeout_s: float | None = None,
+    *,
+    awaited: str = "as awaited",
 ) -> RequestStatus:
-    """Follow the status topic until the request reaches a final state."""
+    """Follow the status topic until a status of the request passes `check`; `awaited` names it in the timeout."""
     watcher = await StatusWatcher(settings).start()
     deadline = time.monotonic() + timeout_s if timeout_s else None
     seen: float = -1.0
@@ -61,36 +64,55 @@ async def wait_for_final(
                 seen = status.updated_at
                 if on_status is not None:
                     on_status(status)
-                if status.state.final:
+                if check(status):
                     return status
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"request {request_id} not final after {timeout_s} s (last: {status.state if status else 'none'})")
+                raise TimeoutError(f"request {request_id} not {awaited} after {timeout_s} s (last: {status.state if status else 'none'})")
             await watcher.wait_change(0.5)
     finally:
         await watcher.stop()
 
 
-async def latest_status(settings: Settings, request_id: str) -> RequestStatus | None:
-    latest: RequestStatus | None = None
-    async for record in read_to_end(settings, settings.topics.status):
+async def wait_for_final(
+    settings: Settings,
+    request_id: str,
+    on_status: Callable[[RequestStatus], None] | None = None,
+    timeout_s: float | None = None,
+) -> RequestStatus:
+    """Follow the status topic until the request reaches a final state."""
+    return await wait_for_status(settings, request_id, lambda s: s.state.final, on_status, timeout_s, awaited="final")
+
+
+async def read_messages(settings: Settings, topic: str, model: type[M], request_id: str | None = None) -> AsyncIterator[M]:
+    """The `model` messages on `topic` so far (of one request, or all); an unreadable record is skipped."""
+    async for record in read_to_end(settings, topic):
         try:
-            status = decode(RequestStatus, record.value)
+            message = decode(model, record.value)
         except PoisonMessage:
             continue
-        if status.request_id == request_id and (latest is None or status.updated_at >= latest.updated_at):
-            latest = status
+        if request_id is None or getattr(message, "request_id", None) == request_id:
+            yield message
+
+
+async def latest_statuses(settings: Settings, request_id: str | None = None) -> dict[str, RequestStatus]:
+    """The latest status of every request (or of one) on the status topic, as of now."""
+    latest: dict[str, RequestStatus] = {}
+    async for status in read_messages(settings, settings.topics.status, RequestStatus, request_id):
+        previous = latest.get(status.request_id)
+        if previous is None or status.updated_at >= previous.updated_at:
+            latest[status.request_id] = status
     return latest
+
+
+async def latest_status(settings: Settings, request_id: str) -> RequestStatus | None:
+    return (await latest_statuses(settings, request_id)).get(request_id)
 
 
 async def read_examples(settings: Settings, request_id: str | None = None) -> AsyncIterator[Example]:
     """The distinct examples published so far (of one request, or all): a redelivery is dropped by id."""
     seen: set[str] = set()
-    async for record in read_to_end(settings, settings.topics.examples):
-        try:
-            example = decode(Example, record.value)
-        except PoisonMessage:
-            continue
-        if (request_id is None or example.request_id == request_id) and example.example_id not in seen:
+    async for example in read_messages(settings, settings.topics.examples, Example, request_id):
+        if example.example_id not in seen:
             seen.add(example.example_id)
             yield example
 

@@ -250,23 +250,8 @@ class ExampleStream:
         return True
 
 
-def stream_examples(
-    settings: Settings,
-    request_id: str | None = None,
-    *,
-    from_beginning: bool = True,
-    from_offsets: dict[int, int] | None = None,
-    stop_at_completion: bool = False,
-    group_id: str | None = None,
-    completion_grace_s: float = 5.0,
-    consumer_options: dict[str, Any] | None = None,
-) -> ExampleStream:
-    """An async iterator over distinct examples; see `ExampleStream` for the options."""
-    return ExampleStream(
-        settings, request_id, from_beginning=from_beginning, from_offsets=from_offsets,
-        stop_at_completion=stop_at_completion, group_id=group_id, completion_grace_s=completion_grace_s,
-        consumer_options=consumer_options,
-    )
+# One constructor serves both names, so the documented entry point keeps `ExampleStream`'s options.
+stream_examples = ExampleStream
 
 
 _DONE = object()

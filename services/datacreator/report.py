@@ -25,9 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from datacreator.bus.codec import PoisonMessage, decode
-from datacreator.bus.readback import read_to_end
-from datacreator.client import collect_examples
+from datacreator.client import collect_examples, read_messages
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, RejectReason, Rejection, RequestStatus
 from datacreator.logic.dedup import DedupIndex
@@ -191,20 +189,8 @@ async def read_request_data(settings: Settings, request_id: str) -> RequestData:
     from datacreator.export import find_request
 
     data = RequestData(request_id, examples=await collect_examples(settings, request_id))
-    async for record in read_to_end(settings, settings.topics.rejected):
-        try:
-            rejection = decode(Rejection, record.value)
-        except PoisonMessage:
-            continue
-        if rejection.request_id == request_id:
-            data.rejections.append(rejection)
-    async for record in read_to_end(settings, settings.topics.status):
-        try:
-            status = decode(RequestStatus, record.value)
-        except PoisonMessage:
-            continue
-        if status.request_id == request_id:
-            data.statuses.append(status)
+    data.rejections = [r async for r in read_messages(settings, settings.topics.rejected, Rejection, request_id)]
+    data.statuses = [s async for s in read_messages(settings, settings.topics.status, RequestStatus, request_id)]
     data.statuses.sort(key=lambda s: s.updated_at)
     data.request = await find_request(settings, request_id)
     return data

