@@ -193,16 +193,14 @@ def _models(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """Benchmarks live beside the package in a clone (benchmarks/run.py), not in the wheel."""
-    import importlib.util
+    import importlib
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
-    if not path.exists():
-        print(f"benchmarks/run.py not found next to the package ({path}): run from a clone", file=sys.stderr)
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "run.py").exists():
+        print(f"benchmarks/run.py not found in {root}: run from a clone", file=sys.stderr)
         return 2
-    spec = importlib.util.spec_from_file_location("datacreator_benchmarks_run", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(root))
+    module = importlib.import_module("benchmarks.run")
     return int(module.main(args.bench_args) or 0)
 
 
