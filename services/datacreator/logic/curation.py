@@ -177,6 +177,8 @@ class RequestCuration:
         listed: set[str] = set()
         reference_ids = [ref.example_id for ref in task.references]
         prints: list[Fingerprint] = self.dedup.fingerprints(valid, norms) if valid else []
+        # Small models often hand back their formatting example barely changed (a word, a "?").
+        reference_prints = self.dedup.fingerprints([ref.data for ref in task.references]) if valid else []
         for item, norm, fp in zip(valid, norms, prints):
             eid = example_id(task.request_id, item, norm)
             if eid in listed:
@@ -187,6 +189,9 @@ class RequestCuration:
                 listed.add(eid)
                 accepted.append(AcceptedRef(example_id=eid, data=item))
                 result.redelivered += 1
+                continue
+            if self.dedup.resembles(fp, reference_prints):
+                reject(RejectReason.copy_of_reference, "a near-copy of a formatting example of this call", item=item)
                 continue
             reason = self.dedup.check(fp)
             if reason is not None:

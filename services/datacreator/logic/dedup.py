@@ -211,6 +211,15 @@ class DedupIndex:
                 return RejectReason.semantic_duplicate
         return None
 
+    def resembles(self, fp: Fingerprint, others: Sequence[Fingerprint]) -> bool:
+        """Whether `fp` is a near-duplicate of any of `others` (compared directly, not indexed)."""
+        if self._hasher is None or fp.signature is None or fp.signature[0] == _EMPTY_ROW:
+            return False
+        assert self.near_threshold is not None
+        return any(
+            o.signature is not None and float((o.signature == fp.signature).mean()) >= self.near_threshold for o in others
+        )
+
     def add(self, item: Any, key: Any = None) -> None:
         """Remember an accepted example. `key` is not stored: rows are numbered internally."""
         fp = item if isinstance(item, Fingerprint) else self.fingerprint(item)
