@@ -34,23 +34,20 @@ What Tansu 0.6 (memory engine) does with aiokafka 0.14, as checked against the b
 from __future__ import annotations
 
 import asyncio
-import atexit
-import ctypes
 import importlib.util
 import logging
 import os
-import signal
 import socket
 import stat
-import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+
+from datacreator.procs import ChildServer, die_with_parent, free_port, temp_log_path
+
+__all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "free_port", "probe", "tansu_binary"]
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 def tansu_binary() -> Path:
@@ -68,23 +65,6 @@ def tansu_binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    # Runs in the child between fork and exec: if the parent is killed outright, the kernel
-    # sends SIGTERM to the child, so nothing is left behind. The signal follows the parent
-    # *thread*: start children from the event loop's thread, not from a short-lived worker.
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except Exception:  # not Linux: atexit and the process group still apply
-        pass
 
 
 def _accepts(host: str, port: int) -> bool:
@@ -112,7 +92,7 @@ class BrokerError(RuntimeError):
     pass
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(ChildServer):
     """Tansu on 127.0.0.1, in its own process group, output kept in a log file.
 
     `advertised` ("host:port") is what the broker tells clients to connect to; it defaults to
@@ -131,21 +111,11 @@ class EmbeddedBroker:
         self.port = port
         self._port_chosen = port == 0
         self.advertised = advertised
-        self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._atexit_registered = False
+        super().__init__(log_path)
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def _command(self) -> list[str]:
         advertised = self.advertised or self.bootstrap
@@ -164,27 +134,8 @@ class EmbeddedBroker:
         if self.port == 0:
             self.port = free_port(self.host)
         if self.log_path is None:
-            fd, self.log_path = tempfile.mkstemp(prefix=f"datacreator-tansu-{self.port}-", suffix=".log")
-            os.close(fd)
-        with open(self.log_path, "ab") as out:
-            self._proc = subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-                cwd=tempfile.gettempdir(),
-            )
-        if not self._atexit_registered:
-            atexit.register(self._kill_now)
-            self._atexit_registered = True
-
-    def _log_tail(self, limit: int = 2000) -> str:
-        try:
-            return Path(self.log_path or "").read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
+            self.log_path = temp_log_path(f"datacreator-tansu-{self.port}-")
+        self._child.spawn(self._command(), self.log_path, cwd=tempfile.gettempdir())
 
     async def start(self, timeout_s: float = 30) -> "EmbeddedBroker":
         if self.running:
@@ -209,10 +160,9 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout_s
         last: Exception | None = None
         while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
+            if self._child.returncode is not None:
                 raise BrokerError(
-                    f"tansu exited with code {self._proc.returncode} on {self.bootstrap}:\n{self._log_tail()}"
+                    f"tansu exited with code {self._child.returncode} on {self.bootstrap}:\n{self._child.log_tail()}"
                 )
             if not _accepts(self.host, self.port):
                 await asyncio.sleep(0.05)
@@ -223,63 +173,13 @@ class EmbeddedBroker:
             except Exception as exc:  # not up yet
                 last = exc
                 await asyncio.sleep(0.1)
-        raise BrokerError(f"tansu on {self.bootstrap} did not answer within {timeout_s}s: {last!r}\n{self._log_tail()}")
-
-    def _signal_group(self, sig: int) -> None:
-        if self._proc is None:
-            return
-        try:
-            os.killpg(self._proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    async def stop(self, timeout_s: float = 10) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        # SIGKILL the group even after a clean exit, in case the broker left children.
-        self._signal_group(signal.SIGKILL)
-        while proc.poll() is None:
-            await asyncio.sleep(0.01)
-        self._proc = None
-        if self._atexit_registered:
-            atexit.unregister(self._kill_now)
-            self._atexit_registered = False
-
-    def _kill_now(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        self._signal_group(signal.SIGTERM)
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            pass
-        self._signal_group(signal.SIGKILL)
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            pass
-        self._proc = None
+        raise BrokerError(f"tansu on {self.bootstrap} did not answer within {timeout_s}s: {last!r}\n{self._child.log_tail()}")
 
     async def restart(self, timeout_s: float = 30) -> "EmbeddedBroker":
         """Stop and start again on the same port. The memory engine starts empty."""
         await self.stop()
         self._port_chosen = False  # keep the port: clients reconnect to the same address
         return await self.start(timeout_s)
-
-    async def __aenter__(self) -> "EmbeddedBroker":
-        return await self.start()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedBroker(bootstrap={self.bootstrap!r}, pid={self.pid})"

@@ -31,7 +31,6 @@ server uses every core but one by default, leaving one to the broker and the ser
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -39,7 +38,6 @@ import importlib.util
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,12 +45,11 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from datacreator.bus.broker import die_with_parent, free_port
+from datacreator.procs import ChildServer, free_port, temp_log_path
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +396,7 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-class EmbeddedLLM:
+class EmbeddedLLM(ChildServer):
     """llama-cpp-python's OpenAI-compatible server on 127.0.0.1, as a child process."""
 
     def __init__(
@@ -419,21 +416,11 @@ class EmbeddedLLM:
         self.host = host
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
-        self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._atexit_registered = False
+        super().__init__(log_path)
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def command(self, model_file: Path) -> list[str]:
         cmd = [
@@ -458,22 +445,9 @@ class EmbeddedLLM:
         if self.port == 0:
             self.port = free_port(self.host)
         if self.log_path is None:
-            fd, self.log_path = tempfile.mkstemp(prefix=f"datacreator-llm-{self.port}-", suffix=".log")
-            os.close(fd)
+            self.log_path = temp_log_path(f"datacreator-llm-{self.port}-")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **self.bounds.env()}
-        with open(self.log_path, "ab") as out:
-            self._proc = subprocess.Popen(
-                self.command(model_file),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        if not self._atexit_registered:
-            atexit.register(self._kill_now)
-            self._atexit_registered = True
+        self._child.spawn(self.command(model_file), self.log_path, env=env)
         try:
             await self._wait_ready(timeout_s)
         except BaseException:
@@ -486,64 +460,16 @@ class EmbeddedLLM:
         deadline = time.monotonic() + timeout_s
         async with httpx.AsyncClient(timeout=2.0) as http:
             while time.monotonic() < deadline:
-                assert self._proc is not None
-                if self._proc.poll() is not None:
+                if self._child.returncode is not None:
                     raise RuntimeError(
-                        f"LLM server exited with code {self._proc.returncode}; log {self.log_path}:\n{self._log_tail()}"
+                        f"LLM server exited with code {self._child.returncode}; log {self.log_path}:\n{self._child.log_tail()}"
                     )
                 with contextlib.suppress(httpx.HTTPError):
                     response = await http.get(f"{self.base_url}/models")
                     if response.status_code == 200:
                         return
                 await asyncio.sleep(0.2)
-        raise TimeoutError(f"LLM server did not answer within {timeout_s}s; log {self.log_path}:\n{self._log_tail()}")
-
-    def _log_tail(self, limit: int = 2000) -> str:
-        try:
-            return Path(self.log_path or "").read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
-
-    def _signal_group(self, sig: int) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
-
-    async def stop(self, timeout_s: float = 10) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        self._signal_group(signal.SIGKILL)
-        while proc.poll() is None:
-            await asyncio.sleep(0.01)
-        self._proc = None
-        if self._atexit_registered:
-            atexit.unregister(self._kill_now)
-            self._atexit_registered = False
-
-    def _kill_now(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            self._signal_group(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=3)
-        self._proc = None
-
-    async def __aenter__(self) -> "EmbeddedLLM":
-        return await self.start()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
+        raise TimeoutError(f"LLM server did not answer within {timeout_s}s; log {self.log_path}:\n{self._child.log_tail()}")
 
     def __repr__(self) -> str:
         return f"EmbeddedLLM(model={self.model_alias!r}, base_url={self.base_url!r}, pid={self.pid})"
