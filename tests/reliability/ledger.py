@@ -4,22 +4,24 @@ The checks, and why each is exact:
 - examples: every published Example of the request, redeliveries included. The distinct ids must
   equal target_count and no id may appear twice: a candidate delivered again after a crash must
   be recognised by the curator (ids are deterministic), not published again.
-- accounting: the planner applies the first outcome of each task and ignores later copies and
-  anything after the final state, so the final status must equal that fold of the outcomes topic
-  (accepted, rejections by reason, calls). Each outcome is published together with its task's
-  rejections, so the rejected topic must hold at least as many rejections of each (task, reason)
-  as the applied outcome counts. The topic may hold more: a redelivered candidate publishes its
+- accounting: the planner applies the first outcome of each task and ignores later copies (calls
+  still under way when the request ends are counted too, for their cost), so the settled status
+  must equal that fold of the outcomes topic: accepted, rejections by reason, calls. Each outcome
+  is published together with its task's rejections, so the rejected topic must hold at least as
+  many rejections of each (task, reason) as the applied outcome counts. The topic may hold more: a redelivered candidate publishes its
   rejections again (they carry no id to drop them by), and a task answered twice (a generator
   killed after publishing, before committing) has a second candidate whose outcome is ignored.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from datacreator.bus.codec import decode
-from datacreator.bus.readback import read_to_end
+from datacreator.bus.readback import StatusWatcher, read_to_end
 from datacreator.config import Settings
 from datacreator.contracts import Example, Rejection, RequestStatus, TaskOutcome
 
@@ -55,7 +57,7 @@ async def read_ledger(settings: Settings, request_id: str) -> Ledger:
 
 @dataclass
 class Fold:
-    """The outcomes as the planner applies them."""
+    """The outcomes as the planner applies them: the first of each task, later copies ignored."""
 
     accepted: int = 0
     calls: int = 0
@@ -65,12 +67,11 @@ class Fold:
     ignored: int = 0
 
 
-def fold_outcomes(outcomes: list[TaskOutcome], target_count: int) -> Fold:
+def fold_outcomes(outcomes: list[TaskOutcome]) -> Fold:
     fold = Fold()
     seen: set[str] = set()
-    done = False
     for outcome in outcomes:  # one partition (keyed by request id): offset order is the planner's order
-        if done or outcome.task_id in seen:
+        if outcome.task_id in seen:
             fold.ignored += 1
             continue
         seen.add(outcome.task_id)
@@ -79,8 +80,30 @@ def fold_outcomes(outcomes: list[TaskOutcome], target_count: int) -> Fold:
         fold.failed += outcome.error is not None
         fold.accepted += len(outcome.accepted)
         fold.rejected.update(outcome.rejected)
-        done = outcome.target_reached or fold.accepted >= target_count
     return fold
+
+
+async def settled_status(settings: Settings, request_id: str, quiet_s: float = 1.5, timeout_s: float = 20.0) -> RequestStatus:
+    """The request's last status once it is final and has not changed for `quiet_s`.
+
+    Calls under way when a request ends still report (their cost counts), so the status keeps
+    moving for a moment after it turned final.
+    """
+    watcher = await StatusWatcher(settings).start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        last, since = None, time.monotonic()
+        while True:
+            status = watcher.latest.get(request_id)
+            if status is not None and (last is None or status.updated_at != last.updated_at):
+                last, since = status, time.monotonic()
+            if last is not None and last.state.final and time.monotonic() - since >= quiet_s:
+                return last
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"status of {request_id} did not settle: {last}")
+            await asyncio.sleep(0.1)
+    finally:
+        await watcher.stop()
 
 
 def check_examples(ledger: Ledger, target_count: int) -> None:
@@ -90,8 +113,11 @@ def check_examples(ledger: Ledger, target_count: int) -> None:
 
 
 def check_accounting(ledger: Ledger, status: RequestStatus) -> Fold:
-    """The final status is the fold of the outcomes topic; every counted rejection is on the rejected topic."""
-    fold = fold_outcomes(ledger.outcomes, status.target_count)
+    """The settled status is the fold of the outcomes topic; every counted rejection is on the rejected topic.
+
+    Read the ledger after `settled_status`, so both see the same outcomes.
+    """
+    fold = fold_outcomes(ledger.outcomes)
     assert status.accepted == fold.accepted, (status.accepted, fold.accepted)
     assert status.llm_calls == fold.calls, (status.llm_calls, fold.calls)
     assert status.failed_calls == fold.failed, (status.failed_calls, fold.failed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -16,6 +17,8 @@ from datacreator.config import Settings
 from datacreator.contracts import RequestStatus
 
 log = logging.getLogger(__name__)
+
+READ_STALL_S = 10.0
 
 
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
@@ -50,8 +53,18 @@ async def read_to_end(
         remaining = {tp for tp in tps if end[tp] > begin[tp]}
         for tp in tps:
             consumer.seek(tp, begin[tp])
+        progressed = time.monotonic()
         while remaining:
             batches = await consumer.getmany(*remaining, timeout_ms=500)
+            if any(batches.values()):
+                progressed = time.monotonic()
+            elif time.monotonic() - progressed > READ_STALL_S:
+                # The broker reports records it does not hand out (Tansu after a restart, until the
+                # partition's next write): stop here rather than wait for ever.
+                log.warning("read_to_end %s: partitions %s end beyond what the broker returns; stopping at %s",
+                            topic, sorted(tp.partition for tp in remaining),
+                            {tp.partition: await consumer.position(tp) for tp in remaining})
+                return
             for tp, records in batches.items():
                 for record in records:
                     if record.offset < end[tp]:

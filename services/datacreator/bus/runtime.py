@@ -38,6 +38,7 @@ DLQ_VALUE_LIMIT = 10_000
 # aiokafka retries a commit for as long as the broker answers "unknown topic": bound each try.
 COMMIT_TIMEOUT_S = 10.0
 TOPIC_CHECK_INTERVAL_S = 2.0
+CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -260,16 +261,18 @@ class ServiceRunner:
             self.state.ready = False
             metrics.service_up.labels(name).set(0)
             await self._drain(self.settings.shutdown_timeout_s)
-            committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await committer
+            for _ in range(50):  # asyncio.wait_for in 3.11 can swallow a cancellation: ask again
+                committer.cancel()
+                if (await asyncio.wait({committer}, timeout=0.2))[0]:
+                    break
             with contextlib.suppress(Exception):
                 await self._commit()
             await self.handler.stop()
+            # Bounded: after the broker lost its groups or topics, leaving or flushing can wait for ever.
             with contextlib.suppress(Exception):
-                await self._consumer.stop()
+                await asyncio.wait_for(self._consumer.stop(), CLOSE_TIMEOUT_S)
             with contextlib.suppress(Exception):
-                await self._producer.stop()
+                await asyncio.wait_for(self._producer.stop(), CLOSE_TIMEOUT_S)
             self._forget_lag(list(self._tracks))
             self.state.running = False
             log.info("%s: stopped", name)
