@@ -15,17 +15,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import os
-import re
-import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
-import httpx
 import redis.asyncio as aioredis
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import SimulatorProcess  # noqa: E402
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
@@ -79,50 +81,13 @@ class Row:
         return self.refused_429 / self.calls if self.calls else 0.0
 
 
-class Simulator:
-    """The simulator in a child process, driven through its /sim endpoints."""
-
-    def __init__(self, args: argparse.Namespace, tpm: int | None):
-        cmd = [
-            sys.executable, "-m", "datacreator.simulator", "--port", "0", "--log-level", "critical",
-            "--rpm", str(args.rpm), "--tpm", str(tpm) if tpm else "none", "--rate-window-s", str(args.window),
-            "--latency", "normal", "--latency-s", str(args.latency), "--latency-sd-s", str(args.latency / 4),
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        match = re.search(r"(http://\S+/v1)", line)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"the simulator did not start: {line!r}")
-        self.base_url = match.group(1)
-        self.root = self.base_url[: -len("/v1")]
-
-    async def reset(self) -> None:
-        async with httpx.AsyncClient() as http:
-            (await http.post(f"{self.root}/sim/reset")).raise_for_status()
-
-    async def stats(self) -> dict:
-        async with httpx.AsyncClient(timeout=30) as http:
-            response = await http.get(f"{self.root}/sim/stats")
-            response.raise_for_status()
-            return response.json()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 def max_in_window(times: list[float], window_s: float) -> int:
     times = sorted(times)
     return max((bisect.bisect_left(times, t + window_s, lo=i) - i for i, t in enumerate(times)), default=0)
 
 
-async def run(name: str, sim: Simulator, limiters: list[RateLimiter], args: argparse.Namespace, tpm: int | None) -> Row:
-    await sim.reset()
+async def run(name: str, sim: SimulatorProcess, limiters: list[RateLimiter], args: argparse.Namespace, tpm: int | None) -> Row:
+    await asyncio.to_thread(sim.reset)
     cfg = EndpointConfig(
         base_url=sim.base_url, model="bench", max_concurrency=args.concurrency, structured_output="json_object",
         read_timeout_s=30, total_timeout_s=max(120.0, 3 * args.window),
@@ -149,7 +114,7 @@ async def run(name: str, sim: Simulator, limiters: list[RateLimiter], args: argp
     for client in clients:
         await client.aclose()
 
-    stats = await sim.stats()
+    stats = await asyncio.to_thread(sim.stats)
     admitted_at: list[float] = stats["admitted_at"]
     costs: list[int] = stats["admitted_tokens"]
     start = min(admitted_at) if admitted_at else 0.0
@@ -193,7 +158,10 @@ async def main_async(args: argparse.Namespace) -> int:
     # By default tokens leave 10% headroom, so requests are the limit that binds.
     tpm = args.tpm if args.tpm is not None else int(args.rpm * per_call * 1.1)
     tpm = tpm or None
-    sim = Simulator(args, tpm)
+    sim = SimulatorProcess(
+        rpm=args.rpm, tpm=tpm, rate_window_s=args.window,
+        latency="normal", latency_s=args.latency, latency_sd_s=args.latency / 4,
+    )
     rows: list[Row] = []
     prefixes: list[str] = []
     try:
