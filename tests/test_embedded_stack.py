@@ -200,6 +200,21 @@ def test_run_with_the_simulator_writes_target_count_valid_lines(tmp_path: Path):
     assert "llm calls" in done.stdout and "wall time" in done.stdout
 
 
+def test_run_against_an_endpoint_by_url_sends_the_key_from_the_environment(tmp_path: Path, make_simulator):
+    key = "sk-test-URLRUN-98765"
+    sim = make_simulator(api_key=key)  # answers 401 to any call without this key
+    out = tmp_path / "examples.jsonl"
+    done = subprocess.run(
+        _cli("run", str(MCQ_REQUEST), "--llm", sim.base_url, "--model", "datacreator-simulator",
+             "--api-key-env", "DC_TEST_LLM_KEY", "--target-count", "5", "--out", str(out), "--quiet"),
+        capture_output=True, text=True, timeout=100, cwd=tmp_path, env={**os.environ, "DC_TEST_LLM_KEY": key},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(out.read_text().splitlines()) == 5
+    assert sim.stats.status(401) == 0 and sim.stats.status(200) >= 1
+    assert key not in done.stdout and key not in done.stderr
+
+
 # -- `datacreator up` ------------------------------------------------------------------------
 
 

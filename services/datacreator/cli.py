@@ -68,9 +68,13 @@ class _Progress:
 # -- commands -------------------------------------------------------------------------------
 
 
-def _llm_options(llm: str) -> dict[str, float]:
-    # The embedded server answers one call at a time, so a call may wait behind several others.
-    return {"read_timeout_s": 600.0, "total_timeout_s": 900.0} if llm == "embedded" else {}
+def _llm_options(args: argparse.Namespace) -> dict[str, object]:
+    if args.llm == "embedded":
+        # The embedded server answers one call at a time, so a call may wait behind several others.
+        return {"read_timeout_s": 600.0, "total_timeout_s": 900.0}
+    if args.llm.startswith(("http://", "https://")) and os.environ.get(args.api_key_env):
+        return {"api_key_env": args.api_key_env}  # the name travels, never the key
+    return {}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -85,7 +89,7 @@ async def _run(args: argparse.Namespace) -> int:
     target = await start_llm(args.llm, args.model)
     stack = EmbeddedStack(Settings())
     try:
-        options = {"max_concurrency": args.concurrency, **_llm_options(args.llm)}
+        options = {"max_concurrency": args.concurrency, **_llm_options(args)}
         settings = await stack.start(endpoints_json=endpoint_json(target, **options))
         started = time.monotonic()
         await client.submit(settings, request)
@@ -154,7 +158,7 @@ async def _up(args: argparse.Namespace) -> int:
     target = await start_llm(args.llm, args.model)
     stack = EmbeddedStack(Settings(), broker_port=args.port)
     try:
-        settings = await stack.start(endpoints_json=endpoint_json(target, **_llm_options(args.llm)))
+        settings = await stack.start(endpoints_json=endpoint_json(target, **_llm_options(args)))
         assert stack.group is not None
         print(f"datacreator is up: Kafka bootstrap {settings.kafka_bootstrap}", flush=True)
         print(f"  publish requests to {settings.topics.requests}; read examples from {settings.topics.examples}", flush=True)
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="create examples end to end on the embedded stack")
     request_overrides(run)
     run.add_argument("--llm", default="embedded", help="embedded (default), simulator, or an OpenAI-compatible base URL")
+    run.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key of --llm URL")
     run.add_argument("--model", help=model_help)
     run.add_argument("--out", default="examples.jsonl")
     run.add_argument("--with-metadata", action="store_true", help="write whole Example messages, not only the data")
@@ -258,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="the long-running embedded stack, for any Kafka client")
     up.add_argument("--llm", default="embedded")
+    up.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key of --llm URL")
     up.add_argument("--model", help=model_help)
     up.add_argument("--port", type=int, default=9092, help="the broker's port")
     up.set_defaults(handler=_up)
