@@ -16,13 +16,12 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from datacreator import client
-from datacreator.bus.codec import decode
-from datacreator.bus.readback import read_to_end
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.fixtures.broker import unique_topics
+from tests.helpers import records_of
 from tests.reliability.common import fault_settings, mcq_request
 from tests.reliability.ledger import check_accounting, check_examples, read_ledger, settled_status, summary
 from tests.reliability.procs import record_faults
@@ -59,12 +58,7 @@ async def _wait_topics(settings: Settings, timeout_s: float) -> dict[str, int]:
 
 
 async def _statuses(settings: Settings, request_id: str) -> list[RequestStatus]:
-    out = []
-    async for record in read_to_end(settings, settings.topics.status):
-        status = decode(RequestStatus, record.value)
-        if status.request_id == request_id:
-            out.append(status)
-    return out
+    return await records_of(settings, settings.topics.status, RequestStatus, request_id)
 
 
 # Producers still under way when the broker comes back may recreate a topic before the services
