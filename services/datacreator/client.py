@@ -9,9 +9,9 @@ from typing import Any
 
 import orjson
 
+from datacreator.bus.clients import make_producer
 from datacreator.bus.codec import M, PoisonMessage, decode, encode, encode_key
 from datacreator.bus.readback import StatusWatcher, read_to_end
-from datacreator.bus.runtime import make_producer
 from datacreator.config import Settings
 from datacreator.contracts import CancelRequest, CreationRequest, Example, RequestStatus
 

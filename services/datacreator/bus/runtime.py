@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from datacreator import metrics
 from datacreator.bus.admin import ensure_topics
+from datacreator.bus.clients import make_consumer, make_producer
 from datacreator.bus.codec import PoisonMessage, decode_key, encode, encode_key
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
@@ -132,30 +133,6 @@ class RunnerState:
     assigned: set[TopicPartition] = field(default_factory=set)
 
 
-def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
-    # Idempotent producers need broker support that not every Kafka-protocol broker has;
-    # deterministic ids downstream make plain acks=all enough.
-    options: dict[str, object] = dict(
-        acks="all",
-        enable_idempotence=False,
-        linger_ms=2,
-        max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
-        request_timeout_ms=30_000,
-    )
-    if settings.kafka_single_record_batches:
-        options["max_batch_size"] = 1  # a record larger than the batch size travels alone
-        options["linger_ms"] = 0  # a one-record batch is full at once: lingering only delays every record
-    options.update(overrides)
-    return AIOKafkaProducer(**settings.kafka_kwargs(), **options)
-
-
-def fetch_max_wait_ms(settings: Settings) -> int:
-    """How long the broker may hold an empty fetch. Kafka answers as soon as records arrive, but
-    the embedded broker (the one that needs single-record batches) holds it for the whole wait,
-    which then adds up to that much latency to every hop of the pipeline."""
-    return 25 if settings.kafka_single_record_batches else 500
-
-
 class ServiceRunner:
     def __init__(
         self,
@@ -216,18 +193,14 @@ class ServiceRunner:
     async def run(self) -> None:
         name = self.handler.name
         self._producer = make_producer(self.settings)
-        self._consumer = AIOKafkaConsumer(
-            **self.settings.kafka_kwargs(),
+        self._consumer = make_consumer(
+            self.settings,
             group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_interval_ms=600_000,
-            fetch_max_wait_ms=fetch_max_wait_ms(self.settings),
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
             fetch_max_bytes=self.settings.max_message_bytes * 8,
-            max_partition_fetch_bytes=max(self.settings.max_message_bytes * 2, 1_048_576),
         )
         await _retry_start(self._producer.start, f"{name} producer")
         self._consumer.subscribe(self.handler.topics, listener=_Listener(self))
