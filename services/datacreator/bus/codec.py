@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -66,6 +67,19 @@ def decode_request(value: bytes | None, max_bytes: int | None = None) -> Any:
         return _request_adapter.validate_python(raw)
     except ValidationError as exc:
         raise PoisonMessage(f"invalid request: {_describe(exc)}") from None
+
+
+Decoder = Callable[[bytes | None, int | None], Any]
+
+
+def decoder(model: Any) -> Decoder:
+    """How the runner turns the bytes of a handler's input topic into its declared model: a
+    contract model, or `RequestMessage` (a creation or a cancel request)."""
+    if model is RequestMessage:
+        return decode_request
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return lambda value, max_bytes=None: decode(model, value, max_bytes)
+    raise TypeError(f"cannot decode into {model!r}: declare a pydantic model or RequestMessage")
 
 
 def request_id_of(value: bytes | None, key: bytes | None) -> str | None:

@@ -13,7 +13,7 @@ from aiokafka.consumer.fetcher import ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from datacreator.bus.clients import make_consumer, refresh_metadata
-from datacreator.bus.codec import PoisonMessage, decode
+from datacreator.bus.codec import M, PoisonMessage, decode
 from datacreator.config import Settings
 from datacreator.contracts import RequestStatus
 
@@ -67,6 +67,18 @@ async def read_to_end(
                     remaining.discard(tp)
     finally:
         await consumer.stop()
+
+
+async def read_models(
+    settings: Settings, topic: str, model: type[M], partitions: Iterable[int] | None = None
+) -> AsyncIterator[tuple[int, M]]:
+    """(partition, message) of every `model` message of some partitions, as `read_to_end`;
+    an unreadable record is skipped (it went to the DLQ when it was first consumed)."""
+    async for record in read_to_end(settings, topic, partitions):
+        try:
+            yield record.partition, decode(model, record.value)
+        except PoisonMessage:
+            continue
 
 
 class StatusWatcher:
