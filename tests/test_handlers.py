@@ -101,6 +101,10 @@ async def test_the_runner_dead_letters_poison_and_the_planner_rejects_what_it_ca
     assert isinstance(rejected.value, RequestStatus) and rejected.value.state == RequestState.REJECTED
     assert "target_count" in rejected.value.error
 
+    garbage = SimpleNamespace(topic=TOPICS.requests, partition=2, offset=9, key=b"bad-2", value=b"\xff not json")
+    letter, rejected = await runner._handle_with_retries(garbage)  # no id inside: the key names it
+    assert "not JSON" in letter.value.error and rejected.value.request_id == "bad-2"
+
     outcome = SimpleNamespace(topic=TOPICS.outcomes, partition=2, offset=8, key=b"bad-1", value=value)
     (only,) = await runner._handle_with_retries(outcome)  # a broken outcome answers nothing on its own
     assert isinstance(only.value, DeadLetter) and only.value.source_topic == TOPICS.outcomes

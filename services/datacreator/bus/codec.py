@@ -82,7 +82,7 @@ def decoder(model: Any) -> Decoder:
     raise TypeError(f"cannot decode into {model!r}: declare a pydantic model or RequestMessage")
 
 
-def request_id_of(value: bytes | None, key: bytes | None) -> str | None:
+def request_id_of(value: bytes | None, key: str | None) -> str | None:
     """Best effort: the request id of a message that failed validation, to answer it REJECTED."""
     try:
         raw = orjson.loads(value) if value else None
@@ -90,5 +90,4 @@ def request_id_of(value: bytes | None, key: bytes | None) -> str | None:
             return raw["request_id"]
     except orjson.JSONDecodeError:
         pass
-    key_text = decode_key(key)
-    return key_text if key_text and len(key_text) <= 128 else None
+    return key if key and len(key) <= 128 else None

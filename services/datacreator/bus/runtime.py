@@ -349,7 +349,12 @@ class ServiceRunner:
         try:
             message = self._decoders[record.topic](record.value, self.settings.max_message_bytes)
         except PoisonMessage as exc:
-            return [self._failed(delivery, exc), *self.handler.on_poison(delivery, exc)]
+            outputs = [self._failed(delivery, exc)]
+            try:
+                outputs += self.handler.on_poison(delivery, exc)
+            except Exception:  # the dead letter still goes out: the partition must keep moving
+                log.exception("%s: on_poison failed for %s[%d]@%d", name, record.topic, record.partition, record.offset)
+            return outputs
         attempts = self.settings.max_attempts
         for attempt in range(1, attempts + 1):
             try:
