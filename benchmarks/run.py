@@ -44,7 +44,8 @@ from benchmarks import common, peers  # noqa: E402
 from benchmarks.rate_limit import max_in_window  # noqa: E402
 from datacreator import client  # noqa: E402
 from datacreator.bus.readback import read_to_end  # noqa: E402
-from datacreator.bus.runtime import make_producer  # noqa: E402
+from datacreator.bus.clients import make_producer  # noqa: E402
+from datacreator.embedded.broker import EmbeddedBroker  # noqa: E402
 from datacreator.bus.codec import encode, encode_key  # noqa: E402
 from datacreator.config import Settings  # noqa: E402
 from datacreator.contracts import Candidate, CreationRequest, Example, GenerationTask, ModelSpec, RequestStatus, TaskOutcome  # noqa: E402
@@ -407,7 +408,7 @@ async def single_record_cost(bench: Bench, settings: Settings) -> None:
     topics = settings.topics
     out = {}
     for label, single in (("single-record batches", True), ("ordinary batching", False)):
-        producer = make_producer(settings.with_updates(kafka_single_record_batches=single))
+        producer = make_producer(settings.with_updates(kafka_client_overrides=EmbeddedBroker.client_overrides() if single else {}))
         await producer.start()
         try:
             started = time.perf_counter()

@@ -18,7 +18,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from datacreator.bus.admin import ensure_topics, wait_for_broker
-from datacreator.bus.broker import EmbeddedBroker, free_port
+from datacreator.embedded.broker import EmbeddedBroker, free_port
 from datacreator.config import Settings
 from tests.fixtures.broker import unique_topics
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
@@ -13,45 +12,15 @@ from datacreator.contracts import (
     Example,
     GenerationTask,
     ModelSpec,
-    RejectReason,
     Reference,
+    RejectReason,
     Strategy,
-    Usage,
 )
 from datacreator.logic.curation import CuratorState, RequestCuration
 from datacreator.logic.dedup import example_id
-from datacreator.logic.schema import example_schema, infer_label
+from datacreator.logic.schema import example_schema
 
-SEED = {"question": "Which planet is the largest?", "options": {"A": "Mars", "B": "Jupiter", "C": "Venus", "D": "Earth"}, "answer": "B"}
-TOPICS = ["volcano", "glacier", "desert", "rainforest", "coral reef", "tundra", "savanna", "canyon", "delta", "fjord",
-          "prairie", "lagoon"]
-
-
-def item(n: int, answer: str = "A") -> dict:
-    topic = TOPICS[n % len(TOPICS)]
-    return {
-        "question": f"Question {n}: which statement about the {topic} number {n} is true for students of grade {n % 7}?",
-        "options": {"A": f"{topic} fact {n}", "B": f"{topic} myth {n}", "C": f"unrelated {n}", "D": f"none {n}"},
-        "answer": answer,
-    }
-
-
-def make_task(task_id: str = "t-0", *, request_id: str = "req-1", target: int = 100, references: list[Reference] | None = None,
-              step: int = 0, dedup: DedupSpec | None = None, **extra: Any) -> GenerationTask:
-    field, space = infer_label(SEED)
-    return GenerationTask(
-        task_id=task_id, request_id=request_id, chain=0, step=step, strategy=Strategy.random, instruction="Write quiz questions.",
-        references=references or [Reference(data=SEED)], num_examples=5, target_count=target,
-        example_schema=example_schema(SEED, field, space), label_field=field, label_space=space,
-        dedup=dedup or DedupSpec(), model=ModelSpec(), **extra,
-    )
-
-
-def candidate(task: GenerationTask, items: list[Any] | None = None, raw: str | None = None, **extra: Any) -> Candidate:
-    if raw is None and "error" not in extra:
-        raw = "```json\n" + json.dumps({"examples": items}) + "\n```"
-    return Candidate(task=task, endpoint="default", model="sim-1", raw_output=raw,
-                     usage=Usage(prompt_tokens=100, completion_tokens=50), cost_usd=0.001, latency_s=0.5, **extra)
+from tests.helpers import SEED, candidate, item, make_task
 
 
 def test_accepts_valid_items_and_builds_examples() -> None:

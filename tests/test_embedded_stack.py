@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from datacreator import client
-from datacreator.bus.broker import free_port
+from datacreator.embedded.broker import free_port
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, RequestState
 from datacreator.cli import main as cli_main

@@ -6,6 +6,7 @@ and fairness between requests. The generator and curator run for real, the LLM i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest_asyncio
 from datacreator import client
 from datacreator.bus.admin import ensure_topics
 from datacreator.config import Settings
+from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.contracts import Budget, CreationRequest, Example, RequestState, Strategy
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
@@ -198,7 +200,7 @@ def _service_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         DATACREATOR_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-        DATACREATOR_KAFKA_SINGLE_RECORD_BATCHES="true",
+        DATACREATOR_KAFKA_CLIENT_OVERRIDES=json.dumps(EmbeddedBroker.client_overrides()),
         DATACREATOR_TOPIC_PARTITIONS=str(settings.topic_partitions),
         DATACREATOR_ENDPOINTS_JSON=settings.endpoints_json or "",
         DATACREATOR_HTTP_PORT="0",
@@ -232,7 +234,7 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.mark.slow
 async def test_killed_planner_resumes_from_its_snapshots(fresh_broker, make_simulator, tmp_path):
     base = Settings(kafka_bootstrap=fresh_broker.bootstrap, topics=unique_topics(), topic_partitions=3,
-                    kafka_single_record_batches=True)
+                    kafka_client_overrides=EmbeddedBroker.client_overrides())
     await ensure_topics(base)
     settings = _settings(base, make_simulator(latency_s=0.25))
     workers = await ServiceGroup(settings, ["generator", "curator"]).start()

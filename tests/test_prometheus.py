@@ -4,6 +4,7 @@ and its query API answers with what the request did."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import pytest
 
 from datacreator import client
 from datacreator.contracts import CreationRequest, RequestState, Strategy
+from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.services.app import CORE_SERVICES
 from datacreator.stack import LLMTarget, endpoint_json
 
@@ -44,7 +46,7 @@ def service_env(settings, port: int) -> dict[str, str]:
     env.update(
         DATACREATOR_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
         DATACREATOR_KAFKA_SECURITY_PROTOCOL="PLAINTEXT",
-        DATACREATOR_KAFKA_SINGLE_RECORD_BATCHES="true",
+        DATACREATOR_KAFKA_CLIENT_OVERRIDES=json.dumps(EmbeddedBroker.client_overrides()),
         DATACREATOR_TOPIC_PARTITIONS=str(settings.topic_partitions),
         DATACREATOR_ENDPOINTS_JSON=settings.endpoints_json,
         DATACREATOR_HTTP_PORT=str(port),

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from datacreator.contracts import GenerationTask, ModelSpec, Reference, Usage
-from datacreator.logic.cost import CostAccumulator, call_cost_usd
+from datacreator.logic.cost import call_cost_usd
 from datacreator.logic.prompt import (
     SYSTEM_PROMPT,
     build_messages,
@@ -139,10 +139,3 @@ def test_cost_from_prices():
     usage = Usage(prompt_tokens=1_000, completion_tokens=500)
     assert call_cost_usd(usage, 0.15, 0.60) == pytest.approx(1_000 * 0.15e-6 + 500 * 0.60e-6)
     assert call_cost_usd(usage, 0.0, 0.0) == 0.0
-    acc = CostAccumulator()
-    acc.add(usage, call_cost_usd(usage, 2.0, 8.0))
-    acc.add(Usage(), 0.0, ok=False)
-    assert (acc.calls, acc.failed_calls, acc.total_tokens) == (2, 1, 1_500)
-    assert acc.cost_usd == pytest.approx(0.006)
-    assert acc.over_budget(max_cost_usd=0.005) and not acc.over_budget(max_cost_usd=0.01)
-    assert acc.over_budget(max_llm_calls=2) and not acc.over_budget(max_llm_calls=3)

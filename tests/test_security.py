@@ -30,7 +30,7 @@ from pydantic import SecretStr, ValidationError
 
 from datacreator import client
 from datacreator.bus.admin import ensure_topics, wait_for_broker
-from datacreator.bus.broker import EmbeddedBroker, free_port
+from datacreator.embedded.broker import EmbeddedBroker, free_port
 from datacreator.bus.readback import read_to_end
 from datacreator.bus.runtime import make_producer
 from datacreator.config import EndpointConfig, Settings
@@ -226,7 +226,7 @@ async def test_clients_configured_for_ssl_work_through_mutual_tls(pki):
             kafka_bootstrap=f"127.0.0.1:{front_port}", kafka_security_protocol="SSL",
             kafka_ssl_cafile=str(pki / "ca.pem"), kafka_ssl_certfile=str(pki / "client.pem"),
             kafka_ssl_keyfile=str(pki / "client.key"), topics=unique_topics(), topic_partitions=1,
-            kafka_single_record_batches=True,
+            kafka_client_overrides=EmbeddedBroker.client_overrides(),
         )
         await ensure_topics(settings)
         await client.publish_raw(settings, settings.topics.requests, "tls-1", b'{"over": "tls"}')

@@ -9,14 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import orjson
 import pytest
-from aiokafka import TopicPartition
 
 from datacreator.bus.codec import encode
-from datacreator.bus.runtime import ServiceRunner
+from datacreator.bus.runtime import Delivery, ServiceRunner
 from datacreator.contracts import Example
 from datacreator.config import Settings
 from datacreator.services.sink import SinkHandler, request_dir_name
@@ -32,16 +30,16 @@ def rows_in(directory: Path) -> list[dict]:
     return rows
 
 
-def record(example: Example, partition: int = 0, offset: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(topic="examples", partition=partition, offset=offset, key=None, value=encode(example))
+def record(example: Example, partition: int = 0, offset: int = 0) -> tuple[Example, Delivery]:
+    return example, Delivery("examples", partition, offset, example.request_id, encode(example))
 
 
 async def test_shards_roll_and_duplicates_are_dropped(bus_settings, tmp_path):
     handler = SinkHandler(bus_settings, directory=tmp_path, shard_rows=4)
-    await handler.on_assigned({TopicPartition("examples", 0)})
+    await handler.on_assigned({0})
     examples = [make_example("req-1", n) for n in range(10)]
     for offset, example in enumerate(examples + examples[:3]):
-        await handler.handle(record(example, offset=offset))
+        await handler.handle(*record(example, offset=offset))
     await handler.stop()
     files = sorted(p.name for p in (tmp_path / "req-1").iterdir())
     assert files == ["part-0-00000.jsonl", "part-0-00001.jsonl", "part-0-00002.jsonl"]
@@ -52,19 +50,19 @@ async def test_shards_roll_and_duplicates_are_dropped(bus_settings, tmp_path):
 
 async def test_restart_repairs_a_torn_line_and_remembers_ids(bus_settings, tmp_path):
     first = SinkHandler(bus_settings, directory=tmp_path, shard_rows=3)
-    await first.on_assigned({TopicPartition("examples", 1)})
+    await first.on_assigned({1})
     examples = [make_example("req-2", n) for n in range(7)]
     for offset, example in enumerate(examples[:5]):
-        await first.handle(record(example, 1, offset))
+        await first.handle(*record(example, 1, offset))
     await first.stop()
     last = tmp_path / "req-2" / "part-1-00001.jsonl"
     with open(last, "ab") as out:  # a write cut short by a crash
         out.write(orjson.dumps(examples[5].model_dump(mode="json"))[:40])
 
     second = SinkHandler(bus_settings, directory=tmp_path, shard_rows=3)
-    await second.on_assigned({TopicPartition("examples", 1)})
+    await second.on_assigned({1})
     for offset, example in enumerate(examples):  # everything from the last commit, again
-        await second.handle(record(example, 1, offset))
+        await second.handle(*record(example, 1, offset))
     await second.stop()
     ids = [r["example_id"] for r in rows_in(tmp_path)]
     assert sorted(ids) == sorted(e.example_id for e in examples) and len(ids) == 7

@@ -9,9 +9,9 @@ from typing import Any
 
 import orjson
 
-from datacreator.bus.codec import M, PoisonMessage, decode, encode, encode_key
-from datacreator.bus.readback import StatusWatcher, read_to_end
-from datacreator.bus.runtime import make_producer
+from datacreator.bus.clients import make_producer
+from datacreator.bus.codec import M, encode, encode_key
+from datacreator.bus.readback import StatusWatcher, read_models
 from datacreator.config import Settings
 from datacreator.contracts import CancelRequest, CreationRequest, Example, RequestStatus
 
@@ -85,11 +85,7 @@ async def wait_for_final(
 
 async def read_messages(settings: Settings, topic: str, model: type[M], request_id: str | None = None) -> AsyncIterator[M]:
     """The `model` messages on `topic` so far (of one request, or all); an unreadable record is skipped."""
-    async for record in read_to_end(settings, topic):
-        try:
-            message = decode(model, record.value)
-        except PoisonMessage:
-            continue
+    async for _, message in read_models(settings, topic, model):
         if request_id is None or getattr(message, "request_id", None) == request_id:
             yield message
 

@@ -88,10 +88,10 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: str | None = None
     kafka_ssl_keyfile: str | None = None
     kafka_client_id: str = "datacreator"
-    kafka_single_record_batches: bool = Field(
-        False,
-        description="Send each record in a batch of its own. The embedded broker (Tansu, memory engine) sets the "
-        "high watermark after the first record of a batch, hiding the rest until the next write.",
+    kafka_client_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='Client settings a broker needs, {"producer": {...}, "consumer": {...}}, applied over the '
+        "defaults of every aiokafka client (the embedded broker gives its own: EmbeddedBroker.client_overrides()).",
     )
     kafka_session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout: how soon a dead member's partitions move.")
     kafka_heartbeat_interval_ms: int = Field(2_000, ge=100)

@@ -22,6 +22,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 
+from datacreator.bus.clients import make_consumer, refresh_metadata
 from datacreator.bus.codec import PoisonMessage, decode
 from datacreator.bus.readback import StatusWatcher
 from datacreator.config import Settings
@@ -90,12 +91,10 @@ class ExampleStream:
         if self._consumer is not None:
             return
         group = self.group_id is not None
-        consumer = AIOKafkaConsumer(
-            **self.settings.kafka_kwargs(),
+        consumer = make_consumer(
+            self.settings,
             group_id=self.group_id,
-            enable_auto_commit=False,
             auto_offset_reset="earliest" if self.from_beginning else "latest",
-            max_partition_fetch_bytes=max(self.settings.max_message_bytes * 2, 1_048_576),
             **self.consumer_options,
         )
         await consumer.start()
@@ -135,7 +134,7 @@ class ExampleStream:
         found = consumer.partitions_for_topic(self.topic)
         deadline = time.monotonic() + 10
         while not found and time.monotonic() < deadline:
-            await consumer._client.force_metadata_update()  # topic created after the consumer started
+            await refresh_metadata(consumer)  # topic created after the consumer started
             found = consumer.partitions_for_topic(self.topic)
             if not found:
                 await asyncio.sleep(0.2)

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from datacreator.bus.broker import EmbeddedBroker
+from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.config import Settings
 from datacreator.services.app import CORE_SERVICES, ServiceGroup
 
@@ -76,7 +76,7 @@ class EmbeddedStack:
     async def start(self, **overrides: Any) -> Settings:
         await self.broker.start()
         self.settings = self.base_settings.with_updates(
-            kafka_bootstrap=self.broker.bootstrap, kafka_single_record_batches=True, **overrides
+            kafka_bootstrap=self.broker.bootstrap, kafka_client_overrides=self.broker.client_overrides(), **overrides
         )
         self.group = ServiceGroup(self.settings, self.services)
         await self.group.start()

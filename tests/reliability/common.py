@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 
 from datacreator.bus.admin import ensure_topics
-from datacreator.bus.broker import EmbeddedBroker
+from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Strategy
 from datacreator.stack import LLMTarget, endpoint_json
@@ -27,7 +27,7 @@ async def fault_settings(broker: EmbeddedBroker, llm_base_url: str, partitions: 
         kafka_bootstrap=broker.bootstrap,
         topics=unique_topics(),
         topic_partitions=partitions,
-        kafka_single_record_batches=True,
+        kafka_client_overrides=EmbeddedBroker.client_overrides(),
         kafka_session_timeout_ms=2000,
         kafka_heartbeat_interval_ms=500,
         shutdown_timeout_s=10.0,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from datacreator.bus.broker import die_with_parent, free_port
+from datacreator.embedded.broker import die_with_parent, free_port
 from datacreator.config import Settings
 
 # Short group timings: a dead member's partitions move after ~2x the session timeout on Tansu.
@@ -33,7 +33,7 @@ def service_env(settings: Settings, **extra: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATACREATOR_")}
     env.update({
         "DATACREATOR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "DATACREATOR_KAFKA_SINGLE_RECORD_BATCHES": "true" if settings.kafka_single_record_batches else "false",
+        "DATACREATOR_KAFKA_CLIENT_OVERRIDES": json.dumps(settings.kafka_client_overrides),
         "DATACREATOR_TOPIC_PARTITIONS": str(settings.topic_partitions),
         "DATACREATOR_KAFKA_SESSION_TIMEOUT_MS": str(TEST_SESSION_TIMEOUT_MS),
         "DATACREATOR_KAFKA_HEARTBEAT_INTERVAL_MS": str(TEST_HEARTBEAT_MS),

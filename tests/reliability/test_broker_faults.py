@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from datacreator import client
 from datacreator.config import Settings
+from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.contracts import RequestState, RequestStatus
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
@@ -111,7 +112,7 @@ async def test_broker_restart_with_empty_storage(fresh_broker, make_simulator):
 async def test_services_create_missing_topics_at_start(fresh_broker, make_simulator):
     sim = make_simulator(latency_s=0.02, seed=12)
     settings = Settings(
-        kafka_bootstrap=fresh_broker.bootstrap, topics=unique_topics(), topic_partitions=3, kafka_single_record_batches=True,
+        kafka_bootstrap=fresh_broker.bootstrap, topics=unique_topics(), topic_partitions=3, kafka_client_overrides=EmbeddedBroker.client_overrides(),
         kafka_session_timeout_ms=2000, kafka_heartbeat_interval_ms=500,
         endpoints_json=endpoint_json(LLMTarget(sim.base_url, "datacreator-simulator")),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -68,7 +69,20 @@ def decode_request(value: bytes | None, max_bytes: int | None = None) -> Any:
         raise PoisonMessage(f"invalid request: {_describe(exc)}") from None
 
 
-def request_id_of(value: bytes | None, key: bytes | None) -> str | None:
+Decoder = Callable[[bytes | None, int | None], Any]
+
+
+def decoder(model: Any) -> Decoder:
+    """How the runner turns the bytes of a handler's input topic into its declared model: a
+    contract model, or `RequestMessage` (a creation or a cancel request)."""
+    if model is RequestMessage:
+        return decode_request
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return lambda value, max_bytes=None: decode(model, value, max_bytes)
+    raise TypeError(f"cannot decode into {model!r}: declare a pydantic model or RequestMessage")
+
+
+def request_id_of(value: bytes | None, key: str | None) -> str | None:
     """Best effort: the request id of a message that failed validation, to answer it REJECTED."""
     try:
         raw = orjson.loads(value) if value else None
@@ -76,5 +90,4 @@ def request_id_of(value: bytes | None, key: bytes | None) -> str | None:
             return raw["request_id"]
     except orjson.JSONDecodeError:
         pass
-    key_text = decode_key(key)
-    return key_text if key_text and len(key_text) <= 128 else None
+    return key if key and len(key) <= 128 else None

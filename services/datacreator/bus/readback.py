@@ -8,11 +8,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from datacreator.bus.codec import PoisonMessage, decode
+from datacreator.bus.clients import make_consumer, refresh_metadata
+from datacreator.bus.codec import M, PoisonMessage, decode
 from datacreator.config import Settings
 from datacreator.contracts import RequestStatus
 
@@ -21,27 +22,17 @@ log = logging.getLogger(__name__)
 READ_STALL_S = 10.0
 
 
-def _consumer(settings: Settings) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=max(settings.max_message_bytes * 2, 1_048_576),
-    )
-
-
 async def read_to_end(
     settings: Settings, topic: str, partitions: Iterable[int] | None = None
 ) -> AsyncIterator[ConsumerRecord]:
     """Every record of some partitions of a topic, from the beginning to the end as of now."""
-    consumer = _consumer(settings)
+    consumer = make_consumer(settings)
     await consumer.start()
     try:
         if partitions is None:
             found = consumer.partitions_for_topic(topic)
             if found is None:
-                await consumer._client.force_metadata_update()  # topic created after start
+                await refresh_metadata(consumer)  # topic created after start
                 found = consumer.partitions_for_topic(topic) or set()
             partitions = found
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
@@ -78,6 +69,18 @@ async def read_to_end(
         await consumer.stop()
 
 
+async def read_models(
+    settings: Settings, topic: str, model: type[M], partitions: Iterable[int] | None = None
+) -> AsyncIterator[tuple[int, M]]:
+    """(partition, message) of every `model` message of some partitions, as `read_to_end`;
+    an unreadable record is skipped (it went to the DLQ when it was first consumed)."""
+    async for record in read_to_end(settings, topic, partitions):
+        try:
+            yield record.partition, decode(model, record.value)
+        except PoisonMessage:
+            continue
+
+
 class StatusWatcher:
     """Keeps the latest RequestStatus of every request, following the status topic."""
 
@@ -110,13 +113,13 @@ class StatusWatcher:
     async def _follow(self) -> None:
         topic = self.settings.topics.status
         while True:
-            consumer = _consumer(self.settings)
+            consumer = make_consumer(self.settings)
             try:
                 await consumer.start()
                 partitions = consumer.partitions_for_topic(topic) or set()
                 while not partitions:
                     await asyncio.sleep(0.5)
-                    await consumer._client.force_metadata_update()
+                    await refresh_metadata(consumer)
                     partitions = consumer.partitions_for_topic(topic) or set()
                 tps = [TopicPartition(topic, p) for p in partitions]
                 consumer.assign(tps)

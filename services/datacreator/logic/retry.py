@@ -37,9 +37,6 @@ class RetryPolicy:
         ceiling = min(self.cap_s, self.base_s * 2 ** max(attempt - 1, 0))
         return self.rng.uniform(0.0, ceiling) if self.jitter == "full" else ceiling
 
-    def should_retry(self, attempt: int) -> bool:
-        return attempt < self.max_attempts
-
 
 class CircuitState(StrEnum):
     closed = "closed"

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 
 from datacreator.bus.admin import ensure_topics
-from datacreator.bus.http import HealthServer
+from datacreator.health import HealthServer
 from datacreator.bus.runtime import Handler, ServiceRunner, install_signal_handlers
 from datacreator.config import Settings
 

@@ -8,18 +8,13 @@ that curator rebuilds it by reading back the examples already published on its p
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-
-from aiokafka import TopicPartition
-from aiokafka.consumer.fetcher import ConsumerRecord
 
 from datacreator import metrics
-from datacreator.bus.codec import PoisonMessage, decode
-from datacreator.bus.readback import StatusWatcher, read_to_end
-from datacreator.bus.runtime import BaseHandler, Context, Output
+from datacreator.bus.readback import StatusWatcher, read_models
+from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
 from datacreator.contracts import Candidate, Example, RejectReason, Rejection, RequestState, RequestStatus, TaskOutcome
-from datacreator.logic.curation import RequestCuration
+from datacreator.logic.curation import CuratorState
 from datacreator.logic.embeddings import Embedder, shared_embedder
 
 log = logging.getLogger(__name__)
@@ -31,11 +26,14 @@ class CuratorHandler(BaseHandler):
 
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         self.settings = settings
-        self.topics = [settings.topics.candidates]
-        self.embedder = embedder
-        self.requests: dict[str, RequestCuration] = {}
-        self.partition_of: dict[str, int] = {}
-        self._restored: dict[str, list[Example]] = defaultdict(list)
+        self.inputs = {settings.topics.candidates: Candidate}
+        self.state = CuratorState(
+            max_field_chars=settings.max_field_chars,
+            raw_text_limit=settings.raw_text_limit,
+            num_perm=settings.minhash_num_perm,
+            embedder=embedder,
+            embedder_factory=shared_embedder,
+        )
         self._held: set[int] = set()  # candidate partitions whose published examples are loaded
         self.status = StatusWatcher(settings, on_status=self._forget_if_final)
 
@@ -46,72 +44,35 @@ class CuratorHandler(BaseHandler):
     async def stop(self) -> None:
         await self.status.stop()
 
-    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        numbers = sorted(tp.partition for tp in partitions if tp.topic == self.settings.topics.candidates)
-        numbers = [p for p in numbers if p not in self._held]
+    async def on_assigned(self, partitions: set[int]) -> None:
+        numbers = sorted(partitions - self._held)
         if not numbers:
             return
         self._held.update(numbers)
         count = 0
-        async for record in read_to_end(self.settings, self.settings.topics.examples, numbers):
-            try:
-                example = decode(Example, record.value)
-            except PoisonMessage:
-                continue
+        async for partition, example in read_models(self.settings, self.settings.topics.examples, Example, numbers):
             if self.status.is_closed(example.request_id):
                 continue  # an ended request needs no dedup state
-            self.partition_of[example.request_id] = record.partition
-            curation = self.requests.get(example.request_id)
-            if curation is not None:
-                curation.restore(example)
-            else:
-                self._restored[example.request_id].append(example)
+            self.state.restore(example, partition)
             count += 1
         if count:
             log.info("curator: restored %d published examples from partitions %s", count, numbers)
         self._update_gauges()
 
-    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
-        lost = {tp.partition for tp in partitions if tp.topic == self.settings.topics.candidates}
-        self._held -= lost
-        for request_id, partition in list(self.partition_of.items()):
-            if partition in lost:
-                self.requests.pop(request_id, None)
-                self._restored.pop(request_id, None)
-                del self.partition_of[request_id]
+    async def on_revoked(self, partitions: set[int]) -> None:
+        self._held -= partitions
+        self.state.forget_partitions(partitions)
         self._update_gauges()
 
-    def _curation(self, candidate: Candidate, partition: int) -> RequestCuration:
-        request_id = candidate.task.request_id
-        curation = self.requests.get(request_id)
-        if curation is None:
-            embedder = self.embedder
-            if embedder is None and candidate.task.dedup.semantic_threshold is not None:
-                embedder = self.embedder = shared_embedder()
-            curation = RequestCuration.for_task(
-                candidate.task,
-                max_field_chars=self.settings.max_field_chars,
-                raw_text_limit=self.settings.raw_text_limit,
-                num_perm=self.settings.minhash_num_perm,
-                embedder=embedder,
-            )
-            for example in self._restored.pop(request_id, []):
-                curation.restore(example)
-            self.requests[request_id] = curation
-            self.partition_of[request_id] = partition
-        return curation
-
-    async def handle(self, record: ConsumerRecord) -> list[Output]:
-        candidate = decode(Candidate, record.value, self.settings.max_message_bytes)
+    async def handle(self, candidate: Candidate, delivery: Delivery) -> list[Output]:
         topics = self.settings.topics
         request_id = candidate.task.request_id
         status = self.status.latest.get(request_id)
         if status is not None and status.state.final and (
-            status.state != RequestState.COMPLETED or request_id not in self.requests
+            status.state != RequestState.COMPLETED or request_id not in self.state.requests
         ):
             return self._closed(candidate, status.state)
-        curation = self._curation(candidate, record.partition)
-        result = curation.curate(candidate)
+        result = self.state.curate(candidate, delivery.partition)
         outputs = [Output(topics.examples, request_id, e) for e in result.examples]
         outputs += [Output(topics.rejected, request_id, r) for r in result.rejections]
         outputs.append(Output(topics.outcomes, request_id, result.outcome))
@@ -124,9 +85,7 @@ class CuratorHandler(BaseHandler):
     def _forget_if_final(self, status: RequestStatus) -> None:
         """A request that has ended needs no dedup state; late candidates are answered from its status."""
         if status.state.final:
-            self.requests.pop(status.request_id, None)
-            self._restored.pop(status.request_id, None)
-            self.partition_of.pop(status.request_id, None)
+            self.state.forget(status.request_id)
             self._update_gauges()
 
     def _closed(self, candidate: Candidate, state: RequestState) -> list[Output]:
@@ -141,5 +100,5 @@ class CuratorHandler(BaseHandler):
         return [Output(topics.rejected, task.request_id, rejection), Output(topics.outcomes, task.request_id, outcome)]
 
     def _update_gauges(self) -> None:
-        metrics.dedup_requests.set(len(self.requests))
-        metrics.dedup_state_entries.set(sum(c.state_size() for c in self.requests.values()))
+        metrics.dedup_requests.set(len(self.state.requests))
+        metrics.dedup_state_entries.set(self.state.state_size())

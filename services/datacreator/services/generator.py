@@ -5,13 +5,10 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
-from aiokafka.consumer.fetcher import ConsumerRecord
-
-from datacreator.bus.codec import decode
 from datacreator.bus.readback import StatusWatcher
-from datacreator.bus.runtime import BaseHandler, Context, Output
+from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
-from datacreator.contracts import Candidate, DeadLetter, GenerationTask, Usage
+from datacreator.contracts import Candidate, GenerationTask, Usage
 from datacreator.llm.client import LLMPool
 
 log = logging.getLogger(__name__)
@@ -39,7 +36,7 @@ class GeneratorHandler(BaseHandler):
 
     def __init__(self, settings: Settings, pool: LLMPool | None = None) -> None:
         self.settings = settings
-        self.topics = [settings.topics.tasks]
+        self.inputs = {settings.topics.tasks: GenerationTask}
         self.pool = pool
         self.status = StatusWatcher(settings)
         self._answered = _RecentIds()
@@ -57,18 +54,17 @@ class GeneratorHandler(BaseHandler):
         if self.pool is not None:
             await self.pool.aclose()
 
-    async def handle(self, record: ConsumerRecord) -> list[Output]:
-        task = decode(GenerationTask, record.value, self.settings.max_message_bytes)
+    async def handle(self, task: GenerationTask, delivery: Delivery) -> list[Output]:
         if self.status.is_closed(task.request_id) or task.task_id in self._answered or task.task_id in self._calling:
             return []  # a task the planner resent after a restart: one call answers both
         assert self.pool is not None
         self._calling.add(task.task_id)
         try:
-            return await self._call(record, task)
+            return await self._call(task, delivery)
         finally:
             self._calling.discard(task.task_id)
 
-    async def _call(self, record: ConsumerRecord, task: GenerationTask) -> list[Output]:
+    async def _call(self, task: GenerationTask, delivery: Delivery) -> list[Output]:
         assert self.pool is not None
         try:
             client = self.pool.get(task.model.endpoint)
@@ -92,9 +88,6 @@ class GeneratorHandler(BaseHandler):
         outputs = [Output(self.settings.topics.candidates, task.request_id, candidate)]
         if candidate.error is not None:
             # The planner learns of the failure through the candidate; the DLQ keeps the task for audit.
-            outputs.append(Output(self.settings.topics.dlq, task.request_id, DeadLetter(
-                service=self.name, source_topic=record.topic, partition=record.partition, offset=record.offset,
-                key=task.request_id, value=task.model_dump_json()[:10_000], error=candidate.error,
-                error_type="LLMCallFailed", attempts=candidate.attempts,
-            )))
+            outputs.append(self.ctx.dead_letter(delivery, candidate.error, attempts=candidate.attempts,
+                                                error_type="LLMCallFailed"))
         return outputs

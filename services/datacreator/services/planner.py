@@ -14,29 +14,25 @@ import contextlib
 import logging
 import time
 
-from aiokafka import TopicPartition
-from aiokafka.consumer.fetcher import ConsumerRecord
-
 from datacreator import metrics
-from datacreator.bus.codec import PoisonMessage, decode, decode_request, request_id_of
-from datacreator.bus.readback import read_to_end
-from datacreator.bus.runtime import BaseHandler, Context, Output
+from datacreator.bus.codec import PoisonMessage, request_id_of
+from datacreator.bus.readback import read_models
+from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
 from datacreator.contracts import (
     CancelRequest,
     CreationRequest,
     PlannerSnapshot,
+    RequestMessage,
     RequestState,
     RequestStatus,
-    Strategy,
     TaskOutcome,
 )
 from datacreator.logic.embeddings import Embedder, shared_embedder
 from datacreator.logic.planning import PlannerLimits, RequestPlan, validate_request
+from datacreator.logic.strategies import needs_embeddings
 
 log = logging.getLogger(__name__)
-
-_EMBEDDING_STRATEGIES = {Strategy.contrastive, Strategy.similar}
 
 
 class PlannerHandler(BaseHandler):
@@ -45,7 +41,7 @@ class PlannerHandler(BaseHandler):
 
     def __init__(self, settings: Settings, embedder: Embedder | None = None, limits: PlannerLimits | None = None) -> None:
         self.settings = settings
-        self.topics = [settings.topics.requests, settings.topics.outcomes]
+        self.inputs = {settings.topics.requests: RequestMessage, settings.topics.outcomes: TaskOutcome}
         self.limits = limits or PlannerLimits(stall_calls=settings.stall_calls)
         self._embedder = embedder
         self.plans: dict[str, RequestPlan] = {}
@@ -72,18 +68,14 @@ class PlannerHandler(BaseHandler):
 
     # -- partitions -------------------------------------------------------------------------
 
-    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
+    async def on_assigned(self, partitions: set[int]) -> None:
         held = set(self.partition_of.values())
-        numbers = sorted({tp.partition for tp in partitions} - held)
+        numbers = sorted(partitions - held)
         if not numbers:
             return
         latest: dict[str, tuple[int, PlannerSnapshot]] = {}
-        async for record in read_to_end(self.settings, self.settings.topics.planner_state, numbers):
-            try:
-                snapshot = decode(PlannerSnapshot, record.value)
-            except PoisonMessage:
-                continue
-            latest[snapshot.request_id] = (record.partition, snapshot)
+        async for partition, snapshot in read_models(self.settings, self.settings.topics.planner_state, PlannerSnapshot, numbers):
+            latest[snapshot.request_id] = (partition, snapshot)
         resent: list[Output] = []
         for request_id, (partition, snapshot) in latest.items():
             plan = self.plans[request_id] = RequestPlan.restore(snapshot.plan)
@@ -98,10 +90,9 @@ class PlannerHandler(BaseHandler):
             await self.ctx.publish(resent)
         self._update_gauges()
 
-    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
-        lost = {tp.partition for tp in partitions}
+    async def on_revoked(self, partitions: set[int]) -> None:
         for request_id, partition in list(self.partition_of.items()):
-            if partition in lost:
+            if partition in partitions:
                 self.plans.pop(request_id, None)
                 self._dirty.discard(request_id)
                 del self.partition_of[request_id]
@@ -109,10 +100,23 @@ class PlannerHandler(BaseHandler):
 
     # -- messages ---------------------------------------------------------------------------
 
-    async def handle(self, record: ConsumerRecord) -> list[Output]:
-        if record.topic == self.settings.topics.requests:
-            return await self._on_request(record)
-        outcome = decode(TaskOutcome, record.value, self.settings.max_message_bytes)
+    async def handle(self, message: CreationRequest | CancelRequest | TaskOutcome, delivery: Delivery) -> list[Output]:
+        if isinstance(message, TaskOutcome):
+            return await self._on_outcome(message)
+        if isinstance(message, CancelRequest):
+            return self._on_cancel(message)
+        return await self._on_create(message, delivery)
+
+    def on_poison(self, delivery: Delivery, error: PoisonMessage) -> list[Output]:
+        """A request that does not decode is answered REJECTED when its id can be read."""
+        if self.inputs.get(delivery.topic) is not RequestMessage:
+            return []
+        request_id = request_id_of(delivery.value, delivery.key)
+        if request_id is None or request_id in self.plans:
+            return []
+        return [self._rejected(request_id, str(error), time.time())]
+
+    async def _on_outcome(self, outcome: TaskOutcome) -> list[Output]:
         plan = self.plans.get(outcome.request_id)
         if plan is None:
             return []
@@ -124,23 +128,16 @@ class PlannerHandler(BaseHandler):
         tasks = await self._next_tasks(plan, now)
         return self._step_outputs(plan, tasks, now, force_status=plan.state != was)
 
-    async def _on_request(self, record: ConsumerRecord) -> list[Output]:
+    def _on_cancel(self, message: CancelRequest) -> list[Output]:
         now = time.time()
-        try:
-            message = decode_request(record.value, self.settings.max_message_bytes)
-        except PoisonMessage as exc:
-            outputs = [self.ctx.dead_letter(record, exc, 1)]
-            request_id = request_id_of(record.value, record.key)
-            if request_id is not None and request_id not in self.plans:
-                outputs.append(self._rejected(request_id, str(exc), now))
-            return outputs
-        if isinstance(message, CancelRequest):
-            plan = self.plans.get(message.request_id)
-            if plan is None or plan.state.final:
-                return []
-            plan.cancel(message.reason, now)
-            return self._step_outputs(plan, [], now, force_status=True)
-        assert isinstance(message, CreationRequest)
+        plan = self.plans.get(message.request_id)
+        if plan is None or plan.state.final:
+            return []
+        plan.cancel(message.reason, now)
+        return self._step_outputs(plan, [], now, force_status=True)
+
+    async def _on_create(self, message: CreationRequest, delivery: Delivery) -> list[Output]:
+        now = time.time()
         if message.request_id in self.plans:
             return []  # a redelivery: the request is under way or done already
         active = sum(1 for p in self.plans.values() if not p.state.final)
@@ -151,13 +148,13 @@ class PlannerHandler(BaseHandler):
             return [self._rejected(message.request_id, reason, now, message)]
         plan = RequestPlan.start(message, now, self.limits)
         self.plans[message.request_id] = plan
-        self.partition_of[message.request_id] = record.partition
+        self.partition_of[message.request_id] = delivery.partition
         tasks = await self._next_tasks(plan, now)
         self._update_gauges()
         return self._step_outputs(plan, tasks, now, force_status=True)
 
     async def _next_tasks(self, plan: RequestPlan, now: float) -> list:
-        if plan.request.strategy in _EMBEDDING_STRATEGIES:
+        if needs_embeddings(plan.request.strategy):
             # Embeddings are CPU-bound: keep them off the event loop.
             return await asyncio.to_thread(plan.next_tasks, now, self.embedder.embed)
         return plan.next_tasks(now)

@@ -25,11 +25,7 @@ from pathlib import Path
 from typing import IO
 
 import orjson
-from aiokafka import TopicPartition
-from aiokafka.consumer.fetcher import ConsumerRecord
-
-from datacreator.bus.codec import decode
-from datacreator.bus.runtime import BaseHandler, Context, Output
+from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
 from datacreator.contracts import Example
 
@@ -176,7 +172,7 @@ class SinkHandler(BaseHandler):
         fsync: bool | None = None,
     ) -> None:
         self.settings = settings
-        self.topics = [settings.topics.examples]
+        self.inputs = {settings.topics.examples: Example}
         self.directory = Path(directory or settings.sink_dir)
         rows = shard_rows or settings.sink_shard_rows
         if rows < 1:
@@ -197,13 +193,13 @@ class SinkHandler(BaseHandler):
             files.close()
         self._partitions.clear()
 
-    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        for tp in partitions:
-            await self._open(tp.partition)
+    async def on_assigned(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            await self._open(partition)
 
-    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
-        for tp in partitions:
-            files = self._partitions.pop(tp.partition, None)
+    async def on_revoked(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            files = self._partitions.pop(partition, None)
             if files is not None:
                 files.close()
 
@@ -215,9 +211,8 @@ class SinkHandler(BaseHandler):
             self._partitions[partition] = files
         return files
 
-    async def handle(self, record: ConsumerRecord) -> list[Output]:
-        example = decode(Example, record.value, self.settings.max_message_bytes)
-        files = await self._open(record.partition)
+    async def handle(self, example: Example, delivery: Delivery) -> list[Output]:
+        files = await self._open(delivery.partition)
         if await asyncio.to_thread(files.append, example):
             self.written += 1
         else:

@@ -42,7 +42,9 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from datacreator.config import Settings
 from datacreator.procs import ChildServer, die_with_parent, free_port, temp_log_path
 
 __all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "free_port", "probe", "tansu_binary"]
@@ -116,6 +118,27 @@ class EmbeddedBroker(ChildServer):
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @staticmethod
+    def client_overrides() -> dict[str, dict[str, Any]]:
+        """The client settings this broker needs, for `Settings.kafka_client_overrides`.
+
+        kafka_single_record_batches: Tansu's memory engine sets the high watermark after the first
+        record of a batch, hiding the rest until the next write, so each record travels in a batch
+        of its own (a record larger than the batch size travels alone); lingering would then only
+        delay every record. And Tansu holds an empty fetch for the whole `fetch_max_wait_ms` even when
+        records arrive meanwhile, which adds that much latency to every hop: keep the wait short.
+        """
+        return {
+            "producer": {"max_batch_size": 1, "linger_ms": 0},
+            "consumer": {"fetch_max_wait_ms": 25},
+        }
+
+    def settings(self, base: Settings | None = None, **changes: Any) -> Settings:
+        """Settings that reach this broker with the client settings it needs."""
+        return (base or Settings()).with_updates(
+            kafka_bootstrap=self.bootstrap, kafka_client_overrides=self.client_overrides(), **changes
+        )
 
     def _command(self) -> list[str]:
         advertised = self.advertised or self.bootstrap
