@@ -135,7 +135,8 @@ class CuratorHandler(BaseHandler):
                               detail=f"request is {state.value}")
         outcome = TaskOutcome(task_id=task.task_id, request_id=task.request_id, chain=task.chain, step=task.step,
                               references=task.references, rejected={RejectReason.request_closed.value: 1},
-                              usage=candidate.usage, cost_usd=candidate.cost_usd, latency_s=candidate.latency_s)
+                              usage=candidate.usage, cost_usd=candidate.cost_usd, latency_s=candidate.latency_s,
+                              attempts=candidate.attempts)
         metrics.examples_rejected.labels(RejectReason.request_closed.value).inc()
         topics = self.settings.topics
         return [Output(topics.rejected, task.request_id, rejection), Output(topics.outcomes, task.request_id, outcome)]
