@@ -178,3 +178,14 @@ def test_semantic_with_minilm() -> None:
     assert index.check(unrelated) is None
     prints = index.fingerprints([unrelated, paraphrases[0]])
     assert [index.check(fp) for fp in prints] == [None, RejectReason.semantic_duplicate]
+
+
+def test_zero_width_characters_do_not_make_a_new_example() -> None:
+    # Before: NFKC keeps U+200B, so the same sentence with zero-width characters had another id.
+    plain = {"text": "The cat sat on the mat.", "label": "neutral"}
+    hidden = {"text": "The\u200b cat\u2060 sat on\ufeff the\u200d mat.", "label": "neutral\u200b"}
+    assert normalise(plain) == normalise(hidden)
+    assert example_id("r", plain) == example_id("r", hidden)
+    index = DedupIndex(near_threshold=None)
+    index.add(plain)
+    assert index.check(hidden) is RejectReason.duplicate

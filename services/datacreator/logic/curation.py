@@ -157,7 +157,7 @@ class RequestCuration:
 
         parsed = parse_examples(candidate.raw_output, self._example_keys)
         for error in parsed.errors:
-            reject(RejectReason.unparseable, error.reason, raw=error.fragment)
+            reject(RejectReason(error.code), error.reason, item=error.item, raw=error.fragment)
 
         valid: list[Any] = []
         norms: list[str] = []

@@ -7,6 +7,7 @@ that curator rebuilds it by reading back the examples already published on its p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 
@@ -111,7 +112,8 @@ class CuratorHandler(BaseHandler):
         ):
             return self._closed(candidate, status.state)
         curation = self._curation(candidate, record.partition)
-        result = curation.curate(candidate)
+        # Large answers (parsing, validation, semantic-dedup embeddings) are curated off the event loop.
+        result = await asyncio.to_thread(curation.curate, candidate) if len(candidate.raw_output or "") > 16_384 or curation.dedup.semantic_threshold is not None else curation.curate(candidate)
         outputs = [Output(topics.examples, request_id, e) for e in result.examples]
         outputs += [Output(topics.rejected, request_id, r) for r in result.rejections]
         outputs.append(Output(topics.outcomes, request_id, result.outcome))
