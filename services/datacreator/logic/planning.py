@@ -38,6 +38,7 @@ from datacreator.contracts import (
     TaskOutcome,
 )
 from datacreator.logic.budget import BudgetLedger, OperatorCaps, check_caps
+from datacreator.logic.validation import request_fields_problem
 from datacreator.logic.schema import example_schema, get_path, infer_label
 from datacreator.logic.strategies import EmbedFn, as_embed_fn, derive_rng, select_reference, shuffled, tree_children
 
@@ -107,6 +108,8 @@ def validate_request(request: CreationRequest, known_endpoints: set[str] | None,
     """Why the request must be REJECTED, or None when it can run."""
     if known_endpoints is not None and request.model.endpoint not in known_endpoints:
         return f"unknown endpoint {request.model.endpoint!r}"
+    if (unbounded := request_fields_problem(request)) is not None:
+        return unbounded
     if (capped := check_caps(request, limits.caps)) is not None:
         return capped
     if request.target_count > limits.max_target_count:

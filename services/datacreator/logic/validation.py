@@ -32,6 +32,40 @@ def _invisible_table() -> dict[int, None]:
     return table
 
 
+MAX_FIELD_DEPTH = 32
+MAX_FIELD_BYTES = 256 * 1024
+
+
+def bounded_field_problem(name: str, value: Any, max_depth: int = MAX_FIELD_DEPTH, max_bytes: int = MAX_FIELD_BYTES) -> str | None:
+    """Why a free-form JSON field is too deep or too large to travel on the bus, or None.
+
+    orjson refuses to encode past 254 levels: a field that deep would fail at every snapshot.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                return f"{name} is nested deeper than {max_depth} levels"
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:
+        return f"{name} cannot be encoded as JSON: {exc}"
+    if size > max_bytes:
+        return f"{name} is {size} bytes; the limit is {max_bytes}"
+    return None
+
+
+def request_fields_problem(request: Any) -> str | None:
+    """The first free-form field of a request that is too deep or too large, as a REJECTED reason."""
+    for name in ("formatting_example", "metadata", "label_space"):
+        problem = bounded_field_problem(name, getattr(request, name))
+        if problem is not None:
+            return problem
+    return None
+
+
 def strip_invisible(text: str) -> str:
     """`text` without format characters (zero-width spaces and joiners, bidi marks, ...) and blanks."""
     return text if text.isascii() else text.translate(_invisible_table())
