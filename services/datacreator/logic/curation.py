@@ -176,9 +176,12 @@ class RequestCuration:
 
         listed: set[str] = set()
         reference_ids = [ref.example_id for ref in task.references]
-        prints: list[Fingerprint] = self.dedup.fingerprints(valid, norms) if valid else []
+        # One batch for the answer's items and the call's formatting examples (one embedding call).
         # Small models often hand back their formatting example barely changed (a word, a "?").
-        reference_prints = self.dedup.fingerprints([ref.data for ref in task.references]) if valid else []
+        refs = [ref.data for ref in task.references]
+        both = self.dedup.fingerprints(valid + refs, norms + [normalise(r) for r in refs]) if valid else []
+        prints: list[Fingerprint] = both[:len(valid)]
+        reference_prints = both[len(valid):]
         for item, norm, fp in zip(valid, norms, prints):
             eid = example_id(task.request_id, item, norm)
             if eid in listed:
