@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import subprocess
 import sys
@@ -178,3 +179,43 @@ def test_semantic_with_minilm() -> None:
     assert index.check(unrelated) is None
     prints = index.fingerprints([unrelated, paraphrases[0]])
     assert [index.check(fp) for fp in prints] == [None, RejectReason.semantic_duplicate]
+
+
+def test_zero_width_characters_do_not_make_a_new_example() -> None:
+    # Before: NFKC keeps U+200B, so the same sentence with zero-width characters had another id.
+    plain = {"text": "The cat sat on the mat.", "label": "neutral"}
+    hidden = {"text": "The\u200b cat\u2060 sat on\ufeff the\u200d mat.", "label": "neutral\u200b"}
+    assert normalise(plain) == normalise(hidden)
+    assert example_id("r", plain) == example_id("r", hidden)
+    index = DedupIndex(near_threshold=None)
+    index.add(plain)
+    assert index.check(hidden) is RejectReason.duplicate
+
+
+async def test_semantic_dedup_embeds_off_the_event_loop_in_one_batch() -> None:
+    # Before: the curator embedded on the event loop, and items and formatting examples in two calls.
+    import threading
+    from types import SimpleNamespace
+
+    from datacreator.config import Settings
+    from datacreator.contracts import Candidate, DedupSpec
+    from datacreator.services.curator import CuratorHandler
+    from tests.test_curation import item, make_task
+
+    calls: list[tuple[str, int]] = []
+
+    class RecordingEmbedder:
+        def embed(self, texts):
+            calls.append((threading.current_thread().name, len(texts)))
+            rng = np.random.default_rng(len(calls))
+            vectors = rng.normal(size=(len(texts), 8)).astype(np.float32)
+            return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    handler = CuratorHandler(Settings(), embedder=RecordingEmbedder())
+    task = make_task(dedup=DedupSpec(semantic_threshold=0.99))
+    raw = json.dumps({"examples": [item(1), item(2), item(3)]})
+    record = SimpleNamespace(value=Candidate(task=task, endpoint="default", model="m", raw_output=raw).model_dump_json().encode(),
+                             partition=0, topic="datacreator.candidates", key=None, offset=0)
+    outputs = await handler.handle(record)
+    assert sum(o.topic == handler.settings.topics.examples for o in outputs) == 3
+    assert calls == [(calls[0][0], 4)] and calls[0][0] != threading.main_thread().name

@@ -157,3 +157,17 @@ async def test_export_from_the_bus(bus_settings, tmp_path, examples, capsys):
     assert {f["name"]: f["rows"] for f in manifest["files"]} == {f"{RID}.train.csv": 20, f"{RID}.validation.csv": 5}
     frames = [pd.read_csv(tmp_path / f["name"]) for f in manifest["files"]]
     assert sorted(pd.concat(frames)["question"]) == sorted(e.data["question"] for e in examples)
+
+
+@pytest.mark.parametrize("request_id", ["../../escape", "/etc/passwd", "a/b", "..", "x\x00y"])
+def test_export_into_a_directory_keeps_the_request_id_inside_it(tmp_path, request_id) -> None:
+    # Before: the id was joined into the path unchecked ("../../escape" wrote outside --out).
+    from datacreator.export import output_paths
+    from datacreator.services.sink import request_dir_name
+
+    out = tmp_path / "out"
+    out.mkdir()
+    files, manifest = output_paths(out, "jsonl", request_id, split=False)
+    for path in [*files.values(), manifest]:
+        assert path.parent == out and path.name.startswith(request_dir_name(request_id))
+    assert output_paths(out, "jsonl", "demo-1", split=False)[0]["all"] == out / "demo-1.jsonl"

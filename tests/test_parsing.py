@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from datacreator.logic import parsing
 from datacreator.logic.parsing import parse_examples
 
 CORPUS = Path(__file__).parent / "data" / "ugly_outputs"
@@ -160,3 +161,77 @@ def test_corpus_of_ugly_outputs() -> None:
         for item in result.items:
             assert set(item) == set(KEYS), path.name
             assert item["answer"] in item["options"], path.name
+
+
+# -- wrappers, nesting, repeated keys, bounds, linear salvage ---------------------------------
+
+KEYS3 = ("question", "options", "answer")
+ITEM = {"question": "q", "options": {"A": "a", "B": "b"}, "answer": "A"}
+
+
+def test_the_wrapper_list_that_matches_the_schema_wins() -> None:
+    # Before: the first wrapper key's list was taken, empty or not: 0 items and no rejection.
+    raw = orjson.dumps({"items": [], "examples": [ITEM, ITEM | {"question": "r"}]}).decode()
+    assert parse_examples(raw, KEYS3).items == [ITEM, ITEM | {"question": "r"}]
+    raw = orjson.dumps({"data": [1, 2], "examples": [ITEM]}).decode()
+    assert parse_examples(raw, KEYS3).items == [ITEM]
+
+
+def test_one_level_of_nesting_is_unwrapped() -> None:
+    raw = orjson.dumps([[ITEM, ITEM | {"question": "r"}]]).decode()
+    result = parse_examples(raw, KEYS3)
+    assert result.items == [ITEM, ITEM | {"question": "r"}] and not result.errors
+
+
+def test_repeated_keys_are_rejected_not_overwritten() -> None:
+    # Before: orjson kept the last "answer" silently.
+    raw = '[{"question": "q", "options": {"A": "a", "B": "b"}, "answer": "A", "answer": "B"}, ' + orjson.dumps(ITEM).decode() + "]"
+    result = parse_examples(raw, KEYS3)
+    assert result.items == [ITEM]
+    assert [(e.code, e.item["answer"]) for e in result.errors] == [("duplicate_key", "B")]
+    nested = '{"examples": [{"question": "q", "options": {"A": "a", "A": "b"}, "answer": "A"}]}'
+    assert [e.code for e in parse_examples(nested, KEYS3).errors] == ["duplicate_key"]
+    # A key-like text inside a string is not a key.
+    tricky = [ITEM | {"question": 'say "answer": twice'}]
+    assert parse_examples(orjson.dumps(tricky).decode(), KEYS3).items == tricky
+
+
+def test_repeated_keys_in_salvaged_items_are_rejected() -> None:
+    raw = 'Here: [{"question": "q", "question": "p", "options": {"A": "a"}, "answer": "A"}, {"question": "cut'
+    result = parse_examples(raw, KEYS3)
+    assert "duplicate_key" in [e.code for e in result.errors] and result.items == []
+
+
+def test_deep_and_large_items_are_kept_out() -> None:
+    raw = "[" + orjson.dumps(ITEM).decode() + ', {"question": "q", "options": ' + "[" * 300 + '"x"' + "]" * 300 + ', "answer": "A"}]'
+    result = parse_examples(raw, KEYS3)
+    assert result.items == [ITEM]
+    assert [e.code for e in result.errors] == ["structure_mismatch"] and "deeper than 32" in result.errors[0].reason
+    big = orjson.dumps([ITEM | {"question": "w" * 100_000}]).decode()
+    result = parse_examples(big, KEYS3)
+    assert result.items == [] and "limit is" in result.errors[0].reason
+
+
+def test_salvage_looks_back_a_bounded_distance() -> None:
+    """Salvage is linear: the key before each list is found from the last string, not by a search
+    from the segment's start (which made a 130 KB degenerate answer take seconds)."""
+    import re
+
+    calls = {"n": 0, "chars": 0}
+    real = parsing._COLON_GAP
+
+    class Counting:
+        def fullmatch(self, text, start, end):
+            calls["n"] += 1
+            calls["chars"] += end - start
+            return real.fullmatch(text, start, end)
+
+    unit = '"question": "Which?", "options": ["apple", "brick"], "answer": "A", '
+    raw = "{" + unit * 2000 + '"question": "Wh'
+    parsing._COLON_GAP = Counting()
+    try:
+        parse_examples(raw, KEYS3)
+    finally:
+        parsing._COLON_GAP = real
+    assert calls["n"] == 2000 and calls["chars"] <= 2000 * 4  # a colon and a space between key and list
+    assert not hasattr(parsing, "_KEY_BEFORE") and isinstance(real, re.Pattern)

@@ -358,3 +358,46 @@ async def test_api_keys_appear_in_no_log_metric_or_message(bus_settings, broker,
     for where, text in {"logs": log_text, "metrics": metrics_text, "bus": bus_text, "broker stderr": broker_log}.items():
         for secret in SENTINELS[1:3] + ("SECRETSENTINEL",):
             assert secret not in text, f"{secret} found in {where}"
+
+
+# -- bounded request fields ---------------------------------------------------------------------
+
+
+def _nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("field", ["metadata", "label_space", "formatting_example"])
+def test_deeply_nested_request_fields_are_rejected(field) -> None:
+    # Before: metadata or label_space nested 300 deep was accepted, and every snapshot of the
+    # request failed to encode ("Maximum serialization depth") for ever.
+    import orjson
+
+    from datacreator.bus.codec import decode_request
+    from datacreator.logic.planning import PlannerLimits, validate_request
+
+    body = {"request_id": "deep-1", "instruction": "Write.", "target_count": 5,
+            "formatting_example": {"text": "hi", "label": "a"}}
+    if field == "metadata":
+        body["metadata"] = _nested(300)
+    elif field == "label_space":
+        body["label_field"], body["label_space"] = "label", ["a", _nested(300)]
+    else:
+        body["formatting_example"] = {"text": "hi", "label": "a", "more": _nested(300)}
+    import json
+
+    request = decode_request(json.dumps(body).encode(), 10_000_000)  # any producer can write this
+    reason = validate_request(request, {"default"}, PlannerLimits())
+    assert reason is not None and "nested deeper than" in reason and (field in reason or field == "formatting_example")
+
+
+def test_oversized_metadata_is_rejected() -> None:
+    from datacreator.contracts import CreationRequest
+    from datacreator.logic.planning import PlannerLimits, validate_request
+
+    request = CreationRequest(request_id="big-1", instruction="Write.", target_count=5,
+                              formatting_example={"text": "hi", "label": "a"}, metadata={"blob": "x" * 300_000})
+    assert "metadata is" in validate_request(request, {"default"}, PlannerLimits())

@@ -313,3 +313,26 @@ def test_agrees_with_jsonschema(base: dict, field: str, space: list) -> None:
         assert (validator.validate(item) is None) == checker.is_valid(item), (item, validator.validate(item))
 
     check()
+
+
+# -- invisible text and label paths through lists ---------------------------------------------
+
+
+@pytest.mark.parametrize("blank", ["\u200b", "\u2800", "\u200b\u200c\u200d\u2060", "\ufeff ", " \u2800\u3164 ", "\u202e"])
+def test_invisible_text_is_empty(blank: str) -> None:
+    # Before: "\u200b" and "\u2800" passed as non-empty strings.
+    validator = ExampleValidator({"text": "hello", "label": "positive"}, "label", ["positive", "negative"])
+    verdict = validator.validate({"text": blank, "label": "positive"})
+    assert verdict is not None and verdict.reason is RejectReason.empty_field
+    assert validator.validate({"text": "h\u200bi", "label": "positive"}) is None
+
+
+def test_label_path_steps_through_lists() -> None:
+    # Before: `_check_label` could not index a list and rejected every item as "missing".
+    seed = {"turns": [{"speaker": "user", "text": "hi"}, {"speaker": "bot", "text": "hello"}]}
+    validator = ExampleValidator(seed, "turns.0.speaker", ["user", "bot"])
+    good = {"turns": [{"speaker": "bot", "text": "yo"}, {"speaker": "user", "text": "hey"}]}
+    assert validator.validate(good) is None
+    bad = {"turns": [{"speaker": "cat", "text": "meow"}]}
+    assert validator.validate(bad).reason is RejectReason.label_out_of_space
+    assert "missing" in validator.validate({"turns": []}).detail

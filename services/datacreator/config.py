@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     status_interval_s: float = Field(0.5, gt=0, description="Least time between two status messages of one request.")
     stall_calls: int = Field(30, ge=1, description="Calls in a row with no new accepted example before a request FAILS as stalled.")
     max_active_requests: int = Field(100, ge=1)
+    # Operator caps on one request, enforced when it is validated (REJECTED with the cap named).
+    max_target_count: int | None = Field(None, ge=1, description="Most examples one request may ask for.")
+    max_tokens_per_call: int | None = Field(None, ge=16, description="Largest model.max_tokens a request may ask for.")
+    max_cost_per_request: float | None = Field(None, gt=0, description="Largest budget.max_cost_usd; also the budget of a request without one when no default is set.")
+    default_max_cost_usd: float | None = Field(None, gt=0, description="Budget of a request that names none.")
 
     # Curator
     max_field_chars: int = Field(5_000, ge=1)
@@ -154,6 +159,18 @@ class Settings(BaseSettings):
         if self.endpoints_json:
             raw.update(json.loads(self.endpoints_json))
         return {alias: EndpointConfig.model_validate(cfg) for alias, cfg in raw.items()}
+
+    def operator_caps(self) -> Any:
+        """The caps and endpoint prices the planner budgets with (a `logic.budget.OperatorCaps`)."""
+        from datacreator.logic.budget import EndpointPrice, OperatorCaps
+
+        prices = {
+            alias: EndpointPrice(input_per_1m=cfg.input_price_per_1m, output_per_1m=cfg.output_price_per_1m,
+                                 max_attempts=cfg.max_attempts)
+            for alias, cfg in self.endpoints.items()
+        }
+        return OperatorCaps(max_tokens_per_call=self.max_tokens_per_call, max_cost_per_request=self.max_cost_per_request,
+                            default_max_cost_usd=self.default_max_cost_usd, prices=prices)
 
     def with_updates(self, **changes: Any) -> "Settings":
         """A copy with some fields changed (derived values such as `endpoints` are recomputed)."""

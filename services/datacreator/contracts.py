@@ -71,6 +71,7 @@ class RejectReason(StrEnum):
     semantic_duplicate = "semantic_duplicate"
     surplus = "surplus"  # valid and new, but the request already has target_count examples
     request_closed = "request_closed"  # the request was cancelled or ended meanwhile
+    duplicate_key = "duplicate_key"  # an object of the item names one key twice
     llm_error = "llm_error"  # the call itself failed after all retries: no output at all
 
 
@@ -264,6 +265,7 @@ class TaskOutcome(_Message):
     usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
     latency_s: float = 0.0
+    attempts: int = Field(1, ge=0, description="HTTP attempts the task's call made (what max_llm_calls counts).")
     error: str | None = None
     target_reached: bool = False
     created_at: float = Field(default_factory=now)

@@ -28,6 +28,7 @@ from datacreator.client import collect_examples, latest_status
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, RequestState, RequestStatus
 from datacreator.logic.schema import example_schema
+from datacreator.services.sink import request_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ def output_paths(target: str | Path, fmt: Format, request_id: str, split: bool) 
     """({split name: data file}, manifest file). `target` is a file path, or a directory to write into."""
     out = Path(target)
     if out.is_dir() or str(target).endswith(("/", os.sep)):  # Path() drops a trailing slash
-        out = out / f"{request_id}.{fmt}"
+        # The id comes from a topic anyone may write to: name the file as the sink names its folder.
+        out = out / f"{request_dir_name(request_id)}.{fmt}"
     suffix = f".{fmt}"
     stem = out.name[: -len(suffix)] if out.name.endswith(suffix) else out.name
     parent = out.parent

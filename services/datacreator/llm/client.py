@@ -122,6 +122,7 @@ class LLMClient:
         messages = build_messages(task)
         estimate = estimate_call_tokens(messages, task.model.max_tokens)
         attempts = 0
+        billed = 0  # prompt tokens of failed attempts a provider may bill (timed out, malformed answer)
         last = _Attempt("connection", error="no attempt made")
         try:
             async with asyncio.timeout(self.cfg.total_timeout_s):
@@ -134,7 +135,11 @@ class LLMClient:
                     attempts += 1
                     last = await self._attempt(task, model, messages, estimate)
                     if last.outcome == "ok":
+                        if billed and last.usage is not None:
+                            last.usage = Usage(prompt_tokens=last.usage.prompt_tokens + billed, completion_tokens=last.usage.completion_tokens)
                         return self._success(last, model, started, attempts)
+                    if last.outcome in ("timeout", "malformed"):
+                        billed += estimate_prompt_tokens(messages)
                     if last.format_rejected:
                         attempts -= 1  # a setting to change, not a fault of the endpoint
                         continue
@@ -152,9 +157,10 @@ class LLMClient:
         metrics.llm_tasks_failed.labels(self.alias).inc()
         error = self._redact(f"{last.error} after {attempts} attempt(s)")
         log.warning("LLM call to %s gave up: %s", self.alias, error)
+        usage = Usage(prompt_tokens=billed)
         return CallResult(
-            text=None, usage=Usage(), latency_s=time.monotonic() - started, attempts=attempts,
-            outcome=last.outcome, error=error, cost_usd=0.0, model=model,
+            text=None, usage=usage, latency_s=time.monotonic() - started, attempts=attempts, outcome=last.outcome,
+            error=error, cost_usd=call_cost_usd(usage, self.cfg.input_price_per_1m, self.cfg.output_price_per_1m), model=model,
         )
 
     async def aclose(self) -> None:

@@ -157,7 +157,7 @@ class RequestCuration:
 
         parsed = parse_examples(candidate.raw_output, self._example_keys)
         for error in parsed.errors:
-            reject(RejectReason.unparseable, error.reason, raw=error.fragment)
+            reject(RejectReason(error.code), error.reason, item=error.item, raw=error.fragment)
 
         valid: list[Any] = []
         norms: list[str] = []
@@ -176,9 +176,12 @@ class RequestCuration:
 
         listed: set[str] = set()
         reference_ids = [ref.example_id for ref in task.references]
-        prints: list[Fingerprint] = self.dedup.fingerprints(valid, norms) if valid else []
+        # One batch for the answer's items and the call's formatting examples (one embedding call).
         # Small models often hand back their formatting example barely changed (a word, a "?").
-        reference_prints = self.dedup.fingerprints([ref.data for ref in task.references]) if valid else []
+        refs = [ref.data for ref in task.references]
+        both = self.dedup.fingerprints(valid + refs, norms + [normalise(r) for r in refs]) if valid else []
+        prints: list[Fingerprint] = both[:len(valid)]
+        reference_prints = both[len(valid):]
         for item, norm, fp in zip(valid, norms, prints):
             eid = example_id(task.request_id, item, norm)
             if eid in listed:
@@ -219,7 +222,7 @@ class RequestCuration:
         return TaskOutcome(
             task_id=task.task_id, request_id=task.request_id, chain=task.chain, step=task.step,
             references=task.references, accepted=accepted, rejected=dict(counts), usage=candidate.usage,
-            cost_usd=candidate.cost_usd, latency_s=candidate.latency_s, error=error,
+            cost_usd=candidate.cost_usd, latency_s=candidate.latency_s, attempts=candidate.attempts, error=error,
             target_reached=self.accepted_count >= self.target_count,
         )
 

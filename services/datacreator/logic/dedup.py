@@ -25,6 +25,7 @@ from datasketch import MinHashLSH
 
 from datacreator.contracts import RejectReason
 from datacreator.logic.embeddings import Embedder, example_text
+from datacreator.logic.validation import strip_invisible
 
 _WORD = re.compile(r"\w+")
 _K1 = np.uint64(0x9E3779B97F4A7C15)
@@ -37,7 +38,8 @@ LSH_WEIGHTS = (0.1, 0.9)
 
 def _norm_text(text: str) -> str:
     if not text.isascii():
-        text = unicodedata.normalize("NFKC", text)
+        # NFKC keeps zero-width characters: without stripping them one sentence has many ids.
+        text = unicodedata.normalize("NFKC", strip_invisible(text))
     return " ".join(text.casefold().split())
 
 

@@ -8,6 +8,7 @@ that fails.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -24,13 +25,45 @@ _OPENER = re.compile(r"[\[{]")
 # A JSON string (or one cut off at the end of the text), or a bracket.
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\Z)|[\[\]{}]', re.S)
 _TRAILING_COMMA = re.compile(r'("(?:[^"\\]|\\.)*")|,(\s*[}\]])', re.S)
-_KEY_BEFORE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:\s*$')
+_COLON_GAP = re.compile(r"\s*:\s*")
+_NEXT_CHAR = re.compile(r"\s*(\S)")
+# A JSON string followed by a colon: an object key.
+_KEY = re.compile(r'"(?:[^"\\]|\\.)*"\s*(:)?', re.S)
+MAX_DEPTH = 32
+MAX_ITEM_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
 class ParseError:
     reason: str
     fragment: str
+    code: str = "unparseable"  # a RejectReason value
+    item: Any = None  # the item, when it parsed but cannot be used as it is
+
+
+class _DuplicateKeys(dict):
+    """An object of the answer that named one of its keys more than once."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    return value if len(value) == len(pairs) else _DuplicateKeys(value)
+
+
+def _shape(value: Any) -> tuple[int, int]:
+    """Object keys and nesting depth of a parsed value (iterative: any depth is safe)."""
+    keys, deepest = 0, 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            keys += len(item)
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item)
+    return keys, deepest
 
 
 @dataclass(slots=True)
@@ -39,27 +72,41 @@ class ParseResult:
     errors: list[ParseError] = field(default_factory=list)
 
 
+def _checked(text: str, value: Any) -> Any:
+    """`value` parsed from `text`, its objects with a repeated key marked (orjson keeps the last silently)."""
+    if (isinstance(value, dict | list)) and _KEY.findall(text).count(":") != _shape(value)[0]:
+        return json.loads(text, object_pairs_hook=_pairs)
+    return value
+
+
 def _loads(text: str) -> Any:
     """orjson, then orjson after dropping trailing commas; raises ValueError."""
     try:
-        return orjson.loads(text)
+        return _checked(text, orjson.loads(text))
     except orjson.JSONDecodeError:
-        fixed = _TRAILING_COMMA.sub(lambda m: m.group(1) or m.group(2), text)
+        fixed = _TRAILING_COMMA.sub(r"\1\2", text)  # an unmatched group is empty: no Python call per match
         if fixed == text:
             raise
-        return orjson.loads(fixed)
+        return _checked(fixed, orjson.loads(fixed))
 
 
 def _unwrap(value: Any, example_keys: Collection[str] | None) -> list[Any]:
     """The items a parsed answer holds."""
     if isinstance(value, list):
+        if value and all(isinstance(inner, list) for inner in value):
+            return [item for inner in value for item in inner]  # [[...]]: one level of nesting too many
         return value
     if isinstance(value, dict):
         if example_keys and value and set(value) <= set(example_keys):
             return [value]
-        for key, inner in value.items():
-            if key.lower() in WRAPPER_KEYS and isinstance(inner, list):
-                return inner
+        lists = [inner for key, inner in value.items() if key.lower() in WRAPPER_KEYS and isinstance(inner, list)]
+        if lists:
+            # {"items": [], "examples": [...]}: the list whose objects look like the example wins.
+            def fit(inner: list[Any]) -> tuple[bool, bool]:
+                shaped = any(isinstance(i, dict) and (not example_keys or set(i) & set(example_keys)) for i in inner)
+                return shaped, bool(inner)
+
+            return max(lists, key=fit)
         if len(value) == 1:
             inner = next(iter(value.values()))
             if isinstance(inner, list) and (not inner or isinstance(inner[0], dict)):
@@ -107,16 +154,24 @@ def _salvage(seg: str, example_keys: Collection[str] | None, result: ParseResult
     last_end = 1 if container_depth else 0
     found_container = container_depth is not None
     junk: list[str] = []
+    last_string: re.Match[str] | None = None
     for token in _TOKEN.finditer(seg):
         char = token.group()
+        if char[0] == '"':
+            last_string = token
+            continue
         if char in "[{":
             depth += 1
             if container_depth is None and char == "[" and depth == 2:
-                key = _KEY_BEFORE.search(seg, 0, token.start())
-                rest = seg[token.end():].lstrip()
-                wrapper = key is not None and key.group(1).lower() in WRAPPER_KEYS
-                mine = key is not None and example_keys is not None and key.group(1) in example_keys
-                if (wrapper or rest.startswith("{")) and not mine:
+                # The key before the list: the last string, when only a colon lies between them.
+                # Looking back from the token (not searching from 0) keeps salvage linear.
+                key = None
+                if last_string is not None and _COLON_GAP.fullmatch(seg, last_string.end(), token.start()):
+                    key = last_string.group()[1:-1]
+                following = _NEXT_CHAR.match(seg, token.end())
+                wrapper = key is not None and key.lower() in WRAPPER_KEYS
+                mine = key is not None and example_keys is not None and key in example_keys
+                if (wrapper or (following is not None and following.group(1) == "{")) and not mine:
                     container_depth, found_container, last_end = 2, True, token.end()
             elif container_depth is not None and depth == container_depth + 1 and char == "{":
                 child_start = token.start()
@@ -181,7 +236,54 @@ def _parse_block(text: str, example_keys: Collection[str] | None, result: ParseR
         result.errors.extend(part.errors)
 
 
-def parse_examples(raw: str | None, example_keys: Collection[str] | None = None) -> ParseResult:
+def _screen(result: ParseResult, max_depth: int, max_item_bytes: int) -> ParseResult:
+    """Move items with a repeated key, or nested or sized past the bounds, to the errors."""
+    kept: list[Any] = []
+    for item in result.items:
+        _, depth = _shape(item)
+        if depth > max_depth:
+            result.errors.append(ParseError(f"item is nested deeper than {max_depth} levels", "", "structure_mismatch"))
+            continue
+        try:
+            size = len(orjson.dumps(item))
+        except TypeError as exc:
+            result.errors.append(ParseError(f"item cannot be encoded: {exc}", "", "structure_mismatch"))
+            continue
+        if size > max_item_bytes:
+            result.errors.append(ParseError(f"item is {size} bytes; the limit is {max_item_bytes}", "", "structure_mismatch"))
+            continue
+        if _has_duplicate_keys(item):
+            result.errors.append(ParseError("an object of the item names a key twice", "", "duplicate_key", _plain(item)))
+            continue
+        kept.append(item)
+    result.items = kept
+    return result
+
+
+def _has_duplicate_keys(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _DuplicateKeys):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _plain(value: Any) -> Any:
+    return orjson.loads(orjson.dumps(value))
+
+
+def parse_examples(raw: str | None, example_keys: Collection[str] | None = None, *,
+                   max_depth: int = MAX_DEPTH, max_item_bytes: int = MAX_ITEM_BYTES) -> ParseResult:
+    """Items and errors found in a model's answer; see `_screen` for the items kept out."""
+    return _screen(_parse(raw, example_keys), max_depth, max_item_bytes)
+
+
+def _parse(raw: str | None, example_keys: Collection[str] | None = None) -> ParseResult:
     """Items and errors found in a model's answer.
 
     `example_keys` (the formatting example's top-level keys) tells a lone example object from an
@@ -192,7 +294,7 @@ def parse_examples(raw: str | None, example_keys: Collection[str] | None = None)
         result.errors.append(ParseError("empty output", ""))
         return result
     try:
-        result.items.extend(_unwrap(orjson.loads(raw), example_keys))
+        result.items.extend(_unwrap(_checked(raw, orjson.loads(raw)), example_keys))
         return result
     except orjson.JSONDecodeError:
         pass

@@ -37,6 +37,8 @@ from datacreator.contracts import (
     Strategy,
     TaskOutcome,
 )
+from datacreator.logic.budget import BudgetLedger, OperatorCaps, check_caps
+from datacreator.logic.validation import request_fields_problem
 from datacreator.logic.schema import example_schema, get_path, infer_label
 from datacreator.logic.strategies import EmbedFn, as_embed_fn, derive_rng, select_reference, shuffled, tree_children
 
@@ -58,6 +60,7 @@ class PlannerLimits(BaseModel):
     stall_calls: int = Field(30, ge=1, description="Calls in a row with no new accepted example before the request fails.")
     max_tree_level_nodes: int = Field(256, ge=1, description="Tree strategy: nodes kept per level.")
     pool_size: int = Field(256, ge=1, description="reference_pool=all_accepted: examples kept to draw from (reservoir sample).")
+    caps: OperatorCaps = Field(default_factory=OperatorCaps, description="Operator caps and endpoint prices (logic.budget).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +108,10 @@ def validate_request(request: CreationRequest, known_endpoints: set[str] | None,
     """Why the request must be REJECTED, or None when it can run."""
     if known_endpoints is not None and request.model.endpoint not in known_endpoints:
         return f"unknown endpoint {request.model.endpoint!r}"
+    if (unbounded := request_fields_problem(request)) is not None:
+        return unbounded
+    if (capped := check_caps(request, limits.caps)) is not None:
+        return capped
     if request.target_count > limits.max_target_count:
         return f"target_count {request.target_count} exceeds the limit of {limits.max_target_count}"
     parallel = request.examples_per_call * request.chains
@@ -206,6 +213,7 @@ class PlanState(_State):
     calls_without_accept: int = 0
     streak_rejected: dict[str, int] = Field(default_factory=dict)
     last_error: str | None = None
+    reserved: dict[str, float] = Field(default_factory=dict)  # task id -> worst-case cost (logic.budget)
 
 
 def task_id_for(request_id: str, *position: object) -> str:
@@ -223,6 +231,7 @@ class RequestPlan:
     def __init__(self, state: PlanState) -> None:
         self._s = state
         self._template: dict[str, Any] | None = None
+        self._budget_blocked = False  # the last task to issue did not fit under the budget
 
     # -- construction and persistence ---------------------------------------------------------
 
@@ -328,12 +337,16 @@ class RequestPlan:
         if self.finished:
             return []
         embed_fn = as_embed_fn(embed)
+        self._budget_blocked = False
         tasks: list[GenerationTask] = []
         while (max_tasks is None or len(tasks) < max_tasks) and self._may_issue():
             entry = self._issue_tree(now) if self._s.tree is not None else self._issue_chain(now, embed_fn)
             if entry is None:
                 break
-            tasks.append(self._task(entry))
+            task = self._task(entry)
+            if not self._reserve(entry, task):
+                break
+            tasks.append(task)
         if tasks and self._s.state is RequestState.ACCEPTED:
             self._s.state = RequestState.RUNNING
         self._s.updated_at = now
@@ -349,6 +362,8 @@ class RequestPlan:
         entry = s.in_flight.pop(outcome.task_id, None)
         if entry is None:
             return
+        s.reserved.pop(outcome.task_id, None)
+        self._budget_blocked = False
         s.updated_at = now
         self._account(outcome)
         if entry.expansion is None:
@@ -385,7 +400,7 @@ class RequestPlan:
 
     def _account(self, outcome: TaskOutcome) -> None:
         s, c = self._s, self._s.counts
-        c.llm_calls += 1
+        c.llm_calls += outcome.attempts
         if outcome.error is not None:
             c.failed_calls += 1
             s.last_error = outcome.error[:500]
@@ -417,21 +432,34 @@ class RequestPlan:
             text += f"; last error: {s.last_error}"
         return text
 
-    def _mean_call_cost(self) -> float:
-        c = self._s.counts
-        return c.cost_usd / c.llm_calls if c.llm_calls else 0.0
+    def _ledger(self) -> BudgetLedger:
+        return BudgetLedger(self._s.request, self._s.limits.caps)
 
     def _budget_allows(self) -> bool:
         s = self._s
         budget = s.request.budget
-        if budget.max_llm_calls is not None and s.counts.tasks_issued >= budget.max_llm_calls:
+        # Every HTTP attempt counts; a call in flight makes at least one.
+        if budget.max_llm_calls is not None and s.counts.llm_calls + len(s.in_flight) >= budget.max_llm_calls:
             return False
-        if budget.max_cost_usd is not None:
-            # Calls in flight will cost about what calls cost so far: count them before spending more.
-            committed = s.counts.cost_usd + len(s.in_flight) * self._mean_call_cost()
-            if s.counts.cost_usd >= budget.max_cost_usd or (s.in_flight and committed >= budget.max_cost_usd):
-                return False
-        return True
+        return not self._ledger().exhausted(s.counts.cost_usd, s.reserved, len(s.in_flight), s.counts.tasks_issued - len(s.in_flight))
+
+    def _reserve(self, entry: InFlight, task: GenerationTask) -> bool:
+        """Reserve the task's worst-case cost, or take the task back when it does not fit."""
+        s, ledger = self._s, self._ledger()
+        amount = ledger.worst_case(task)
+        if ledger.fits(s.counts.cost_usd, s.reserved, amount):
+            if amount:
+                s.reserved[entry.task_id] = amount
+            return True
+        del s.in_flight[entry.task_id]
+        s.counts.tasks_issued -= 1
+        if entry.expansion is None:
+            s.chains[entry.chain].step -= 1
+        else:
+            assert s.tree is not None
+            s.tree.next_node -= 1
+        self._budget_blocked = True
+        return False
 
     def _may_issue(self) -> bool:
         s = self._s
@@ -452,11 +480,11 @@ class RequestPlan:
         s = self._s
         if self.finished or s.in_flight or s.counts.accepted >= s.request.target_count:
             return
-        if not self._budget_allows():
+        if self._budget_blocked or not self._budget_allows():
             spent = s.counts
             self._finish(
                 RequestState.BUDGET_EXHAUSTED,
-                f"budget spent after {spent.tasks_issued} calls and ${spent.cost_usd:.4f}: "
+                f"budget spent after {spent.llm_calls} calls ({spent.tasks_issued} tasks) and ${spent.cost_usd:.4f}: "
                 f"{spent.accepted} of {s.request.target_count} examples made",
                 now,
             )

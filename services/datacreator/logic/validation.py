@@ -10,10 +10,65 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import sys
+import unicodedata
+from functools import lru_cache
+
 import orjson
 
 from datacreator.contracts import RejectReason
-from datacreator.logic.schema import OPTION_NAMES, example_schema, infer_label
+from datacreator.logic.schema import OPTION_NAMES, example_schema, get_path, infer_label
+
+_MISSING = object()
+# Characters that render as nothing but are not Unicode format characters (category Cf):
+# blank braille, Hangul fillers, the Mongolian vowel separator (Cf before Unicode 6.3).
+_BLANKS = (0x2800, 0x115F, 0x1160, 0x3164, 0xFFA0, 0x180E)
+
+
+@lru_cache(maxsize=1)
+def _invisible_table() -> dict[int, None]:
+    table = {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"}
+    table.update((cp, None) for cp in _BLANKS)
+    return table
+
+
+MAX_FIELD_DEPTH = 32
+MAX_FIELD_BYTES = 256 * 1024
+
+
+def bounded_field_problem(name: str, value: Any, max_depth: int = MAX_FIELD_DEPTH, max_bytes: int = MAX_FIELD_BYTES) -> str | None:
+    """Why a free-form JSON field is too deep or too large to travel on the bus, or None.
+
+    orjson refuses to encode past 254 levels: a field that deep would fail at every snapshot.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                return f"{name} is nested deeper than {max_depth} levels"
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:
+        return f"{name} cannot be encoded as JSON: {exc}"
+    if size > max_bytes:
+        return f"{name} is {size} bytes; the limit is {max_bytes}"
+    return None
+
+
+def request_fields_problem(request: Any) -> str | None:
+    """The first free-form field of a request that is too deep or too large, as a REJECTED reason."""
+    for name in ("formatting_example", "metadata", "label_space"):
+        problem = bounded_field_problem(name, getattr(request, name))
+        if problem is not None:
+            return problem
+    return None
+
+
+def strip_invisible(text: str) -> str:
+    """`text` without format characters (zero-width spaces and joiners, bidi marks, ...) and blanks."""
+    return text if text.isascii() else text.translate(_invisible_table())
 
 # A failure bubbles up as [reason, message, innermost path part, ..., outermost path part].
 Failure = list[Any]
@@ -91,7 +146,7 @@ class _Compiler:
         def check(value: Any) -> Failure | None:
             if type(value) is not str:
                 return [RejectReason.structure_mismatch, f"expected string, got {_type_name(value)}"]
-            if not value or value.isspace():
+            if not value or value.isspace() or not strip_invisible(value).strip():
                 return [RejectReason.empty_field, "empty string"]
             if len(value) > limit:
                 return [RejectReason.field_too_long, f"{len(value)} characters (limit {limit})"]
@@ -277,13 +332,12 @@ class ExampleValidator:
         return None
 
     def _check_label(self, item: dict) -> Verdict | None:
+        # The same resolver as request validation: numeric parts step through lists ("turns.0.speaker").
         parts = self._label_parts
-        parent: Any = item
-        for part in parts[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) else None
-        if not isinstance(parent, dict) or parts[-1] not in parent:
+        parent: Any = get_path(item, ".".join(parts[:-1]), _MISSING) if len(parts) > 1 else item
+        value = _MISSING if parent is _MISSING else get_path(parent, parts[-1], _MISSING)
+        if value is _MISSING:
             return Verdict(RejectReason.label_out_of_space, f"{self.label_field}: missing")
-        value = parent[parts[-1]]
         try:
             known = self._space is None or _label_key(value) in self._space
         except TypeError:
@@ -291,7 +345,7 @@ class ExampleValidator:
         if not known:
             return Verdict(RejectReason.label_out_of_space, f"{self.label_field}: {value!r} not in {self.label_space!r}")
         if self._options_key is not None:
-            options = parent.get(self._options_key)
+            options = parent.get(self._options_key) if isinstance(parent, dict) else None
             kind = self._options_kind
             if kind == "keys":
                 ok = isinstance(options, dict) and isinstance(value, str) and value in options

@@ -7,6 +7,7 @@ that curator rebuilds it by reading back the examples already published on its p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from datacreator import metrics
@@ -72,7 +73,12 @@ class CuratorHandler(BaseHandler):
             status.state != RequestState.COMPLETED or request_id not in self.state.requests
         ):
             return self._closed(candidate, status.state)
-        result = self.state.curate(candidate, delivery.partition)
+        # Large answers (parsing, validation, semantic-dedup embeddings) are curated off the event loop.
+        curation = self.state.for_task(candidate.task, partition=delivery.partition)
+        if len(candidate.raw_output or "") > 16_384 or curation.dedup.semantic_threshold is not None:
+            result = await asyncio.to_thread(curation.curate, candidate)
+        else:
+            result = curation.curate(candidate)
         outputs = [Output(topics.examples, request_id, e) for e in result.examples]
         outputs += [Output(topics.rejected, request_id, r) for r in result.rejections]
         outputs.append(Output(topics.outcomes, request_id, result.outcome))
@@ -94,7 +100,8 @@ class CuratorHandler(BaseHandler):
                               detail=f"request is {state.value}")
         outcome = TaskOutcome(task_id=task.task_id, request_id=task.request_id, chain=task.chain, step=task.step,
                               references=task.references, rejected={RejectReason.request_closed.value: 1},
-                              usage=candidate.usage, cost_usd=candidate.cost_usd, latency_s=candidate.latency_s)
+                              usage=candidate.usage, cost_usd=candidate.cost_usd, latency_s=candidate.latency_s,
+                              attempts=candidate.attempts)
         metrics.examples_rejected.labels(RejectReason.request_closed.value).inc()
         topics = self.settings.topics
         return [Output(topics.rejected, task.request_id, rejection), Output(topics.outcomes, task.request_id, outcome)]

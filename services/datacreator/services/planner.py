@@ -42,7 +42,8 @@ class PlannerHandler(BaseHandler):
     def __init__(self, settings: Settings, embedder: Embedder | None = None, limits: PlannerLimits | None = None) -> None:
         self.settings = settings
         self.inputs = {settings.topics.requests: RequestMessage, settings.topics.outcomes: TaskOutcome}
-        self.limits = limits or PlannerLimits(stall_calls=settings.stall_calls)
+        self.limits = limits or PlannerLimits(stall_calls=settings.stall_calls, caps=settings.operator_caps(),
+                                              **({"max_target_count": settings.max_target_count} if settings.max_target_count else {}))
         self._embedder = embedder
         self.plans: dict[str, RequestPlan] = {}
         self.partition_of: dict[str, int] = {}
