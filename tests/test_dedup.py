@@ -195,12 +195,12 @@ def test_zero_width_characters_do_not_make_a_new_example() -> None:
 async def test_semantic_dedup_embeds_off_the_event_loop_in_one_batch() -> None:
     # Before: the curator embedded on the event loop, and items and formatting examples in two calls.
     import threading
-    from types import SimpleNamespace
 
+    from datacreator.bus.runtime import Delivery
     from datacreator.config import Settings
     from datacreator.contracts import Candidate, DedupSpec
     from datacreator.services.curator import CuratorHandler
-    from tests.test_curation import item, make_task
+    from tests.helpers import item, make_task
 
     calls: list[tuple[str, int]] = []
 
@@ -214,8 +214,7 @@ async def test_semantic_dedup_embeds_off_the_event_loop_in_one_batch() -> None:
     handler = CuratorHandler(Settings(), embedder=RecordingEmbedder())
     task = make_task(dedup=DedupSpec(semantic_threshold=0.99))
     raw = json.dumps({"examples": [item(1), item(2), item(3)]})
-    record = SimpleNamespace(value=Candidate(task=task, endpoint="default", model="m", raw_output=raw).model_dump_json().encode(),
-                             partition=0, topic="datacreator.candidates", key=None, offset=0)
-    outputs = await handler.handle(record)
+    candidate = Candidate(task=task, endpoint="default", model="m", raw_output=raw)
+    outputs = await handler.handle(candidate, Delivery("datacreator.candidates", 0, 0, task.request_id, b""))
     assert sum(o.topic == handler.settings.topics.examples for o in outputs) == 3
     assert calls == [(calls[0][0], 4)] and calls[0][0] != threading.main_thread().name
