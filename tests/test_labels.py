@@ -328,3 +328,22 @@ def test_derive_rng_is_what_seeds_label_ties() -> None:
     picks = {tuple(lp.plan_call(2, [], derive_rng("r", "labels", i))) for i in range(20)}
     assert len(picks) > 1  # ties go different ways at different steps
     assert lp.plan_call(2, [], derive_rng("r", "labels", 3)) == lp.plan_call(2, [], derive_rng("r", "labels", 3))
+
+
+def test_export_manifest_records_model_sampling_and_labels(tmp_path) -> None:
+    from datacreator.contracts import Example
+    from datacreator.export import write_export
+
+    req = request(target_count=8, model={"temperature": 1.0, "top_p": 0.0})
+    plan = RequestPlan.start(req, 0.0)
+    run(plan, keep=1.0)
+    status = plan.status(1.0)
+    examples = [Example(example_id=f"e{i}", request_id="req-l", data={**MCQ, "question": f"q{i}", "answer": "ABCD"[i % 4]},
+                        strategy=Strategy.random, reference_ids=[None], task_id="t", chain=0, step=0, model="sim-model")
+                for i in range(8)]
+    manifest = orjson.loads(write_export(examples, tmp_path / "out.jsonl", request_id="req-l", status=status, request=req).read_bytes())
+    assert manifest["model"] == "sim-model"
+    assert manifest["sampling"] == {"temperature": 1.0, "top_p": 0.0, "max_tokens": 2048}
+    assert manifest["label_field"] == "answer"
+    assert manifest["labels"] == {"plan": "on", "distribution": None, "exported": dict.fromkeys("ABCD", 2),
+                                  "targets": dict.fromkeys("ABCD", 2)}
