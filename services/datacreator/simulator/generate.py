@@ -576,7 +576,13 @@ def write_examples(rng: random.Random, messages: list[Any], response_format: Any
             for i in range(count)
         ]
         enums = list(enum_slots(item_schema, writer))
-        fixed = {slot.path for slot in enums} | set(const_paths(item_schema, writer))
+        pinned = set(const_paths(item_schema, writer)) if positions else set()
+        fixed = {slot.path for slot in enums} | pinned
+        # A pinned label still has a space, for the label_out_of_space fault: what the prompt states, or every position's.
+        for path in pinned:
+            space = list(prompt.label_space or ()) if prompt.label_field and _dotted(prompt.label_field) == path else []
+            space += [v for v in (get_path(item, path) for item in items) if v is not _MISSING and v not in space]
+            enums.append(LabelSlot(path, "space", space=tuple(space)))
         slots = enums + [s for s in label_slots(shape) if s.path not in fixed and s.kind != "seen"] if seen else enums
     elif seen:
         items = [imitate(rng, seen[i % len(seen)]) for i in range(count)]
