@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from datacreator.contracts import AcceptedRef
 from datacreator.logic.schema import get_path
 
-# Examples of each label kept for label-aware self-reference (the most recent ones).
+# Examples of each label kept for label-aware self-reference (the most recent ones), and in all:
+# they ride in every plan snapshot.
 PER_LABEL_REFERENCES = 8
+MAX_REFERENCES = 256
 
 
 def label_text(value: Any) -> str:
@@ -91,6 +93,7 @@ class LabelPlan(BaseModel):
         return dict(zip(self.texts, self.targets))
 
     def record(self, accepted: Iterable[AcceptedRef]) -> None:
+        keep = max(1, min(PER_LABEL_REFERENCES, MAX_REFERENCES // len(self.labels)))
         for item in accepted:
             text = label_of(item.data, self.field)
             if text is None:
@@ -98,7 +101,7 @@ class LabelPlan(BaseModel):
             self.accepted[text] = self.accepted.get(text, 0) + 1
             kept = self.recent.setdefault(text, [])
             kept.append(item)
-            del kept[:-PER_LABEL_REFERENCES]
+            del kept[:-keep]
 
     def plan_call(self, n: int, in_flight: Iterable[Any], rng: random.Random) -> list[Any]:
         """Up to `n` labels for one call: what is still missing, as varied as that allows."""

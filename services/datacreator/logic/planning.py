@@ -8,6 +8,13 @@ next formatting example is chosen from what its previous call had accepted (see
 `logic.strategies`). The tree strategy expands breadth-first levels instead, with at most
 `request.chains` calls in flight.
 
+Where the label space is known and `label_plan` is on, every call's items get their labels from
+the request's `LabelPlan` (`logic.labels`): what each label still lacks of its target, counting
+accepted examples and the labels of calls in flight. The last calls ask only for what is missing.
+
+`validate_request` works out the label, the schema and the label plan once; `RequestPlan.start`
+takes its `ValidatedRequest`, and the snapshot carries them.
+
 Driving a plan (the service's side):
 - `next_tasks(now, embed)` may call `embed` (a sentence model) for the contrastive and similar
   strategies, so run it in a worker thread there; a plan is not thread-safe, so never call two

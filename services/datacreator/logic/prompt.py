@@ -1,7 +1,7 @@
 """The prompt of one generation call, its response format and its token estimate.
 
-The wording is part of the project's contract: the LLM simulator reads the number of examples
-and the formatting examples back out of it. Small models copy their formatting example, so the
+The wording is part of the project's contract: the LLM simulator reads the number of examples,
+the formatting examples and the planned label of each item back out of it. Small models copy their formatting example, so the
 prompt is short, direct and says plainly not to copy.
 """
 
