@@ -43,7 +43,7 @@ from datacreator.contracts import (
     TaskOutcome,
     Usage,
 )
-from datacreator.logic.planning import PlannerLimits, validate_request
+from datacreator.logic.planning import PlannerLimits, RequestRejected, validate_request
 from datacreator.services.app import ServiceGroup, build_handler
 from datacreator.services.sink import SinkHandler
 from datacreator.stack import LLMTarget, endpoint_json
@@ -127,7 +127,11 @@ def _answer(raw: Any) -> str | None:
     except PoisonMessage as exc:
         return str(exc)
     assert isinstance(request, CreationRequest)
-    return validate_request(request, ENDPOINTS, LIMITS)
+    try:
+        validate_request(request, ENDPOINTS, LIMITS)
+    except RequestRejected as exc:
+        return str(exc)
+    return None
 
 
 @pytest.mark.slow

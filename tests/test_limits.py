@@ -19,7 +19,7 @@ from datacreator.contracts import (
     CreationRequest,
     RequestState,
 )
-from datacreator.logic.planning import PlannerLimits, validate_request
+from datacreator.logic.planning import PlannerLimits, RequestRejected, validate_request
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.test_poison import FAST_GROUPS, partition_of
@@ -66,7 +66,11 @@ def _reason(raw: dict[str, Any], max_bytes: int | None = None) -> str | None:
         request = decode_request(orjson.dumps(raw), max_bytes)
     except PoisonMessage as exc:
         return str(exc)
-    return validate_request(request, {"default"}, LIMITS)
+    try:
+        validate_request(request, {"default"}, LIMITS)
+    except RequestRejected as exc:
+        return str(exc)
+    return None
 
 
 @pytest.mark.parametrize("case", sorted(OVER_LIMIT))

@@ -22,7 +22,7 @@ from datacreator.contracts import (
     TaskOutcome,
     Usage,
 )
-from datacreator.logic.planning import PlannerLimits, RequestPlan, task_id_for, validate_request
+from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, task_id_for, validate_request
 from datacreator.logic.schema import example_schema
 from datacreator.logic.strategies import CachedEmbedder, derive_rng, shuffled
 
@@ -547,8 +547,11 @@ def test_restore_rejects_unknown_versions() -> None:
 
 
 def test_validate_accepts_a_sane_request() -> None:
-    assert validate_request(make_request(), {"default"}, PlannerLimits()) is None
-    assert validate_request(make_request(), None, PlannerLimits()) is None
+    validated = validate_request(make_request(), {"default"}, PlannerLimits())
+    assert validated.label_field == "answer" and validated.label_space == ["A", "B"]
+    assert validated.example_schema == example_schema(SEED, "answer", ["A", "B"])
+    request = make_request()
+    assert validate_request(request, None, PlannerLimits()).request is request
 
 
 @pytest.mark.parametrize(
@@ -569,14 +572,14 @@ def test_validate_accepts_a_sane_request() -> None:
     ],
 )
 def test_validate_rejections(overrides: dict, limits: dict, needle: str) -> None:
-    reason = validate_request(make_request(**overrides), {"default"}, PlannerLimits(**limits))
-    assert reason is not None and needle in reason
+    with pytest.raises(RequestRejected) as rejected:
+        validate_request(make_request(**overrides), {"default"}, PlannerLimits(**limits))
+    assert needle in str(rejected.value)
 
 
 def test_validate_dotted_label_field() -> None:
     request = make_request(formatting_example={"meta": {"gold": "yes"}, "text": "t"}, label_field="meta.gold", label_space=["yes", "no"])
-    assert validate_request(request, None, PlannerLimits()) is None
-    task = RequestPlan.start(request, 0.0).next_tasks(0.0)[0]
+    task = RequestPlan.start(validate_request(request, None, PlannerLimits()), 0.0).next_tasks(0.0)[0]
     assert task.label_field == "meta.gold" and task.label_space == ["yes", "no"]
     assert task.example_schema["properties"]["meta"]["properties"]["gold"]["enum"] == ["yes", "no"]
 

@@ -99,6 +99,15 @@ def test_simulator_reads_count_and_examples_back():
     assert prompt.examples and prompt.examples[0] in refs
 
 
+def test_simulator_reads_the_planned_labels_back():
+    task = make_task(n=3, label_space=[True, False], label_field="meta.ok").model_copy(update={"planned_labels": [False, True, False]})
+    user = build_messages(task)[1]["content"]
+    assert 'The "meta.ok" of the 3 examples, in order: false, true, false.' in user
+    prompt = Prompt.read(build_messages(task))
+    assert (prompt.planned_field, prompt.planned_labels) == ("meta.ok", [False, True, False])
+    assert Prompt.read(build_messages(make_task(n=3))).planned_labels is None
+
+
 @pytest.mark.parametrize("n", [1, 5, 50])
 def test_json_schema_response_format_holds_exactly_n_examples(n):
     fmt = response_format(make_task(n=n), "json_schema")

@@ -93,6 +93,7 @@ class ModelSpec(_Part):
     endpoint: str = Field("default", min_length=1, max_length=100, description="Endpoint alias from configuration.")
     name: str | None = Field(None, max_length=200, description="Model name; the endpoint's default when absent.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling; the endpoint's default when absent (the paper's code used 0).")
     max_tokens: int = Field(2048, ge=16, le=32_768)
 
 
@@ -127,6 +128,13 @@ class CreationRequest(_Message):
     )
     label_field: str | None = Field(None, max_length=200, description="Dotted path of the label; inferred when absent.")
     label_space: list[Any] | None = Field(None, max_length=1000)
+    label_plan: Literal["on", "off"] = Field(
+        "on", description="on: every item of a call is given a target label so the accepted labels follow label_distribution; off: the model picks."
+    )
+    label_distribution: dict[str, Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] | None = Field(
+        None, max_length=1000,
+        description="Target share per label (a label's JSON text as key, a bare string for string labels); uniform when absent. Shares are normalised.",
+    )
     allow_extra_keys: bool = False
     model: ModelSpec = Field(default_factory=ModelSpec)
     budget: Budget = Field(default_factory=Budget)
@@ -180,6 +188,9 @@ class GenerationTask(_Message):
     example_schema: JsonObject = Field(..., description="JSON Schema of one example, derived from the formatting example.")
     label_field: str | None = None
     label_space: list[Any] | None = None
+    planned_labels: list[Any] | None = Field(
+        None, description="The label each item of the answer must carry, in order (label plan on); num_examples items."
+    )
     allow_extra_keys: bool = False
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     model: ModelSpec
@@ -268,6 +279,7 @@ class TaskOutcome(_Message):
     attempts: int = Field(1, ge=0, description="HTTP attempts the task's call made (what max_llm_calls counts).")
     error: str | None = None
     target_reached: bool = False
+    model: str | None = Field(None, description="The model that answered the call, as the generator named it.")
     created_at: float = Field(default_factory=now)
 
 
@@ -290,7 +302,12 @@ class RequestStatus(_Message):
     examples_per_second: float = 0.0
     fallbacks: int = Field(0, description="Calls whose formatting example fell back to the chain's last good one.")
     strategy: Strategy | None = None
-    model: str | None = None
+    model: str | None = Field(None, description="The model asked for, else the one that answered.")
+    temperature: float | None = None
+    top_p: float | None = None
+    label_field: str | None = None
+    label_counts: dict[str, int] = Field(default_factory=dict, description="Accepted examples per label (the label's text as key).")
+    label_targets: dict[str, int] | None = Field(None, description="The label plan's target per label; null when the plan is off.")
     error: str | None = None
     started_at: float | None = None
     updated_at: float = Field(default_factory=now)

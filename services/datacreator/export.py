@@ -3,7 +3,8 @@
 Rows are the examples' `data` objects, sorted by example id, so the same examples always give
 the same bytes. A train/validation split ranks examples by a seeded hash of their id: it does
 not depend on arrival order, and an example keeps its side when more examples are added.
-The manifest (`<stem>.manifest.json`) records the request, its status counts and cost, the
+The manifest (`<stem>.manifest.json`) records the request, the model and its sampling settings,
+its status counts and cost, the exported rows per label beside the label plan's targets, the
 example JSON Schema, and every file with its row count and sha256.
 """
 
@@ -27,6 +28,7 @@ from datacreator.bus.readback import read_to_end
 from datacreator.client import collect_examples, latest_status
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, RequestState, RequestStatus
+from datacreator.logic.labels import label_of
 from datacreator.logic.schema import example_schema
 from datacreator.services.sink import request_dir_name
 
@@ -169,7 +171,13 @@ def _manifest(
         "model": (status.model if status and status.model else None) or (models[0] if len(models) == 1 else models or None),
         "strategy": (status.strategy.value if status and status.strategy else None) or (strategies[0] if len(strategies) == 1 else strategies or None),
         "instruction": request.instruction if request else None,
-        "label_field": request.label_field if request else None,
+        "label_field": (status.label_field if status and status.label_field else None) or (request.label_field if request else None),
+        "sampling": {
+            "temperature": status.temperature if status and status.temperature is not None else (request.model.temperature if request else None),
+            "top_p": status.top_p if status and status.top_p is not None else (request.model.top_p if request else None),
+            "max_tokens": request.model.max_tokens if request else None,
+        },
+        "labels": _label_summary(examples, status, request),
         "counts": {
             "exported": len(examples),
             "accepted": status.accepted if status else None,
@@ -187,6 +195,24 @@ def _manifest(
         "split": {"train_share": split, "seed": seed, "by": "sha256(seed:example_id)"} if split is not None else None,
         "example_schema": schema,
         "files": files,
+    }
+
+
+def _label_summary(examples: list[Example], status: RequestStatus | None, request: CreationRequest | None) -> dict[str, Any] | None:
+    """Exported rows per label, beside the label plan's targets (None when no label is known)."""
+    field = (status.label_field if status else None) or (request.label_field if request else None)
+    if not field:
+        return None
+    counts: dict[str, int] = {}
+    for example in examples:
+        text = label_of(example.data, field)
+        if text is not None:
+            counts[text] = counts.get(text, 0) + 1
+    return {
+        "plan": request.label_plan if request else None,
+        "distribution": request.label_distribution if request else None,
+        "exported": dict(sorted(counts.items())),
+        "targets": status.label_targets if status else None,
     }
 
 

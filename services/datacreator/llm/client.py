@@ -182,6 +182,8 @@ class LLMClient:
             "temperature": task.model.temperature,
             "max_tokens": task.model.max_tokens,
         }
+        if task.model.top_p is not None:
+            body["top_p"] = task.model.top_p
         fmt = response_format(task, self.mode)  # type: ignore[arg-type]
         if fmt is not None:
             body["response_format"] = fmt

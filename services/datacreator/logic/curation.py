@@ -26,6 +26,7 @@ from datacreator.contracts import (
 from datacreator.logic.dedup import DedupIndex, Fingerprint, example_id, normalise
 from datacreator.logic.embeddings import Embedder
 from datacreator.logic.parsing import parse_examples
+from datacreator.logic.schema import ordered_like
 from datacreator.logic.validation import ExampleValidator
 
 
@@ -167,6 +168,8 @@ class RequestCuration:
             if verdict is not None:
                 reject(verdict.reason, verdict.detail, item=item)
                 continue
+            # Label plan: the schema asked for the label first; give the item back the formatting example's key order.
+            item = ordered_like(item, self.validator.schema)
             norm = normalise(item)
             if norm in references:
                 reject(RejectReason.copy_of_reference, "same as a formatting example of this call", item=item)
@@ -224,6 +227,7 @@ class RequestCuration:
             references=task.references, accepted=accepted, rejected=dict(counts), usage=candidate.usage,
             cost_usd=candidate.cost_usd, latency_s=candidate.latency_s, attempts=candidate.attempts, error=error,
             target_reached=self.accepted_count >= self.target_count,
+            model=candidate.model,  # the status names the model that answered
         )
 
 

@@ -8,6 +8,13 @@ next formatting example is chosen from what its previous call had accepted (see
 `logic.strategies`). The tree strategy expands breadth-first levels instead, with at most
 `request.chains` calls in flight.
 
+Where the label space is known and `label_plan` is on, every call's items get their labels from
+the request's `LabelPlan` (`logic.labels`): what each label still lacks of its target, counting
+accepted examples and the labels of calls in flight. The last calls ask only for what is missing.
+
+`validate_request` works out the label, the schema and the label plan once; `RequestPlan.start`
+takes its `ValidatedRequest`, and the snapshot carries them.
+
 Driving a plan (the service's side):
 - `next_tasks(now, embed)` may call `embed` (a sentence model) for the contrastive and similar
   strategies, so run it in a worker thread there; a plan is not thread-safe, so never call two
@@ -20,6 +27,7 @@ Driving a plan (the service's side):
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -38,11 +46,12 @@ from datacreator.contracts import (
     TaskOutcome,
 )
 from datacreator.logic.budget import BudgetLedger, OperatorCaps, check_caps
+from datacreator.logic.labels import LabelPlan, label_of
+from datacreator.logic.schema import example_schema, get_path, infer_label, label_path_in_objects
 from datacreator.logic.validation import request_fields_problem
-from datacreator.logic.schema import example_schema, get_path, infer_label
 from datacreator.logic.strategies import EmbedFn, as_embed_fn, derive_rng, select_reference, shuffled, tree_children
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: the label and schema worked out once, the label plan
 _MISSING = object()
 
 
@@ -104,50 +113,88 @@ def resolve_label(request: CreationRequest) -> tuple[str | None, list[Any] | Non
     return field, space
 
 
-def validate_request(request: CreationRequest, known_endpoints: set[str] | None, limits: PlannerLimits) -> str | None:
-    """Why the request must be REJECTED, or None when it can run."""
+class RequestRejected(ValueError):
+    """The request cannot run; the message is the reason its REJECTED status gives."""
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request that can run, with what validation worked out: its label, schema and label plan."""
+
+    request: CreationRequest
+    label_field: str | None
+    label_space: list[Any] | None
+    example_schema: dict[str, Any]
+    label_plan: LabelPlan | None
+
+
+def validate_request(request: CreationRequest, known_endpoints: set[str] | None, limits: PlannerLimits) -> ValidatedRequest:
+    """The request with its label and schema; raises `RequestRejected` saying why it cannot run."""
+    reason, validated = _validate(request, known_endpoints, limits)
+    if reason is not None:
+        raise RequestRejected(reason)
+    assert validated is not None
+    return validated
+
+
+def _validate(
+    request: CreationRequest, known_endpoints: set[str] | None, limits: PlannerLimits
+) -> tuple[str | None, ValidatedRequest | None]:
     if known_endpoints is not None and request.model.endpoint not in known_endpoints:
-        return f"unknown endpoint {request.model.endpoint!r}"
+        return f"unknown endpoint {request.model.endpoint!r}", None
     if (unbounded := request_fields_problem(request)) is not None:
-        return unbounded
+        return unbounded, None
     if (capped := check_caps(request, limits.caps)) is not None:
-        return capped
+        return capped, None
     if request.target_count > limits.max_target_count:
-        return f"target_count {request.target_count} exceeds the limit of {limits.max_target_count}"
+        return f"target_count {request.target_count} exceeds the limit of {limits.max_target_count}", None
     parallel = request.examples_per_call * request.chains
     if parallel > limits.max_examples_in_flight:
         return (
             f"examples_per_call * chains = {parallel} exceeds the limit of {limits.max_examples_in_flight}"
-        )
+        ), None
     seed = request.formatting_example
     try:
         size = len(orjson.dumps(seed))
     except TypeError as exc:
-        return f"formatting example is not JSON: {exc}"
+        return f"formatting example is not JSON: {exc}", None
     if size > limits.max_example_bytes:
-        return f"formatting example is {size} bytes; the limit is {limits.max_example_bytes}"
+        return f"formatting example is {size} bytes; the limit is {limits.max_example_bytes}", None
     problem = _walk_limits(seed, limits)
     if problem:
-        return problem
+        return problem, None
     if request.label_field is not None and get_path(seed, request.label_field, _MISSING) is _MISSING:
-        return f"label_field {request.label_field!r} is not in the formatting example"
+        return f"label_field {request.label_field!r} is not in the formatting example", None
     try:
         field, space = resolve_label(request)
     except Exception as exc:  # the seed's shape is the user's input: any failure is a rejection
-        return f"cannot infer the label of the formatting example: {exc}"
+        return f"cannot infer the label of the formatting example: {exc}", None
     if request.label_space is not None:
         if field is None:
-            return "label_space is given but no label_field was given or could be inferred"
+            return "label_space is given but no label_field was given or could be inferred", None
         value = get_path(seed, field, _MISSING)
         values = value if isinstance(value, list) else [value]
         if value is _MISSING or any(v not in request.label_space for v in values):
             shown = "nothing" if value is _MISSING else repr(value)[:200]
-            return f"the formatting example's label {field!r} is {shown}, not in label_space"
+            return f"the formatting example's label {field!r} is {shown}, not in label_space", None
     try:
-        example_schema(seed, field, space, request.allow_extra_keys)
+        schema = example_schema(seed, field, space, request.allow_extra_keys)
     except Exception as exc:
-        return f"formatting example has no usable schema: {exc}"
-    return None
+        return f"formatting example has no usable schema: {exc}", None
+    plan: LabelPlan | None = None
+    plannable = bool(field and space) and label_path_in_objects(schema, field or "")
+    if request.label_distribution is not None:
+        if request.label_plan == "off":
+            return "label_distribution needs label_plan \"on\"", None
+        if not plannable:
+            return "label_distribution needs a known label space (give label_field and label_space)", None
+    if request.label_plan == "on" and plannable:
+        assert field is not None and space is not None
+        try:
+            plan = LabelPlan.create(field, space, request.label_distribution, request.target_count)
+        except (ValueError, TypeError) as exc:
+            return str(exc), None
+    return None, ValidatedRequest(request, field, space, schema, plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,11 +241,18 @@ class InFlight(_State):
     references: list[Reference]
     issued_at: float
     expansion: int | None = None  # tree tasks: the expansion they belong to
+    labels: list[Any] | None = None  # the label plan's label per item
 
 
 class PlanState(_State):
     version: int = SNAPSHOT_VERSION
     request: CreationRequest
+    label_field: str | None = None
+    label_space: list[Any] | None = None
+    example_schema: dict[str, Any]
+    labels: LabelPlan | None = None
+    labels_seen: dict[str, int] = Field(default_factory=dict)  # accepted per label with the plan off
+    model: str | None = None  # the model that answered, when the request names none
     limits: PlannerLimits = Field(default_factory=PlannerLimits)
     state: RequestState = RequestState.ACCEPTED
     error: str | None = None
@@ -236,10 +290,18 @@ class RequestPlan:
     # -- construction and persistence ---------------------------------------------------------
 
     @classmethod
-    def start(cls, request: CreationRequest, now: float, limits: PlannerLimits | None = None) -> RequestPlan:
+    def start(cls, validated: ValidatedRequest | CreationRequest, now: float, limits: PlannerLimits | None = None) -> RequestPlan:
+        """A new plan; a bare request is validated here (raises `RequestRejected`)."""
         limits = limits or PlannerLimits()
+        if isinstance(validated, CreationRequest):
+            validated = validate_request(validated, None, limits)
+        request = validated.request
         seed = Reference(example_id=None, data=request.formatting_example)
-        state = PlanState(request=request, limits=limits, started_at=now, updated_at=now)
+        state = PlanState(
+            request=request, label_field=validated.label_field, label_space=validated.label_space,
+            example_schema=validated.example_schema, labels=validated.label_plan,
+            limits=limits, started_at=now, updated_at=now,
+        )
         if request.strategy is Strategy.tree:
             state.tree = TreeState(nodes=[seed])
         else:
@@ -252,7 +314,9 @@ class RequestPlan:
     @classmethod
     def restore(cls, snapshot: dict[str, Any]) -> RequestPlan:
         version = snapshot.get("version")
-        if version != SNAPSHOT_VERSION:
+        if version == 1:
+            snapshot = _upgrade_v1(snapshot)
+        elif version != SNAPSHOT_VERSION:
             raise ValueError(f"unsupported plan snapshot version {version!r}")
         return cls(PlanState.model_validate(snapshot))
 
@@ -314,7 +378,12 @@ class RequestPlan:
             examples_per_second=c.accepted / elapsed if elapsed > 0 else 0.0,
             fallbacks=c.fallbacks,
             strategy=s.request.strategy,
-            model=s.request.model.name,
+            model=s.request.model.name or s.model,
+            temperature=s.request.model.temperature,
+            top_p=s.request.model.top_p,
+            label_field=s.label_field if s.label_space else None,
+            label_counts=dict(sorted(s.labels.accepted.items())) if s.labels else self._label_counts(),
+            label_targets=s.labels.target_map() if s.labels else None,
             error=s.error,
             started_at=s.started_at,
             updated_at=now,
@@ -366,6 +435,12 @@ class RequestPlan:
         self._budget_blocked = False
         s.updated_at = now
         self._account(outcome)
+        if outcome.model and s.model is None:
+            s.model = outcome.model
+        if s.labels is not None:
+            s.labels.record(outcome.accepted)
+        elif s.label_space:
+            self._count_labels(outcome.accepted)
         if entry.expansion is None:
             chain = s.chains[entry.chain]
             chain.candidates = list(outcome.accepted)
@@ -379,7 +454,7 @@ class RequestPlan:
 
         if self.finished:
             return  # late outcomes still count their cost, but change no state
-        if outcome.target_reached or s.counts.accepted >= s.request.target_count:
+        if s.counts.accepted >= s.request.target_count:
             self._finish(RequestState.COMPLETED, None, now)
         elif s.calls_without_accept >= s.limits.stall_calls:
             self._finish(RequestState.FAILED, self._stall_reason(), now)
@@ -466,7 +541,8 @@ class RequestPlan:
         request = s.request
         if len(s.in_flight) >= request.chains:
             return False
-        if s.counts.accepted + len(s.in_flight) * request.examples_per_call >= request.target_count:
+        coming = sum(request.examples_per_call if e.labels is None else len(e.labels) for e in s.in_flight.values())
+        if s.counts.accepted + coming >= request.target_count:
             return False
         return self._budget_allows()
 
@@ -498,8 +574,9 @@ class RequestPlan:
         if not free:
             return None
         chain = min(free, key=lambda c: (c.step, c.index))  # keep chains at an even pace
+        labels = self._plan_labels("chain", chain.index, chain.step)
         if chain.pending:
-            chain.reference = self._choose(chain, embed)
+            chain.reference = self._choose(chain, embed, labels[0] if labels else None)
             chain.candidates = []
             chain.pending = False
         entry = InFlight(
@@ -508,24 +585,49 @@ class RequestPlan:
             step=chain.step,
             references=[chain.reference],
             issued_at=now,
+            labels=labels,
         )
         chain.step += 1
         s.in_flight[entry.task_id] = entry
         s.counts.tasks_issued += 1
         return entry
 
-    def _choose(self, chain: ChainState, embed: EmbedFn | None) -> Reference:
+    def _choose(self, chain: ChainState, embed: EmbedFn | None, label: Any = None) -> Reference:
         s = self._s
         request = s.request
         if request.strategy is Strategy.none:
             return Reference(example_id=None, data=request.formatting_example)
         candidates = s.pool if request.reference_pool == "all_accepted" else chain.candidates
+        if s.labels is not None and label is not None:
+            # Label-aware self-reference: an example of the label this call needs most, so the
+            # formatting example's own label stops pulling every call toward one label.
+            candidates = s.labels.references_for(label, candidates) or candidates
         if not candidates:
             s.counts.fallbacks += 1
             return chain.last_good
         rng = derive_rng(self.request_id, "choose", chain.index, chain.step)
         chosen = select_reference(request.strategy, chain.reference, candidates, rng, embed)
         return Reference(example_id=chosen.example_id, data=chosen.data)
+
+    def _plan_labels(self, *position: object) -> list[Any] | None:
+        s = self._s
+        if s.labels is None:
+            return None
+        pending = [label for e in s.in_flight.values() for label in (e.labels or ())]
+        rng = derive_rng(self.request_id, "labels", *position)
+        return s.labels.plan_call(s.request.examples_per_call, pending, rng) or None
+
+    def _count_labels(self, accepted: list[AcceptedRef]) -> None:
+        """Label counts with the plan off (kept in `labels_seen`)."""
+        field = self._s.label_field
+        assert field is not None
+        for item in accepted:
+            text = label_of(item.data, field)
+            if text is not None:
+                self._s.labels_seen[text] = self._s.labels_seen.get(text, 0) + 1
+
+    def _label_counts(self) -> dict[str, int]:
+        return dict(sorted(self._s.labels_seen.items()))
 
     def _add_to_pool(self, accepted: list[AcceptedRef]) -> None:
         s = self._s
@@ -591,6 +693,7 @@ class RequestPlan:
             references=[node],
             issued_at=now,
             expansion=tree.expansion,
+            labels=self._plan_labels("tree", tree.expansion, tree.next_node),
         )
         tree.next_node += 1
         s.in_flight[entry.task_id] = entry
@@ -601,24 +704,20 @@ class RequestPlan:
 
     def _task_template(self) -> dict[str, Any]:
         if self._template is None:
-            request = self._s.request
-            field, space = resolve_label(request)
-            template: dict[str, Any] = {
+            s = self._s
+            request = s.request
+            self._template = {
                 "request_id": request.request_id,
                 "strategy": request.strategy,
                 "instruction": request.instruction,
-                "num_examples": request.examples_per_call,
                 "target_count": request.target_count,
-                "example_schema": example_schema(request.formatting_example, field, space, request.allow_extra_keys),
-                "label_field": field,
-                "label_space": space,
+                "example_schema": s.example_schema,
+                "label_field": s.label_field,
+                "label_space": s.label_space,
                 "model": request.model,
+                "allow_extra_keys": request.allow_extra_keys,
+                "dedup": request.dedup,
             }
-            if "allow_extra_keys" in GenerationTask.model_fields:
-                template["allow_extra_keys"] = request.allow_extra_keys
-            if "dedup" in GenerationTask.model_fields:
-                template["dedup"] = request.dedup
-            self._template = template
         return self._template
 
     def _task(self, entry: InFlight) -> GenerationTask:
@@ -627,7 +726,28 @@ class RequestPlan:
             chain=entry.chain,
             step=entry.step,
             references=entry.references,
+            num_examples=len(entry.labels) if entry.labels else self._s.request.examples_per_call,
+            planned_labels=entry.labels,
             created_at=entry.issued_at,
             **self._task_template(),
         )
 
+
+def _upgrade_v1(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 snapshot (no label or schema of its own): work them out once, plan off for it.
+
+    Its accepted examples were not counted per label, so a plan started now would plan from zero.
+    """
+    request = CreationRequest.model_validate(snapshot["request"])
+    request = request.model_copy(update={"label_plan": "off", "label_distribution": None})
+    _, validated = _validate(request, None, PlannerLimits.model_validate(snapshot.get("limits") or {}))
+    if validated is None:
+        raise ValueError("plan snapshot version 1 holds a request that no longer validates")
+    return {
+        **snapshot,
+        "version": SNAPSHOT_VERSION,
+        "request": request.model_dump(mode="json"),
+        "label_field": validated.label_field,
+        "label_space": validated.label_space,
+        "example_schema": validated.example_schema,
+    }

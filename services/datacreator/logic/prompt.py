@@ -1,7 +1,7 @@
 """The prompt of one generation call, its response format and its token estimate.
 
-The wording is part of the project's contract: the LLM simulator reads the number of examples
-and the formatting examples back out of it. Small models copy their formatting example, so the
+The wording is part of the project's contract: the LLM simulator reads the number of examples,
+the formatting examples and the planned label of each item back out of it. Small models copy their formatting example, so the
 prompt is short, direct and says plainly not to copy.
 """
 
@@ -27,12 +27,37 @@ def _json_block(data: Any) -> str:
     return "```json\n" + json.dumps(data, indent=2, ensure_ascii=False) + "\n```"
 
 
+def _values(values: list[Any]) -> str:
+    return ", ".join(json.dumps(v, ensure_ascii=False) for v in values)
+
+
 def _label_sentence(task: GenerationTask) -> str | None:
     if not task.label_space:
         return None
-    values = ", ".join(json.dumps(v, ensure_ascii=False) for v in task.label_space)
     field = task.label_field or "label"
-    return f'The "{field}" field must be one of: {values}.'
+    return f'The "{field}" field must be one of: {_values(task.label_space)}.'
+
+
+def _label_rules(task: GenerationTask) -> list[str]:
+    """What the call asks of the labels: the plan's label per item, else all different (the paper's rule)."""
+    field = task.label_field
+    if not field:
+        return []
+    if task.planned_labels:
+        n = len(task.planned_labels)
+        return [
+            # The simulator reads this list back (`simulator.generate.Prompt`): keep its wording.
+            f'The "{field}" of the {n} examples, in order: {_values(task.planned_labels)}.',
+            f'Each example must clearly belong to the task and truly be an example of its "{field}": '
+            f'write its "{field}" first, then content that fits that "{field}" and no other.',
+        ]
+    rules = []
+    if task.label_space and task.num_examples > len(task.label_space):
+        rules.append(f'Use every "{field}" value, each about equally often.')
+    else:
+        rules.append(f'The examples must all have different "{field}" values.')
+    rules.append(f'Each example must clearly belong to the task and truly deserve its "{field}".')
+    return rules
 
 
 def build_user_prompt(task: GenerationTask) -> str:
@@ -53,6 +78,7 @@ def build_user_prompt(task: GenerationTask) -> str:
     label = _label_sentence(task)
     if label:
         request.append(label)
+    request.extend(_label_rules(task))
     request.append(f'Return one JSON object: {{"examples": [...]}} with exactly {n} items.')
     parts.append(" ".join(request))
     return "\n\n".join(parts)
@@ -70,7 +96,8 @@ def response_format(task: GenerationTask, mode: StructuredOutput) -> dict[str, A
     if mode == "json_schema":
         return {
             "type": "json_schema",
-            "json_schema": {"name": "examples", "strict": True, "schema": batch_schema(task.example_schema, task.num_examples)},
+            "json_schema": {"name": "examples", "strict": True, "schema": batch_schema(
+                task.example_schema, task.num_examples, task.label_field, task.planned_labels)},
         }
     if mode == "json_object":
         return {"type": "json_object"}

@@ -193,11 +193,74 @@ def example_schema(
     return schema
 
 
-def batch_schema(item_schema: dict[str, Any], n: int) -> dict[str, Any]:
-    """The answer to one call: an object holding exactly `n` examples."""
+def label_path_in_objects(schema: dict[str, Any], label_field: str) -> bool:
+    """Whether the label sits under object keys only (a label inside a list cannot be pinned per item)."""
+    node: Any = schema
+    for part in label_field.split("."):
+        if not isinstance(node, dict) or node.get("type") != "object":
+            return False
+        node = (node.get("properties") or {}).get(part)
+    return isinstance(node, dict) and node.get("type") != "array"
+
+
+def pinned_item_schema(item_schema: dict[str, Any], label_field: str, label: Any) -> dict[str, Any]:
+    """`item_schema` with the label fixed to `label` and its key first at every level of its path.
+
+    First, because a model writes keys in schema order: a label forced after the text only
+    relabels text written for another label.
+    """
+    schema = copy.deepcopy(item_schema)
+    node = schema
+    parts = label_field.split(".")
+    for depth, part in enumerate(parts):
+        properties = node["properties"]
+        node["properties"] = {part: properties[part], **{k: v for k, v in properties.items() if k != part}}
+        if "required" in node:
+            node["required"] = [part, *(k for k in node["required"] if k != part)]
+        if depth == len(parts) - 1:
+            node["properties"][part] = {"type": json_type(label), "const": copy.deepcopy(label)}
+        else:
+            node = node["properties"][part]
+    return schema
+
+
+def batch_schema(
+    item_schema: dict[str, Any], n: int, label_field: str | None = None, labels: list[Any] | None = None
+) -> dict[str, Any]:
+    """The answer to one call: an object holding exactly `n` examples.
+
+    With `labels` (one per item), each position has its own schema pinning its label
+    (`prefixItems`, no `items`: llama.cpp's grammar converter reads `items` first when both are there).
+    """
+    if labels is not None and label_field:
+        array: dict[str, Any] = {
+            "type": "array",
+            "prefixItems": [pinned_item_schema(item_schema, label_field, label) for label in labels],
+            "minItems": len(labels),
+            "maxItems": len(labels),
+        }
+    else:
+        array = {"type": "array", "items": copy.deepcopy(item_schema), "minItems": n, "maxItems": n}
     return {
         "type": "object",
-        "properties": {"examples": {"type": "array", "items": copy.deepcopy(item_schema), "minItems": n, "maxItems": n}},
+        "properties": {"examples": array},
         "required": ["examples"],
         "additionalProperties": False,
     }
+
+
+def ordered_like(value: Any, schema: Any) -> Any:
+    """`value` with its object keys in the schema's order (the formatting example's), extra keys last."""
+    if isinstance(value, dict) and isinstance(schema, dict):
+        properties = schema.get("properties") or {}
+        if not properties:
+            return value
+        known = [k for k in properties if k in value]
+        if list(value)[: len(known)] == known and all(not isinstance(value[k], (dict, list)) for k in known):
+            return value
+        out = {k: ordered_like(value[k], properties[k]) for k in known}
+        out.update((k, v) for k, v in value.items() if k not in properties)
+        return out
+    if isinstance(value, list) and isinstance(schema, dict) and isinstance(schema.get("items"), dict):
+        return [ordered_like(v, schema["items"]) for v in value]
+    return value

@@ -29,7 +29,7 @@ from datacreator.contracts import (
     TaskOutcome,
 )
 from datacreator.logic.embeddings import Embedder, shared_embedder
-from datacreator.logic.planning import PlannerLimits, RequestPlan, validate_request
+from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
 from datacreator.logic.strategies import needs_embeddings
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,16 @@ class PlannerHandler(BaseHandler):
         if message.request_id in self.plans:
             return []  # a redelivery: the request is under way or done already
         active = sum(1 for p in self.plans.values() if not p.state.final)
-        reason = validate_request(message, set(self.settings.endpoints) | {"default"}, self.limits)
+        try:
+            validated, reason = validate_request(message, set(self.settings.endpoints) | {"default"}, self.limits), None
+        except RequestRejected as exc:
+            validated, reason = None, str(exc)
         if reason is None and active >= self.settings.max_active_requests:
             reason = f"too many active requests ({active}); the limit is {self.settings.max_active_requests}"
         if reason is not None:
             return [self._rejected(message.request_id, reason, now, message)]
-        plan = RequestPlan.start(message, now, self.limits)
+        assert validated is not None
+        plan = RequestPlan.start(validated, now, self.limits)
         self.plans[message.request_id] = plan
         self.partition_of[message.request_id] = delivery.partition
         tasks = await self._next_tasks(plan, now)

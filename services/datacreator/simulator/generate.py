@@ -31,6 +31,7 @@ _FENCE = re.compile(r"```json[ \t]*\n?(.*?)```", re.S | re.I)
 _COUNT = re.compile(r"exactly (\d+) new examples", re.I)
 _LABEL_KEY = re.compile(r"answer|label|correct|gold|target|class|category", re.I)
 _LABEL_SENTENCE = re.compile(r'The "([^"]+)" field must be one of: ')
+_PLAN_SENTENCE = re.compile(r'The "([^"]+)" of the \d+ examples, in order: ')
 _OPTION_NAMES = frozenset({"options", "choices", "candidates", "alternatives"})
 _NUMERIC = re.compile(r"^[\d\s.,:/+-]+$")
 _MISSING: Any = object()
@@ -63,6 +64,8 @@ class Prompt:
     references: list[Any] = field(default_factory=list)  # every fenced block: what a copy fault copies
     label_field: str | None = None
     label_space: list[Any] | None = None
+    planned_field: str | None = None
+    planned_labels: list[Any] | None = None  # the label plan: one label per item, in order
 
     @classmethod
     def read(cls, messages: list[Any]) -> "Prompt":
@@ -81,6 +84,8 @@ class Prompt:
             prompt.references += prompt.examples
         if match := _LABEL_SENTENCE.search(user):
             prompt.label_field, prompt.label_space = match.group(1), _json_list(user, match.end())
+        if match := _PLAN_SENTENCE.search(user):
+            prompt.planned_field, prompt.planned_labels = match.group(1), _json_list(user, match.end())
         return prompt
 
 
@@ -421,6 +426,18 @@ def tie_labels(rng: random.Random, item: Any, slots: list[LabelSlot], skip: set[
             _set_path(item, slot.path, rng.choice(choices))
 
 
+def const_paths(schema: Any, writer: SchemaWriter, path: Path = (), depth: int = 0) -> Iterator[Path]:
+    """Where an object schema fixes a value (`const`): a label pinned for this position."""
+    schema = writer.resolve(schema)
+    if not isinstance(schema, dict) or depth > MAX_DEPTH:
+        return
+    if "const" in schema and path:
+        yield path
+        return
+    for key, sub in (schema.get("properties") or {}).items():
+        yield from const_paths(sub, writer, path + (key,), depth + 1)
+
+
 def enum_slots(schema: Any, writer: SchemaWriter, path: Path = (), depth: int = 0) -> Iterator[LabelSlot]:
     """The enum-valued properties of an object schema: its labels, with their spaces."""
     schema = writer.resolve(schema)
@@ -544,6 +561,9 @@ def write_examples(rng: random.Random, messages: list[Any], response_format: Any
     """The answer text: `{"examples": [...]}` with the requested number of items."""
     prompt = Prompt.read(messages)
     root, item_schema, low, high = _schema_of(response_format)
+    positions = _positions(root)
+    if positions:
+        item_schema = positions[0]
     writer = SchemaWriter(rng, root) if root is not None else None
     if writer is not None and item_schema is None:  # a schema not of the usual shape: answer it whole
         return orjson.dumps(writer.value(root)).decode()
@@ -551,9 +571,18 @@ def write_examples(rng: random.Random, messages: list[Any], response_format: Any
     seen = prompt.examples
     shape = seen[0] if seen else _MISSING
     if writer is not None:
-        items = [writer.value(item_schema, seen[i % len(seen)] if seen else _MISSING) for i in range(count)]
+        items = [
+            writer.value(positions[i % len(positions)] if positions else item_schema, seen[i % len(seen)] if seen else _MISSING)
+            for i in range(count)
+        ]
         enums = list(enum_slots(item_schema, writer))
-        fixed = {slot.path for slot in enums}
+        pinned = set(const_paths(item_schema, writer)) if positions else set()
+        fixed = {slot.path for slot in enums} | pinned
+        # A pinned label still has a space, for the label_out_of_space fault: what the prompt states, or every position's.
+        for path in pinned:
+            space = list(prompt.label_space or ()) if prompt.label_field and _dotted(prompt.label_field) == path else []
+            space += [v for v in (get_path(item, path) for item in items) if v is not _MISSING and v not in space]
+            enums.append(LabelSlot(path, "space", space=tuple(space)))
         slots = enums + [s for s in label_slots(shape) if s.path not in fixed and s.kind != "seen"] if seen else enums
     elif seen:
         items = [imitate(rng, seen[i % len(seen)]) for i in range(count)]
@@ -564,6 +593,11 @@ def write_examples(rng: random.Random, messages: list[Any], response_format: Any
         slots, fixed = [], set()
     for item in items:
         tie_labels(rng, item, slots, fixed)
+    if not positions and prompt.planned_field and prompt.planned_labels:
+        # No per-position schema (JSON mode, plain prompting): follow the plan the prompt states.
+        where = _dotted(prompt.planned_field)
+        for item, label in zip(items, prompt.planned_labels):
+            _set_path(item, where, copy.deepcopy(label))
     for i, item in enumerate(items):
         if faults.copy_rate and seen and rng.random() < faults.copy_rate:
             items[i] = copy.deepcopy(rng.choice(prompt.references))
@@ -595,6 +629,13 @@ def _schema_of(response_format: Any) -> tuple[dict[str, Any] | None, Any, int | 
     low = min(low, MAX_COUNT) if isinstance(low, int) else None
     high = min(high, MAX_COUNT) if isinstance(high, int) else None
     return root, array.get("items", {}), low, high
+
+
+def _positions(root: Any) -> list[Any] | None:
+    """The per-position item schemas (`prefixItems`) of the examples array, when it has them."""
+    array = ((root or {}).get("properties") or {}).get("examples") if isinstance(root, dict) else None
+    found = array.get("prefixItems") if isinstance(array, dict) else None
+    return found if isinstance(found, list) and found else None
 
 
 def malform(rng: random.Random, answer: str, truncated_share: float) -> tuple[str, str]:
