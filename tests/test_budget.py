@@ -7,7 +7,7 @@ import pytest
 from datacreator.config import Settings
 from datacreator.contracts import Budget, CreationRequest, ModelSpec, RequestState, TaskOutcome, Usage
 from datacreator.logic.budget import BudgetLedger, EndpointPrice, OperatorCaps, check_caps, prompt_tokens_upper
-from datacreator.logic.planning import PlannerLimits, RequestPlan, validate_request
+from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
 from datacreator.logic.prompt import build_messages
 
 SEED = {"question": "Which is a fruit?", "options": {"A": "apple", "B": "brick"}, "answer": "A"}
@@ -105,10 +105,16 @@ def test_operator_caps_reject_at_validation(monkeypatch) -> None:
 
     limits = PlannerHandler(settings).limits
     known = {"default"}
-    assert "exceeds the limit of 1000" in validate_request(make_request(target_count=1_000_000), known, limits)
-    assert "operator limit of 4096" in validate_request(make_request(model=ModelSpec(max_tokens=32_768)), known, limits)
-    assert "operator limit of 20 per request" in validate_request(make_request(target_count=10, budget=Budget(max_cost_usd=500)), known, limits)
-    assert validate_request(make_request(target_count=10, budget=Budget(max_cost_usd=20)), known, limits) is None
+
+    def reason(request) -> str:
+        with pytest.raises(RequestRejected) as rejected:
+            validate_request(request, known, limits)
+        return str(rejected.value)
+
+    assert "exceeds the limit of 1000" in reason(make_request(target_count=1_000_000))
+    assert "operator limit of 4096" in reason(make_request(model=ModelSpec(max_tokens=32_768)))
+    assert "operator limit of 20 per request" in reason(make_request(target_count=10, budget=Budget(max_cost_usd=500)))
+    assert validate_request(make_request(target_count=10, budget=Budget(max_cost_usd=20)), known, limits).request.target_count == 10
     # A request without a budget gets the default one.
     assert BudgetLedger(make_request(), limits.caps).max_cost_usd == 2
     assert BudgetLedger(make_request(), OperatorCaps(max_cost_per_request=7)).max_cost_usd == 7
