@@ -23,16 +23,20 @@ run .venv/bin/python -m pip install --upgrade pip
 # instruction then kills the server (general protection fault in libggml-cpu).
 LLAMA_CPP_VERSION=0.3.36
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF}"
-export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if [ "$(uname -m)" = x86_64 ]; then
+  export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 # pip's wheel cache ignores CMAKE_ARGS, so the wheel is kept in a folder named by version and flags.
-wheels="${DATACREATOR_WHEEL_CACHE:-$HOME/.cache/datacreator/wheels}/$(echo "$LLAMA_CPP_VERSION $CMAKE_ARGS $CXXFLAGS $(uname -m)" | sha256sum | cut -c1-16)"
+wheels="${DATACREATOR_WHEEL_CACHE:-$HOME/.cache/datacreator/wheels}/$(echo "$LLAMA_CPP_VERSION $CMAKE_ARGS ${CXXFLAGS:-} $(uname -m)" | sha256sum | cut -c1-16)"
 wheel=$(ls "$wheels"/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
   step "building llama-cpp-python $LLAMA_CPP_VERSION (compiles llama.cpp once per machine: a few minutes)"
   run .venv/bin/python -m pip wheel --no-deps --no-cache-dir -w "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION"
   wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -n 1)
 fi
+# --force-reinstall: a llama-cpp-python of the same version built otherwise may be installed already.
+run .venv/bin/python -m pip install --no-deps --force-reinstall "$wheel"
 run .venv/bin/python -m pip install "${wheel}[server]"
 step "installing datacreator and its dependencies"
 run .venv/bin/python -m pip install -e ".[embeddings,embedded,export,test]"
