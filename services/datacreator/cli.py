@@ -13,11 +13,54 @@ from pathlib import Path
 from datacreator.config import Settings
 from datacreator.contracts import RequestStatus
 
+log = logging.getLogger("datacreator")
+
+
+class UsageError(Exception):
+    """Bad input from the person at the terminal: one line on stderr, exit code 2."""
+
+
+def _validation_lines(exc: Exception) -> list[str]:
+    """One line per pydantic error, naming the field by its dotted path."""
+    lines = []
+    for error in exc.errors():  # type: ignore[attr-defined]
+        where = ".".join(str(part) for part in error.get("loc", ())) or "request"
+        lines.append(f"  {where}: {error.get('msg', 'invalid')}")
+    return lines
+
+
+def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | None:
+    """The message for an error caused by the input or the surroundings, or None for a bug."""
+    import orjson
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+    from pydantic import ValidationError
+
+    if isinstance(exc, UsageError):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        return "\n".join([f"invalid {exc.title} ({exc.error_count()} errors):" if exc.error_count() > 1 else f"invalid {exc.title}:",
+                          *_validation_lines(exc)])
+    if isinstance(exc, orjson.JSONDecodeError):
+        return f"{getattr(args, 'request', 'input')}: not valid JSON ({exc})"
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: no such file"
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename}: is a directory, not a file"
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename}: permission denied"
+    if isinstance(exc, (KafkaConnectionError, KafkaError)):
+        bootstrap = Settings().kafka_bootstrap
+        return (f"cannot reach the Kafka broker at {bootstrap} ({type(exc).__name__}); "
+                "is the bus up? start one with `datacreator up`, or set DATACREATOR_KAFKA_BOOTSTRAP")
+    return None
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiokafka reports every reconnect at WARNING; they are expected around restarts
-    logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level.upper()), logging.ERROR))
+    # aiokafka reports every reconnect at WARNING and a refused connection at ERROR: both are
+    # expected around restarts, and an unreachable broker is reported once, by main()
+    quiet = logging.CRITICAL if logging.getLevelName(level.upper()) > logging.DEBUG else logging.DEBUG
+    logging.getLogger("aiokafka").setLevel(quiet)
 
 
 def _summary(status: RequestStatus, wall_s: float, out: str | None) -> str:
@@ -127,8 +170,7 @@ async def _status(args: argparse.Namespace) -> int:
 
     status = await client.latest_status(Settings(), args.request_id)
     if status is None:
-        print(f"no status for request {args.request_id}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no request {args.request_id!r} on the bus (no status for it)")
     print(status.model_dump_json(indent=2))
     return 0
 
@@ -315,13 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
-    if getattr(args, "sync", False):
-        return int(args.handler(args) or 0)
     try:
+        if getattr(args, "sync", False):
+            return int(args.handler(args) or 0)
         return asyncio.run(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = _user_error(exc, args)
+        if message is None:
+            raise
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("the traceback of the error below", exc_info=exc)
+        print(f"datacreator {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m datacreator.cli`: run the imported module, so its UsageError is the one raised elsewhere
+    from datacreator.cli import main as cli_main
+
+    sys.exit(cli_main())

@@ -308,7 +308,9 @@ async def report_command(
     """`datacreator report`: prints the report (text or JSON) and writes the plot; returns the report."""
     data = await read_request_data(settings, request_id)
     if not data.examples and not data.statuses:
-        print(f"warning: nothing on the bus for request {request_id}", file=sys.stderr)
+        from datacreator.cli import UsageError
+
+        raise UsageError(f"no request {request_id!r} on the bus (no status, no examples)")
     embedder = None
     if embeddings and len(data.examples) > 1:
         from datacreator.logic.embeddings import shared_embedder

@@ -36,8 +36,8 @@ async def read_to_end(
 ) -> AsyncIterator[ConsumerRecord]:
     """Every record of some partitions of a topic, from the beginning to the end as of now."""
     consumer = _consumer(settings)
-    await consumer.start()
     try:
+        await consumer.start()  # inside the try: a failed start must still close the consumer
         if partitions is None:
             found = consumer.partitions_for_topic(topic)
             if found is None:
