@@ -6,6 +6,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import signal
 import shutil
 import subprocess
 import time
@@ -186,9 +188,11 @@ async def test_the_page_fills_while_a_request_runs(bus_settings, make_simulator,
                 shot = await tools.call("Page.captureScreenshot", format="png")
                 (tmp_path / "view.png").write_bytes(base64.b64decode(shot["data"]))
                 assert (tmp_path / "view.png").stat().st_size > 10_000
-        finally:
-            browser.terminate()
+        finally:  # chromium's helper processes share its session: end them all, by the group id
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGTERM)
             try:
                 browser.wait(10)
             except subprocess.TimeoutExpired:
-                browser.kill()
+                os.killpg(browser.pid, signal.SIGKILL)
+                browser.wait(5)
