@@ -196,31 +196,35 @@ class ViewServer:
                 continue  # the services send such records to the DLQ; the view skips them
 
     async def _diversity(self) -> None:
-        """Distinct-2 (and mean embedding distance) of each request whose examples grew."""
-        done: dict[str, int] = {}
-        embedder = None
+        """Distinct-2 (and mean embedding distance, once the model is loaded) of each request whose examples grew."""
+        done: dict[str, tuple[int, bool]] = {}
+        loading: asyncio.Task[Any] | None = None
         while True:
             await asyncio.sleep(self.diversity_every_s)
+            embedder = None
+            if self.embeddings:
+                if loading is None:  # loading MiniLM takes seconds: distinct-2 does not wait for it
+                    from datacreator.logic.embeddings import shared_embedder
+
+                    loading = asyncio.create_task(asyncio.to_thread(shared_embedder))
+                if loading.done():
+                    if loading.exception() is not None:
+                        log.warning("view: no embedding distance (%s)", loading.exception())
+                        self.embeddings = False
+                    else:
+                        embedder = loading.result()
             for request_id, index in list(self.store.requests.items()):
                 count = len(index.ids) + index.dropped
-                if count < 2 or done.get(request_id) == count:
+                if count < 2 or done.get(request_id) == (count, embedder is not None):
                     continue
-                done[request_id] = count
+                done[request_id] = (count, embedder is not None)
                 texts = index.diversity_texts()
                 distance = None
-                if self.embeddings:
-                    try:
-                        if embedder is None:
-                            from datacreator.logic.embeddings import shared_embedder
+                if embedder is not None:
+                    from datacreator.report import mean_pairwise_distance
 
-                            embedder = await asyncio.to_thread(shared_embedder)
-                        from datacreator.report import mean_pairwise_distance
-
-                        distance = await asyncio.to_thread(mean_pairwise_distance, texts, embedder, 300)
-                        distance = None if distance is None else round(distance, 4)
-                    except Exception as exc:  # a broken embeddings install must not stop the view
-                        log.warning("view: no embedding distance (%s)", exc)
-                        self.embeddings = False
+                    value = await asyncio.to_thread(mean_pairwise_distance, texts, embedder, 300)
+                    distance = None if value is None else round(value, 4)
                 await asyncio.to_thread(index.record_diversity, texts, distance)
 
 
