@@ -90,3 +90,32 @@ def test_debug_log_level_still_shows_the_traceback(tmp_path):
 async def test_an_unknown_request_id(broker, command):
     result = await asyncio.to_thread(datacreator, command, "no-such-request", env={"DATACREATOR_KAFKA_BOOTSTRAP": broker.bootstrap})
     assert_short_error(result, "no-such-request")
+
+
+def _mcq_request(tmp_path: Path, **extra) -> str:
+    return _write(tmp_path, "mcq.json", orjson.dumps({"request_id": "priced", "instruction": MCQ_INSTRUCTION,
+                                                      "formatting_example": MCQ, "target_count": 10, **extra}))
+
+
+def _cost(stdout: str) -> float:
+    line = next(l for l in stdout.splitlines() if l.startswith("cost"))
+    return float(line.split("$")[1].split()[0])
+
+
+def test_run_prices_its_endpoint_from_the_flags(tmp_path):
+    path = _mcq_request(tmp_path)
+    result = datacreator("run", path, "--llm", "simulator", "--price-in", "1000", "--price-out", "2000",
+                         "--out", str(tmp_path / "out.jsonl"), "--quiet", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert _cost(result.stdout) > 0
+
+
+def test_run_honours_the_endpoints_json_and_warns_when_a_budget_meets_no_prices(tmp_path):
+    path = _mcq_request(tmp_path, budget={"max_cost_usd": 5})
+    unpriced = datacreator("run", path, "--llm", "simulator", "--out", str(tmp_path / "a.jsonl"), "--quiet", timeout=180)
+    assert unpriced.returncode == 0, unpriced.stderr
+    assert unpriced.stderr.count("has no prices") == 1 and _cost(unpriced.stdout) == 0
+    priced = datacreator("run", path, "--llm", "simulator", "--out", str(tmp_path / "b.jsonl"), "--quiet", timeout=180,
+                         env={"DATACREATOR_ENDPOINTS_JSON": '{"default": {"input_price_per_1m": 1000, "output_price_per_1m": 1000}}'})
+    assert "has no prices" not in priced.stderr
+    assert _cost(priced.stdout) > 0
