@@ -10,7 +10,6 @@ import os
 import signal
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -23,19 +22,13 @@ from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from datacreator.view.server import ViewServer
 from tests.helpers import MCQ, MCQ_INSTRUCTION
+from tests.test_prometheus import wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-async def _until(check, timeout_s: float = 30.0, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(every_s)
+def _until(check, timeout_s: float = 30.0):
+    return wait_for(check, timeout_s, "the view to show it")
 
 
 @contextlib.asynccontextmanager

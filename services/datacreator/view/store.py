@@ -9,6 +9,7 @@ A request keeps at most `max_examples` rows (the oldest go first; the counts sta
 from __future__ import annotations
 
 import time
+from itertools import islice
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,18 +160,18 @@ class RequestIndex:
     def page(self, offset: int = 0, limit: int = 50, query: str | None = None) -> dict[str, Any]:
         """Newest first; `query` matches case-insensitively anywhere in the example's JSON."""
         offset, limit = max(offset, 0), min(max(limit, 1), 500)
-        needle = query.casefold().encode() if query else None
-        picked: list[Row] = []
-        matched = 0
-        for row in reversed(self.rows):
-            if needle is not None and needle not in row.raw.lower():
-                continue
-            if offset <= matched < offset + limit:
-                picked.append(row)
-            matched += 1
-            if needle is None and matched >= offset + limit:
-                matched = len(self.rows)  # without a query the total is known: stop early
-                break
+        if not query:  # the total is known: skip to the page without looking at the rows before it
+            picked = list(islice(reversed(self.rows), offset, offset + limit))
+            matched = len(self.rows)
+        else:
+            needle = query.casefold().encode()
+            picked, matched = [], 0
+            for row in reversed(self.rows):
+                if needle not in row.raw.lower():
+                    continue
+                if offset <= matched < offset + limit:
+                    picked.append(row)
+                matched += 1
         items = []
         for row in picked:
             message = orjson.loads(row.raw)
