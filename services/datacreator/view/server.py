@@ -196,14 +196,25 @@ class ViewServer:
                 continue  # the services send such records to the DLQ; the view skips them
 
     async def _diversity(self) -> None:
-        """Distinct-2 (and mean embedding distance, once the model is loaded) of each request whose examples grew."""
-        done: dict[str, tuple[int, bool]] = {}
+        """Distinct-2 of each request whose examples grew, every few seconds; the mean embedding
+        distance beside it, computed one request at a time in the background (it takes seconds on a
+        busy CPU, and the model takes seconds to load), carried forward until recomputed."""
+        from datacreator.report import mean_pairwise_distance
+
+        done: dict[str, int] = {}
+        distances: dict[str, tuple[int, float | None]] = {}  # request -> (examples then, distance)
         loading: asyncio.Task[Any] | None = None
+        measuring: asyncio.Task[None] | None = None
+
+        async def measure(request_id: str, count: int, texts: list[str], embedder: Any) -> None:
+            value = await asyncio.to_thread(mean_pairwise_distance, texts, embedder, 300)
+            distances[request_id] = (count, None if value is None else round(value, 4))
+
         while True:
             await asyncio.sleep(self.diversity_every_s)
             embedder = None
             if self.embeddings:
-                if loading is None:  # loading MiniLM takes seconds: distinct-2 does not wait for it
+                if loading is None:
                     from datacreator.logic.embeddings import shared_embedder
 
                     loading = asyncio.create_task(asyncio.to_thread(shared_embedder))
@@ -215,17 +226,15 @@ class ViewServer:
                         embedder = loading.result()
             for request_id, index in list(self.store.requests.items()):
                 count = len(index.ids) + index.dropped
-                if count < 2 or done.get(request_id) == (count, embedder is not None):
+                measured = distances.get(request_id, (0, None))
+                if count >= 2 and embedder is not None and measured[0] != count and (measuring is None or measuring.done()):
+                    texts = await asyncio.to_thread(index.diversity_texts)
+                    measuring = asyncio.create_task(measure(request_id, count, texts, embedder))
+                if count < 2 or done.get(request_id) == count + measured[0]:
                     continue
-                done[request_id] = (count, embedder is not None)
-                texts = index.diversity_texts()
-                distance = None
-                if embedder is not None:
-                    from datacreator.report import mean_pairwise_distance
-
-                    value = await asyncio.to_thread(mean_pairwise_distance, texts, embedder, 300)
-                    distance = None if value is None else round(value, 4)
-                await asyncio.to_thread(index.record_diversity, texts, distance)
+                done[request_id] = count + measured[0]
+                texts = await asyncio.to_thread(index.diversity_texts)
+                await asyncio.to_thread(index.record_diversity, texts, measured[1])
 
 
 # -- the command -------------------------------------------------------------------------------
