@@ -32,7 +32,6 @@ def _validation_lines(exc: Exception) -> list[str]:
 def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | None:
     """The message for an error caused by the input or the surroundings, or None for a bug."""
     import orjson
-    from aiokafka.errors import KafkaConnectionError, KafkaError
     from pydantic import ValidationError
 
     if isinstance(exc, UsageError):
@@ -48,7 +47,8 @@ def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | No
         return f"{exc.filename}: is a directory, not a file"
     if isinstance(exc, PermissionError):
         return f"{exc.filename}: permission denied"
-    if isinstance(exc, (KafkaConnectionError, KafkaError)):
+    if any(c.__module__.startswith("aiokafka.") and c.__name__ == "KafkaError" for c in type(exc).__mro__):
+        # matched by name: only bus code imports the Kafka client
         bootstrap = Settings().kafka_bootstrap
         return (f"cannot reach the Kafka broker at {bootstrap} ({type(exc).__name__}); "
                 "is the bus up? start one with `datacreator up`, or set DATACREATOR_KAFKA_BOOTSTRAP")
