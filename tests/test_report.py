@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from datacreator.contracts import CreationRequest, Rejection, RejectReason, RequestState, RequestStatus, Strategy
+from datacreator.contracts import CreationRequest, Example, Rejection, RejectReason, RequestState, RequestStatus, Strategy
 from datacreator.report import distinct_n, quality_figures, rejection_figures, report_command
 from tests.test_consumer import make_example, publish
 
@@ -146,3 +146,62 @@ async def test_request_report_and_plot(bus_settings, tmp_path, capsys):
     await report_command(bus_settings, rid, embeddings=False)
     text = capsys.readouterr().out
     assert "validity         80.0%" in text and "$0.002000 per example" in text
+
+
+def _plot_data(cost: float, labels: list[str]):
+    from datacreator.report import RequestData, build_report
+
+    examples = [Example(example_id=f"e{i}", request_id="r", data={"text": f"sentence {i} here", "label": labels[i % len(labels)]},
+                        strategy=Strategy.random, reference_ids=[None], task_id="t", chain=0, step=0, model="the-model",
+                        created_at=1000.0 + i) for i in range(40)]
+    statuses = [RequestStatus(request_id="r", state=RequestState.COMPLETED, accepted=40, target_count=40, cost_usd=cost,
+                              rejected={"unparseable": 3}, updated_at=1040.0)]
+    data = RequestData("r", examples=examples, statuses=statuses)
+    return data, build_report(data, None, "label")
+
+
+def test_the_plot_names_the_model_and_leaves_out_the_cost_panel_without_prices(tmp_path):
+    from datacreator.report import plot_report
+
+    long_labels = [f"a rather long label name {i}" for i in range(12)]
+    data, report = _plot_data(0.0, long_labels)
+    assert report["model"] == "the-model"  # from the examples when the status has none
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    captured = {}
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # look at the figure as drawn
+        captured["fig"] = fig
+        fig.canvas.draw()
+        captured["titles"] = [a.get_title() for a in fig.axes]
+        renderer = fig.canvas.get_renderer()
+        captured["texts"] = [t for a in fig.axes for t in a.texts]
+        captured["fig_box"] = fig.bbox
+        captured["extents"] = [t.get_window_extent(renderer) for t in captured["texts"]]
+        captured["ticks"] = [[t.get_window_extent(renderer) for t in group if t.get_text()]
+                             for a in fig.axes for group in (a.get_xticklabels(), a.get_yticklabels())]
+        captured["suptitle"] = fig._suptitle.get_text()
+        captured["label_ticks"] = [t.get_text() for a in fig.axes if a.get_title().startswith("labels") for t in a.get_yticklabels()]
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        plot_report(report, data, tmp_path / "free.png")
+        free = dict(captured)
+        data, priced_report = _plot_data(0.05, long_labels)
+        plot_report(priced_report, data, tmp_path / "priced.png")
+        priced = dict(captured)
+    finally:
+        plt.Figure.savefig = original
+    assert "cost" not in free["titles"] and "cost" in priced["titles"]
+    assert "the-model" in free["suptitle"]
+    for extent in free["extents"]:  # every text, the summary too, inside the figure
+        assert extent.x0 >= 0 and extent.x1 <= free["fig_box"].x1 and extent.y0 >= 0
+    assert len(set(free["label_ticks"])) == 12  # every label its own readable tick
+    for boxes in free["ticks"]:  # no two tick labels of an axis overlap
+        for i, a in enumerate(boxes):
+            assert not any(a.overlaps(b) for b in boxes[i + 1:])

@@ -13,11 +13,54 @@ from pathlib import Path
 from datacreator.config import Settings
 from datacreator.contracts import RequestStatus
 
+log = logging.getLogger("datacreator")
+
+
+class UsageError(Exception):
+    """Bad input from the person at the terminal: one line on stderr, exit code 2."""
+
+
+def _validation_lines(exc: Exception) -> list[str]:
+    """One line per pydantic error, naming the field by its dotted path."""
+    lines = []
+    for error in exc.errors():  # type: ignore[attr-defined]
+        where = ".".join(str(part) for part in error.get("loc", ())) or "request"
+        lines.append(f"  {where}: {error.get('msg', 'invalid')}")
+    return lines
+
+
+def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | None:
+    """The message for an error caused by the input or the surroundings, or None for a bug."""
+    import orjson
+    from pydantic import ValidationError
+
+    if isinstance(exc, UsageError):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        return "\n".join([f"invalid {exc.title} ({exc.error_count()} errors):" if exc.error_count() > 1 else f"invalid {exc.title}:",
+                          *_validation_lines(exc)])
+    if isinstance(exc, orjson.JSONDecodeError):
+        return f"{getattr(args, 'request', 'input')}: not valid JSON ({exc})"
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: no such file"
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename}: is a directory, not a file"
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename}: permission denied"
+    if any(c.__module__.startswith("aiokafka.") and c.__name__ == "KafkaError" for c in type(exc).__mro__):
+        # matched by name: only bus code imports the Kafka client
+        bootstrap = Settings().kafka_bootstrap
+        return (f"cannot reach the Kafka broker at {bootstrap} ({type(exc).__name__}); "
+                "is the bus up? start one with `datacreator up`, or set DATACREATOR_KAFKA_BOOTSTRAP")
+    return None
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiokafka reports every reconnect at WARNING; they are expected around restarts
-    logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level.upper()), logging.ERROR))
+    # aiokafka reports every reconnect at WARNING and a refused connection at ERROR: both are
+    # expected around restarts, and an unreachable broker is reported once, by main()
+    quiet = logging.CRITICAL if logging.getLevelName(level.upper()) > logging.DEBUG else logging.DEBUG
+    logging.getLogger("aiokafka").setLevel(quiet)
 
 
 def _summary(status: RequestStatus, wall_s: float, out: str | None) -> str:
@@ -77,9 +120,49 @@ def _llm_options(args: argparse.Namespace) -> dict[str, object]:
     return {}
 
 
+def _endpoints(args: argparse.Namespace, target: object, settings: Settings) -> str:
+    """The endpoints JSON of `run`/`up`: the `default` built from --llm, merged with what
+    DATACREATOR_ENDPOINTS_FILE / _JSON say (they may add endpoints, prices, limits), then the price flags."""
+    import json
+
+    from datacreator.stack import endpoint_json
+
+    options = {**_llm_options(args), **({"max_concurrency": args.concurrency} if getattr(args, "concurrency", None) else {})}
+    config: dict[str, dict[str, object]] = json.loads(endpoint_json(target, **options))
+    given: dict[str, dict[str, object]] = {}
+    if settings.endpoints_file:
+        given.update(json.loads(Path(settings.endpoints_file).read_text()))
+    if settings.endpoints_json:
+        given.update(json.loads(settings.endpoints_json))
+    for alias, values in given.items():
+        config[alias] = {**config.get(alias, {}), **values}
+    if args.price_in is not None:
+        config["default"]["input_price_per_1m"] = args.price_in
+    if args.price_out is not None:
+        config["default"]["output_price_per_1m"] = args.price_out
+    return json.dumps(config)
+
+
+def _warn_unpriced(settings: Settings, request: object | None = None) -> None:
+    """Once: a cost budget cannot trigger on an endpoint whose prices are 0."""
+    endpoints = settings.endpoints
+    if request is not None:
+        budget = request.budget.max_cost_usd  # type: ignore[attr-defined]
+        endpoint = endpoints.get(request.model.endpoint)  # type: ignore[attr-defined]
+        if budget and endpoint is not None and not (endpoint.input_price_per_1m or endpoint.output_price_per_1m):
+            print(f"datacreator: warning: the request has max_cost_usd {budget} but endpoint "
+                  f"{request.model.endpoint!r} has no prices, so its cost stays $0 and the budget "  # type: ignore[attr-defined]
+                  "never triggers; give --price-in/--price-out", file=sys.stderr)
+        return
+    unpriced = [alias for alias, e in endpoints.items() if not (e.input_price_per_1m or e.output_price_per_1m)]
+    if unpriced:
+        print(f"datacreator: note: endpoint(s) {', '.join(unpriced)} have no prices: a request's max_cost_usd "
+              "will not trigger on them (--price-in/--price-out)", file=sys.stderr)
+
+
 async def _run(args: argparse.Namespace) -> int:
     from datacreator import client
-    from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
+    from datacreator.stack import EmbeddedStack, start_llm, stop_llm
 
     request = client.load_request(
         args.request, target_count=args.target_count, strategy=args.strategy, request_id=args.request_id,
@@ -87,10 +170,13 @@ async def _run(args: argparse.Namespace) -> int:
     )
     print(f"datacreator: starting the embedded stack (broker, {args.llm} LLM, planner, generator, curator)", file=sys.stderr)
     target = await start_llm(args.llm, args.model)
-    stack = EmbeddedStack(Settings())
+    base = Settings()
+    stack = EmbeddedStack(base)
+    view = None
     try:
-        options = {"max_concurrency": args.concurrency, **_llm_options(args)}
-        settings = await stack.start(endpoints_json=endpoint_json(target, **options))
+        settings = await stack.start(endpoints_json=_endpoints(args, target, base), endpoints_file=None)
+        _warn_unpriced(settings, request)
+        view = await _start_view(args, settings)
         started = time.monotonic()
         await client.submit(settings, request)
         with _Progress(request.target_count, enabled=not args.quiet) as progress:
@@ -100,10 +186,25 @@ async def _run(args: argparse.Namespace) -> int:
         if args.out:
             client.write_jsonl(args.out, examples, with_metadata=args.with_metadata)
         print(_summary(final, wall, args.out))
+        if view is not None and args.view_linger:
+            print(f"datacreator: the view stays at {view.url} for {args.view_linger:g} s", file=sys.stderr)
+            await asyncio.sleep(args.view_linger)
         return 0 if final.state.value == "COMPLETED" else 1
     finally:
+        if view is not None:
+            await view.stop()
         await stack.stop()
         await stop_llm(target)
+
+
+async def _start_view(args: argparse.Namespace, settings: Settings):  # type: ignore[no-untyped-def]
+    if not getattr(args, "view", False):
+        return None
+    from datacreator.view.server import ViewServer
+
+    view = await ViewServer(settings, port=args.view_port).start()
+    print(f"datacreator: the view is at {view.url}", file=sys.stderr, flush=True)
+    return view
 
 
 async def _submit(args: argparse.Namespace) -> int:
@@ -127,8 +228,7 @@ async def _status(args: argparse.Namespace) -> int:
 
     status = await client.latest_status(Settings(), args.request_id)
     if status is None:
-        print(f"no status for request {args.request_id}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no request {args.request_id!r} on the bus (no status for it)")
     print(status.model_dump_json(indent=2))
     return 0
 
@@ -151,22 +251,30 @@ async def _serve(args: argparse.Namespace) -> int:
 
 async def _up(args: argparse.Namespace) -> int:
     from datacreator.bus.runtime import install_signal_handlers
-    from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
+    from datacreator.stack import EmbeddedStack, start_llm, stop_llm
 
     stopped = asyncio.Event()
     install_signal_handlers(stopped.set)  # a signal during start-up stops it once started
     target = await start_llm(args.llm, args.model)
-    stack = EmbeddedStack(Settings(), broker_port=args.port)
+    base = Settings()
+    stack = EmbeddedStack(base, broker_port=args.port)
+    view = None
     try:
-        settings = await stack.start(endpoints_json=endpoint_json(target, **_llm_options(args)))
+        settings = await stack.start(endpoints_json=_endpoints(args, target, base), endpoints_file=None)
+        _warn_unpriced(settings)
+        view = await _start_view(args, settings)
         assert stack.group is not None
         print(f"datacreator is up: Kafka bootstrap {settings.kafka_bootstrap}", flush=True)
         print(f"  publish requests to {settings.topics.requests}; read examples from {settings.topics.examples}", flush=True)
         print(f"  LLM: {target.base_url} ({target.model}); metrics: {stack.group.health.url}/metrics", flush=True)
+        if view is not None:
+            print(f"  view: {view.url}", flush=True)
         print("  Ctrl-C stops it all", flush=True)
         await stopped.wait()
         return 0
     finally:
+        if view is not None:
+            await view.stop()
         await stack.stop()
         await stop_llm(target)
 
@@ -231,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--request-id")
         p.add_argument("--timeout", type=float, default=None, help="seconds to wait for a final state")
 
+    def llm_prices(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--price-in", type=float, metavar="USD", help="price of the --llm endpoint per million prompt tokens")
+        p.add_argument("--price-out", type=float, metavar="USD", help="price of the --llm endpoint per million completion tokens")
+
+    def view_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--view", action="store_true", help="serve the web view while it runs")
+        p.add_argument("--view-port", type=int, default=8765, help="port of the web view (0: any free one)")
+
     run = sub.add_parser("run", help="create examples end to end on the embedded stack")
     request_overrides(run)
     run.add_argument("--llm", default="embedded", help="embedded (default), simulator, or an OpenAI-compatible base URL")
@@ -241,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--examples-per-call", type=int)
     run.add_argument("--concurrency", type=int, default=8, help="LLM calls in flight at once")
     run.add_argument("--quiet", action="store_true")
+    run.add_argument("--view-linger", type=float, default=0.0, metavar="S",
+                     help="with --view: keep the page up S seconds after the request ends")
+    llm_prices(run)
+    view_options(run)
     run.set_defaults(handler=_run)
 
     submit = sub.add_parser("submit", help="publish a request to a running bus (DATACREATOR_KAFKA_BOOTSTRAP)")
@@ -266,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key of --llm URL")
     up.add_argument("--model", help=model_help)
     up.add_argument("--port", type=int, default=9092, help="the broker's port")
+    llm_prices(up)
+    view_options(up)
     up.set_defaults(handler=_up)
 
     models = sub.add_parser("models", help="the embedded LLM models: list, install, or the path of one")
@@ -288,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     top_parser.set_defaults(handler=top.top_command)
 
     from datacreator import evaluate, export, report
+    from datacreator.view import server as view_server
+
+    view_parser = sub.add_parser("view", help="a local web page of a running bus: requests, examples, rejections, lineage")
+    view_server.add_arguments(view_parser)
+    view_parser.set_defaults(handler=view_server.main)
 
     export_parser = sub.add_parser("export", help="write a request's examples as jsonl/parquet/csv with a manifest")
     export.add_arguments(export_parser)
@@ -315,13 +442,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
-    if getattr(args, "sync", False):
-        return int(args.handler(args) or 0)
     try:
+        if getattr(args, "sync", False):
+            return int(args.handler(args) or 0)
         return asyncio.run(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = _user_error(exc, args)
+        if message is None:
+            raise
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("the traceback of the error below", exc_info=exc)
+        print(f"datacreator {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m datacreator.cli`: run the imported module, so its UsageError is the one raised elsewhere
+    from datacreator.cli import main as cli_main
+
+    sys.exit(cli_main())

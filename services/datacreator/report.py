@@ -12,6 +12,7 @@ shares are of the valid items that reached de-duplication (accepted + duplicates
 from __future__ import annotations
 
 import argparse
+import textwrap
 import random
 import re
 import statistics
@@ -208,7 +209,7 @@ def build_report(data: RequestData, embedder: Embedder | None = None, label_fiel
     return {
         "request_id": data.request_id,
         "state": status.state.value if status else None,
-        "model": status.model if status else None,
+        "model": (status.model if status else None) or _examples_model(data.examples),
         "strategy": status.strategy.value if status and status.strategy else None,
         "accepted": accepted,
         "target": status.target_count if status else None,
@@ -220,6 +221,11 @@ def build_report(data: RequestData, embedder: Embedder | None = None, label_fiel
         "examples_per_second": round((accepted - 1) / span, 3) if span > 0 else None,
         "quality": quality_figures([e.data for e in data.examples], label, embedder),
     }
+
+
+def _examples_model(examples: list[Example]) -> str | None:
+    models = sorted({e.model for e in examples if e.model})
+    return ", ".join(models) or None
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -246,48 +252,74 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _priced(report: dict[str, Any]) -> bool:
+    """A cost panel means something only when the endpoint has prices (or a cost was reported)."""
+    return bool(report.get("priced")) or bool(report.get("cost_usd"))
+
+
 def plot_report(report: dict[str, Any], data: RequestData, path: str | Path) -> Path:
-    """A PNG: accepted over time, rejections by reason, throughput, cost, labels, and the figures as text."""
+    """A PNG: accepted over time, rejections by reason, throughput, labels, cost (when the endpoint
+    has prices), and the figures as text in a row of their own so no line is cut off."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     times = sorted(e.created_at for e in data.examples)
     start = min([*times, *(s.updated_at for s in data.statuses)], default=0.0)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    fig.suptitle(f"datacreator request {report['request_id']}")
+    priced = _priced(report)
+    # long lines (many labels, many reasons) wrap under their figure instead of running off the page
+    summary = "\n".join(textwrap.fill(line, 150, subsequent_indent=" " * 17) for line in format_report(report).splitlines())
+    text_rows = summary.count("\n") + 1
+    fig = plt.figure(figsize=(15, 8 + 0.2 * text_rows))
+    grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, 0.09 * text_rows])
+    fig.suptitle(f"datacreator request {report['request_id']} ({report['model'] or 'model unknown'}, {report['strategy'] or '?'})")
 
-    ax = axes[0][0]
+    ax = fig.add_subplot(grid[0, 0])
     ax.step([t - start for t in times], range(1, len(times) + 1), where="post")
     ax.set(title="accepted examples", xlabel="seconds", ylabel="examples")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
-    ax = axes[0][1]
-    reasons = report["rejections"]
+    ax = fig.add_subplot(grid[0, 1])
+    reasons = dict(list(report["rejections"].items())[:12])
     ax.barh(list(reasons) or ["none"], list(reasons.values()) or [0], color="tab:red")
+    ax.invert_yaxis()  # the most frequent reason on top
     ax.set(title="rejections by reason", xlabel="items")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(axis="y", labelsize=8)
 
-    ax = axes[0][2]
+    ax = fig.add_subplot(grid[0, 2])
     if len(times) > 1 and times[-1] > times[0]:
         bins = min(30, max(5, len(times) // 10))
         counts, edges = np.histogram([t - start for t in times], bins=bins)
         ax.bar(edges[:-1], counts / np.diff(edges), width=np.diff(edges), align="edge")
     ax.set(title="throughput", xlabel="seconds", ylabel="examples / s")
 
-    ax = axes[1][0]
-    if data.statuses:
-        ax.plot([s.updated_at - start for s in data.statuses], [s.cost_usd for s in data.statuses], marker=".")
-    ax.set(title="cost", xlabel="seconds", ylabel="USD")
+    labels_ax = fig.add_subplot(grid[1, 0:2])
+    labels = dict(list(report["quality"]["label_distribution"].items())[:25])
+    # shortened in the middle: labels often share a prefix and differ at the end
+    names = [str(k) if len(str(k)) <= 22 else str(k)[:12] + "…" + str(k)[-9:] for k in labels]
+    # horizontal bars: a label name reads level, however many labels there are
+    labels_ax.barh(names or ["n/a"], list(labels.values()) or [0], color="tab:green")
+    labels_ax.invert_yaxis()
+    labels_ax.set(title=f"labels ({report['quality']['label_field'] or 'none'})", xlabel="examples")
+    labels_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    labels_ax.tick_params(axis="y", labelsize=8 if len(names) > 10 else 10)
 
-    ax = axes[1][1]
-    labels = report["quality"]["label_distribution"]
-    ax.bar([str(k)[:20] for k in labels] or ["n/a"], list(labels.values()) or [0], color="tab:green")
-    ax.set(title=f"labels ({report['quality']['label_field'] or 'none'})")
-    ax.tick_params(axis="x", labelrotation=30)
+    ax = fig.add_subplot(grid[1, 2])
+    if priced:
+        if data.statuses:
+            ax.plot([s.updated_at - start for s in data.statuses], [s.cost_usd for s in data.statuses], marker=".")
+        ax.set(title="cost", xlabel="seconds", ylabel="USD")
+    else:
+        ax.axis("off")
+        ax.text(0.0, 0.5, "no cost panel: the endpoint has no prices\n(--price-in / --price-out)", va="center",
+                ha="left", fontsize=9, color="dimgray")
 
-    ax = axes[1][2]
+    ax = fig.add_subplot(grid[2, :])
     ax.axis("off")
-    ax.text(0.0, 1.0, format_report(report), va="top", ha="left", family="monospace", fontsize=7, parse_math=False)
+    ax.text(0.0, 1.0, summary, va="top", ha="left", family="monospace", fontsize=9, parse_math=False)
 
     fig.tight_layout()
     out = Path(path)
@@ -308,13 +340,19 @@ async def report_command(
     """`datacreator report`: prints the report (text or JSON) and writes the plot; returns the report."""
     data = await read_request_data(settings, request_id)
     if not data.examples and not data.statuses:
-        print(f"warning: nothing on the bus for request {request_id}", file=sys.stderr)
+        from datacreator.cli import UsageError
+
+        raise UsageError(f"no request {request_id!r} on the bus (no status, no examples)")
     embedder = None
     if embeddings and len(data.examples) > 1:
         from datacreator.logic.embeddings import shared_embedder
 
         embedder = shared_embedder()
     report = build_report(data, embedder, label_field)
+    endpoint = settings.endpoints.get(data.request.model.endpoint if data.request else "default")
+    if endpoint is not None:
+        report["model"] = report["model"] or (data.request.model.name if data.request else None) or endpoint.model
+        report["priced"] = bool(endpoint.input_price_per_1m or endpoint.output_price_per_1m)
     if plot:
         report["plot"] = str(plot_report(report, data, plot))
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else format_report(report))

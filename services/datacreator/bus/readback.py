@@ -27,8 +27,8 @@ async def read_to_end(
 ) -> AsyncIterator[ConsumerRecord]:
     """Every record of some partitions of a topic, from the beginning to the end as of now."""
     consumer = make_consumer(settings)
-    await consumer.start()
     try:
+        await consumer.start()  # inside the try: a failed start must still close the consumer
         if partitions is None:
             found = consumer.partitions_for_topic(topic)
             if found is None:
@@ -149,3 +149,45 @@ class StatusWatcher:
             self._changed.set()
             if self._on_status is not None:
                 self._on_status(status)
+
+
+async def follow_topics(settings: Settings, topics: list[str], poll_timeout_ms: int = 500) -> AsyncIterator[ConsumerRecord]:
+    """Every record of some topics from the beginning, then new ones as they come (until cancelled).
+
+    A reader of the whole bus (the web view): no consumer group, nothing committed; it reconnects
+    after a broker error and reads again from where it was.
+    """
+    positions: dict[TopicPartition, int] = {}
+    while True:
+        consumer = make_consumer(settings)
+        try:
+            await consumer.start()
+            tps: list[TopicPartition] = []
+            while True:
+                await refresh_metadata(consumer)  # topics created after the start
+                found = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+                if found != tps:
+                    tps = found
+                    consumer.assign(tps)
+                    for tp in tps:
+                        if tp in positions:
+                            consumer.seek(tp, positions[tp])
+                        else:
+                            await consumer.seek_to_beginning(tp)
+                deadline = time.monotonic() + 5.0  # look for new partitions every few seconds
+                while time.monotonic() < deadline:
+                    batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
+                    for tp, records in batches.items():
+                        for record in records:
+                            positions[tp] = record.offset + 1
+                            yield record
+                    if not tps:
+                        await asyncio.sleep(poll_timeout_ms / 1000)
+        except asyncio.CancelledError:
+            raise
+        except KafkaError as exc:
+            log.warning("follow %s: %s; reconnecting", ",".join(topics), type(exc).__name__)
+            await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
