@@ -111,7 +111,8 @@ def test_run_prices_its_endpoint_from_the_flags(tmp_path):
 
 
 def test_run_honours_the_endpoints_json_and_warns_when_a_budget_meets_no_prices(tmp_path):
-    path = _mcq_request(tmp_path, budget={"max_cost_usd": 5})
+    # Large enough for one call's worst case (6 attempts of prompt + max_tokens at $1000 per million).
+    path = _mcq_request(tmp_path, budget={"max_cost_usd": 100})
     unpriced = datacreator("run", path, "--llm", "simulator", "--out", str(tmp_path / "a.jsonl"), "--quiet", timeout=180)
     assert unpriced.returncode == 0, unpriced.stderr
     assert unpriced.stderr.count("has no prices") == 1 and _cost(unpriced.stdout) == 0
