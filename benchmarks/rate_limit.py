@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import sys
 import time
 import uuid
@@ -32,7 +31,7 @@ from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
 from datacreator.logic.prompt import build_messages, estimate_call_tokens
-from datacreator.logic.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from datacreator.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter, max_in_window
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
 
 EXAMPLE = {"question": "Which planet is known as the red planet?", "options": {"A": "Venus", "B": "Mars", "C": "Jupiter"}, "answer": "B"}
@@ -81,11 +80,6 @@ class Row:
         return self.refused_429 / self.calls if self.calls else 0.0
 
 
-def max_in_window(times: list[float], window_s: float) -> int:
-    times = sorted(times)
-    return max((bisect.bisect_left(times, t + window_s, lo=i) - i for i, t in enumerate(times)), default=0)
-
-
 async def run(name: str, sim: SimulatorProcess, limiters: list[RateLimiter], args: argparse.Namespace, tpm: int | None) -> Row:
     await asyncio.to_thread(sim.reset)
     cfg = EndpointConfig(
@@ -130,7 +124,7 @@ async def run(name: str, sim: SimulatorProcess, limiters: list[RateLimiter], arg
         refused_429=int(stats["responses"].get("429", 0)),
         request_share=len(in_run) / (args.rpm * periods),
         token_share=sum(c for _, c in in_run) / (tpm * periods) if tpm else None,
-        max_in_window=max_in_window(admitted_at, args.window),
+        max_in_window=int(max_in_window(admitted_at, args.window)),
         failed_tasks=failed,
     )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import time
 import uuid
@@ -13,8 +12,9 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from datacreator.config import EndpointConfig
-from datacreator.logic.ratelimit import (
+from datacreator.config import EndpointConfig, Settings
+from datacreator.llm.client import METRICS_HOOKS, LLMPool
+from datacreator.ratelimit import (
     FailoverRateLimiter,
     LocalRateLimiter,
     NoopRateLimiter,
@@ -23,17 +23,13 @@ from datacreator.logic.ratelimit import (
     RateLimiterUnavailable,
     RedisRateLimiter,
     build_rate_limiter,
+    max_in_window,
     parse_duration,
     parse_retry_after,
 )
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 DEAD_REDIS_URL = "redis://127.0.0.1:6390/0"
-
-
-def max_in_window(times: list[float], window_s: float) -> int:
-    times = sorted(times)
-    return max((bisect.bisect_left(times, t + window_s, lo=i) - i for i, t in enumerate(times)), default=0)
 
 
 def gauge(name: str, **labels: str) -> float | None:
@@ -237,7 +233,7 @@ class TcpProxy:
 
 
 async def test_failover_to_a_local_share_when_redis_is_unreachable():
-    shared = RedisRateLimiter(DEAD_REDIS_URL, f"test:dead:{uuid.uuid4().hex}", rpm=8, tpm=None, window_s=0.5, alias="dead-redis", op_timeout_s=0.3)
+    shared = RedisRateLimiter(DEAD_REDIS_URL, f"test:dead:{uuid.uuid4().hex}", rpm=8, tpm=None, window_s=0.5, alias="dead-redis", op_timeout_s=0.3, hooks=METRICS_HOOKS)
     limiter = FailoverRateLimiter(shared, local_share=0.5, probe_interval_s=60)
     try:
         with pytest.raises(RateLimiterUnavailable):
@@ -257,7 +253,7 @@ async def test_failover_returns_to_redis_when_it_comes_back(redis_prefix):
     await proxy.start()
     shared = RedisRateLimiter(
         f"redis://127.0.0.1:{proxy.port}/0", redis_prefix, rpm=50, tpm=None, window_s=1.0, alias="flaky-redis",
-        op_timeout_s=0.3, fail_fast_s=0.1,
+        op_timeout_s=0.3, hooks=METRICS_HOOKS,
     )
     limiter = FailoverRateLimiter(shared, local_share=0.5, probe_interval_s=0.3)
     try:
@@ -285,7 +281,12 @@ async def test_build_rate_limiter_picks_the_kind():
     assert (await noop.acquire(5)).tokens == 5 and noop.usage_ratio() == {}
     local = build_rate_limiter("local-ep", EndpointConfig(base_url="http://x/v1", rpm=100, tpm=5000), None)
     assert isinstance(local, LocalRateLimiter) and (local.rpm, local.tpm) == (100, 5000)
-    assert gauge("ratelimit_limit_per_minute", endpoint="local-ep", kind="requests") == 100
+    pool = LLMPool(Settings(endpoints_json='{"local-ep": {"base_url": "http://x/v1", "rpm": 100, "tpm": 5000}}'), redis_url="")
+    try:
+        assert isinstance(pool.get("local-ep").limiter, LocalRateLimiter)
+        assert gauge("ratelimit_limit_per_minute", endpoint="local-ep", kind="requests") == 100
+    finally:
+        await pool.aclose()
     shared = build_rate_limiter("shared-ep", EndpointConfig(base_url="http://x/v1", rpm=90), REDIS_URL, replicas_hint=3)
     try:
         assert isinstance(shared, FailoverRateLimiter)

@@ -1,0 +1,141 @@
+"""The shared limiter, with a local share of the limit while Redis is away, and the factory."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from datacreator.ratelimit.base import (
+    DEFAULT_WINDOW_S,
+    NO_HOOKS,
+    Hooks,
+    NoopRateLimiter,
+    RateLimiter,
+    RateLimiterUnavailable,
+    Reservation,
+)
+from datacreator.ratelimit.local import LocalRateLimiter
+from datacreator.ratelimit.redis import RedisRateLimiter
+
+log = logging.getLogger("datacreator.ratelimit")
+
+
+class FailoverRateLimiter:
+    """The shared limiter, or a local share of the limit while its store is unreachable.
+
+    `local_share` is this replica's fair part of the global limit (1 / expected replicas), so
+    replicas that all fall back together still stay under the provider's limit.
+    """
+
+    def __init__(self, shared: RedisRateLimiter, local_share: float = 1.0, *, probe_interval_s: float = 5.0) -> None:
+        if not 0 < local_share <= 1:
+            raise ValueError("local_share must be in (0, 1]")
+        self.shared = shared
+        self.local_share = local_share
+        self.probe_interval_s = probe_interval_s
+        self.alias = shared.alias
+        self.hooks = shared.hooks
+        self.local = LocalRateLimiter(
+            _share(shared.rpm, local_share),
+            _share(shared.tpm, local_share),
+            window_s=shared.window_s,
+            margin_s=shared.margin_s,
+            alias=shared.alias,
+            hooks=shared.hooks,
+        )
+        self._fallback = False
+        self._next_probe = 0.0
+        self._probing = False
+        self.hooks.fallback(self.alias, False)
+
+    @property
+    def in_fallback(self) -> bool:
+        return self._fallback
+
+    def _enter_fallback(self, exc: BaseException) -> None:
+        if self._fallback:
+            return
+        self._fallback = True
+        self._next_probe = time.monotonic() + self.probe_interval_s
+        self.hooks.fallback(self.alias, True)
+        log.warning(
+            "shared rate limit for endpoint %s unavailable (%s); using a local share of %.0f%% until it returns",
+            self.alias, exc, self.local_share * 100,
+        )
+
+    async def _probe(self) -> None:
+        if self._probing:
+            return
+        self._probing = True
+        try:
+            if await self.shared.ping():
+                self._fallback = False
+                self.hooks.fallback(self.alias, False)
+                log.info("shared rate limit for endpoint %s is back", self.alias)
+            else:
+                self._next_probe = time.monotonic() + self.probe_interval_s
+        finally:
+            self._probing = False
+
+    async def acquire(self, tokens: int) -> Reservation:
+        if self._fallback and time.monotonic() >= self._next_probe:
+            await self._probe()
+        if not self._fallback:
+            try:
+                return await self.shared.acquire(tokens)
+            except RateLimiterUnavailable as exc:
+                self._enter_fallback(exc)
+        return await self.local.acquire(tokens)
+
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        if reservation.source == "shared":
+            try:
+                await self.shared.settle(reservation, actual_tokens)
+            except RateLimiterUnavailable as exc:
+                self._enter_fallback(exc)
+        else:
+            await self.local.settle(reservation, actual_tokens)
+
+    def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
+        if reservation is not None and reservation.source == "shared":
+            self.shared.observe_headers(headers, reservation)
+        elif reservation is not None:
+            self.local.observe_headers(headers, reservation)
+        else:
+            (self.local if self._fallback else self.shared).observe_headers(headers)
+
+    def usage_ratio(self) -> dict[str, float]:
+        return self.local.usage_ratio() if self._fallback else self.shared.usage_ratio()
+
+    async def aclose(self) -> None:
+        await self.shared.aclose()
+        await self.local.aclose()
+
+
+def _share(limit: int | None, share: float) -> int | None:
+    if limit is None:
+        return None
+    return max(1, math.floor(limit * share))
+
+
+def build_rate_limiter(
+    alias: str,
+    endpoint_cfg: Any,
+    redis_url: str | None,
+    replicas_hint: int = 1,
+    *,
+    window_s: float = DEFAULT_WINDOW_S,
+    key_prefix: str = "datacreator:ratelimit",
+    hooks: Hooks = NO_HOOKS,
+) -> RateLimiter:
+    """The limiter an endpoint needs: none, local, or shared through Redis with a local fallback."""
+    rpm, tpm = endpoint_cfg.rpm, endpoint_cfg.tpm
+    if not rpm and not tpm:
+        return NoopRateLimiter()
+    if redis_url:
+        shared = RedisRateLimiter(redis_url, f"{key_prefix}:{alias}", rpm, tpm, window_s=window_s, alias=alias, hooks=hooks)
+        return FailoverRateLimiter(shared, local_share=1.0 / max(replicas_hint, 1))
+    return LocalRateLimiter(rpm, tpm, window_s=window_s, alias=alias, hooks=hooks)
