@@ -233,6 +233,9 @@ class LLMClient:
             # Refused before admission: the provider counts none of its tokens.
             await self.limiter.settle(reservation, 0)
             retry_after = backoff_after_429(response.headers)
+            if retry_after:
+                # Every coroutine and replica on this endpoint pauses, not just this call.
+                await self.limiter.hold(retry_after)
             return _Attempt("429", error=f"HTTP 429: {self._snippet(response)}", retry_after=retry_after)
         if status >= 500:
             if self.tpm_counts == "usage":

@@ -56,6 +56,10 @@ class RateLimiter(Protocol):
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None: ...
 
+    async def hold(self, seconds: float) -> None:
+        """Pause every caller of the endpoint (a 429's Retry-After), not just the one that was refused."""
+        ...
+
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None: ...
 
     def usage_ratio(self) -> dict[str, float]: ...
@@ -86,6 +90,9 @@ class NoopRateLimiter:
         return Reservation(tokens=tokens, source="none")
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        return None
+
+    async def hold(self, seconds: float) -> None:
         return None
 
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:

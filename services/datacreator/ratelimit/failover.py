@@ -85,6 +85,7 @@ class FailoverRateLimiter:
             await self._probe()
         if not self._fallback:
             try:
+                await self.local.wait_for_hold()
                 return await self.shared.acquire(tokens)
             except RateLimiterUnavailable as exc:
                 self._enter_fallback(exc)
@@ -98,6 +99,15 @@ class FailoverRateLimiter:
                 self._enter_fallback(exc)
         else:
             await self.local.settle(reservation, actual_tokens)
+
+    async def hold(self, seconds: float) -> None:
+        # Locally as well: it still holds if Redis goes away before the hold ends.
+        await self.local.hold(seconds)
+        if not self._fallback:
+            try:
+                await self.shared.hold(seconds)
+            except RateLimiterUnavailable as exc:
+                self._enter_fallback(exc)
 
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
         if reservation is not None and reservation.source == "shared":

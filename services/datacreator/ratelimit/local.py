@@ -90,6 +90,15 @@ class LocalRateLimiter(WindowLimits):
             self._changed.set()
         self._publish()
 
+    async def hold(self, seconds: float) -> None:
+        """Admit nothing for `seconds` (the provider asked to back off)."""
+        self._hold_until = max(self._hold_until, self._clock() + seconds)
+
+    async def wait_for_hold(self) -> None:
+        """Sleep out a hold set here (the failover limiter honours it on the shared path too)."""
+        while (left := self._hold_until - self._clock()) > 0:
+            await asyncio.sleep(left)
+
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
         view = ProviderView.from_headers(headers)
         if view.remaining_requests is None and view.remaining_tokens is None:

@@ -36,7 +36,7 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutErr
 def _script(name: str) -> str:
     folder = resources.files("datacreator.ratelimit") / "lua"
     text = (folder / f"{name}.lua").read_text(encoding="utf-8")
-    return (folder / "expire.lua").read_text(encoding="utf-8") + text if name != "settle" else text
+    return (folder / "expire.lua").read_text(encoding="utf-8") + text if name in ("acquire", "sync") else text
 
 
 class RedisRateLimiter(WindowLimits):
@@ -67,6 +67,7 @@ class RedisRateLimiter(WindowLimits):
         # One hash tag keeps the keys in one slot of a Redis Cluster.
         self.keys = [
             f"{{{key_prefix}}}:requests", f"{{{key_prefix}}}:tokens", f"{{{key_prefix}}}:token_sum", f"{{{key_prefix}}}:tat",
+            f"{{{key_prefix}}}:hold",
         ]
         self._span_ms = self._span_s * 1000
         self._interval_ms = self._span_ms / rpm if rpm else 0.0
@@ -78,6 +79,7 @@ class RedisRateLimiter(WindowLimits):
         self._acquire_script = self._redis.register_script(_script("acquire"))
         self._settle_script = self._redis.register_script(_script("settle"))
         self._sync_script = self._redis.register_script(_script("sync"))
+        self._hold_script = self._redis.register_script(_script("hold"))
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._count = 0
@@ -126,6 +128,11 @@ class RedisRateLimiter(WindowLimits):
             reservation.tokens = actual
             reservation._handle = new_member
             self._changed.set()
+
+    async def hold(self, seconds: float) -> None:
+        """Admit nothing, in any replica, for `seconds` (the provider asked to back off)."""
+        await self._run(lambda: self._hold_script(keys=self.keys[4:5], args=[seconds * 1000]))
+        self._changed.set()
 
     async def sync(self, view: ProviderView) -> int:
         """Hold, in Redis, what the provider counts beyond our window. Returns how many holds were added."""

@@ -1,4 +1,4 @@
--- KEYS: requests zset, tokens zset, token sum, pacing schedule.
+-- KEYS: requests zset, tokens zset, token sum, pacing schedule, hold.
 -- ARGV: rpm, tpm, span_ms, tokens, id, interval_ms, burst_ms (0 = no limit).
 -- Returns {admitted, wait_ms or admitted_at_ms, requests in window, tokens in window}.
 local rpm = tonumber(ARGV[1])
@@ -9,6 +9,8 @@ local burst = tonumber(ARGV[7])
 local tat = tonumber(redis.call('GET', KEYS[4]) or '0')
 if tat < now then tat = now end
 local wait = 0
+local held = redis.call('PTTL', KEYS[5])
+if held > 0 then wait = held end
 if rpm > 0 and tat - now > burst then
   wait = tat - now - burst
 end
