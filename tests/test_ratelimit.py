@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from datacreator.ratelimit import (
     parse_duration,
     parse_retry_after,
 )
+from tests.fixtures.tcp_proxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 DEAD_REDIS_URL = "redis://127.0.0.1:6390/0"
@@ -192,49 +192,9 @@ async def test_redis_provider_deficit_is_shared(redis_prefix):
         await two.aclose()
 
 
-class TcpProxy:
-    """Forwards a local port to Redis, so a test can take 'Redis' away and bring it back."""
-
-    def __init__(self, target_port: int = 6379):
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers.update({writer, up_writer})
-        for task in (asyncio.create_task(self._pipe(reader, up_writer)), asyncio.create_task(self._pipe(up_reader, writer))):
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in self._writers:
-                writer.close()
-            self._writers.clear()
-            for task in list(self._pipes):
-                task.cancel()
-            await self._server.wait_closed()
-            self._server = None
-
-
 async def test_failover_to_a_local_share_when_redis_is_unreachable():
     shared = RedisRateLimiter(DEAD_REDIS_URL, f"test:dead:{uuid.uuid4().hex}", rpm=8, tpm=None, window_s=0.5, alias="dead-redis", op_timeout_s=0.3, hooks=METRICS_HOOKS)
-    limiter = FailoverRateLimiter(shared, local_share=0.5, probe_interval_s=60)
+    limiter = FailoverRateLimiter(shared, initial_replicas=2, probe_interval_s=60)
     try:
         with pytest.raises(RateLimiterUnavailable):
             await shared.acquire(1)
@@ -255,7 +215,7 @@ async def test_failover_returns_to_redis_when_it_comes_back(redis_prefix):
         f"redis://127.0.0.1:{proxy.port}/0", redis_prefix, rpm=50, tpm=None, window_s=1.0, alias="flaky-redis",
         op_timeout_s=0.3, hooks=METRICS_HOOKS,
     )
-    limiter = FailoverRateLimiter(shared, local_share=0.5, probe_interval_s=0.3)
+    limiter = FailoverRateLimiter(shared, initial_replicas=2, probe_interval_s=0.3)
     try:
         assert (await limiter.acquire(1)).source == "shared"
         assert gauge("ratelimit_local_fallback", endpoint="flaky-redis") == 0.0

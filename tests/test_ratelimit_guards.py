@@ -17,7 +17,8 @@ from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
 from datacreator.logic.retry import RetryPolicy
-from datacreator.ratelimit import FailoverRateLimiter, LocalRateLimiter, RedisRateLimiter
+from datacreator.ratelimit import FailoverRateLimiter, LocalRateLimiter, RedisRateLimiter, max_in_window
+from tests.fixtures.tcp_proxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 DEAD_REDIS_URL = "redis://127.0.0.1:6390/0"
@@ -62,7 +63,7 @@ async def test_a_hold_set_by_one_replica_pauses_the_other(redis_prefix):
 
 async def test_a_hold_survives_redis_going_away():
     shared = RedisRateLimiter(DEAD_REDIS_URL, f"test:dead:{uuid.uuid4().hex}", rpm=100, tpm=None, window_s=5.0, op_timeout_s=0.2)
-    limiter = FailoverRateLimiter(shared, local_share=1.0, probe_interval_s=60)
+    limiter = FailoverRateLimiter(shared, initial_replicas=1, probe_interval_s=60)
     try:
         await limiter.hold(0.5)
         started = time.monotonic()
@@ -103,3 +104,98 @@ async def test_a_local_hold_delays_acquire():
     limiter = LocalRateLimiter(rpm=100, tpm=None, window_s=5.0)
     await limiter.hold(0.3)
     assert (await limiter.acquire(1)).waited_s >= 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# Failover: live membership, conservative seed, consecutive failures, carry-back
+#
+# Redis fails for real through tests.fixtures.tcp_proxy.TcpProxy, a fault-injecting TCP proxy
+# between the limiter and the shared server: cut() refuses connections, `paused` stalls answers.
+
+
+async def replica(proxy: TcpProxy, prefix: str, rpm: int | None, tpm: int | None, window_s: float, **kw) -> FailoverRateLimiter:
+    shared = RedisRateLimiter(proxy.url, prefix, rpm, tpm, window_s=window_s, op_timeout_s=0.2, member_ttl_s=kw.pop("member_ttl_s", 15.0))
+    return FailoverRateLimiter(shared, probe_interval_s=kw.pop("probe_interval_s", 0.5), **kw)
+
+
+async def test_the_local_share_follows_live_membership(redis_prefix):
+    proxy = TcpProxy()
+    await proxy.start()
+    others = [RedisRateLimiter(REDIS_URL, redis_prefix, 90, None, window_s=5.0, member_ttl_s=0.6) for _ in range(2)]
+    limiter = await replica(proxy, redis_prefix, 90, None, 5.0, initial_replicas=1, member_ttl_s=0.6)
+    try:
+        for other in others:
+            await other.acquire(1)
+        await limiter.acquire(1)
+        assert limiter.shared.members == 3
+        await others[1].aclose()  # one replica goes away: its membership expires, the heartbeat keeps the rest
+        await asyncio.sleep(1.0)
+        await limiter.acquire(1)
+        assert limiter.shared.members == 2
+        await proxy.cut()
+        assert (await limiter.acquire(1)).source == "local"
+        assert limiter.local.rpm == 45  # half, the last count seen, not the configured hint of 1
+    finally:
+        await limiter.aclose()
+        await others[0].aclose()
+        await proxy.cut()
+
+
+async def test_one_slow_answer_does_not_flip_to_the_local_share(redis_prefix):
+    proxy = TcpProxy()
+    await proxy.start()
+    limiter = await replica(proxy, redis_prefix, 100, None, 5.0, initial_replicas=2)
+    try:
+        assert (await limiter.acquire(1)).source == "shared"
+        proxy.paused = True
+        asyncio.get_running_loop().call_later(0.25, setattr, proxy, "paused", False)
+        reservation = await limiter.acquire(1)  # one timeout (0.2 s), then Redis answers again
+        assert reservation.source == "shared" and not limiter.in_fallback
+    finally:
+        await limiter.aclose()
+        await proxy.cut()
+
+
+async def test_a_redis_outage_mid_run_never_lets_two_replicas_pass_the_limit(redis_prefix):
+    """Two replicas saturate a shared limit; Redis is cut for two windows mid-run and comes back.
+
+    Every window of the run, outage and recovery included, holds at most the limit of requests and
+    of tokens, counted over both replicas' admissions.
+    """
+    window, rpm, tpm = 1.0, 20, 2000
+    proxies = [TcpProxy(), TcpProxy()]
+    for proxy in proxies:
+        await proxy.start()
+    replicas = [await replica(p, redis_prefix, rpm, tpm, window, initial_replicas=1) for p in proxies]
+    admitted: list[tuple[float, int, str]] = []
+    stop = time.monotonic() + 6.0
+
+    async def worker(limiter: FailoverRateLimiter, n: int) -> None:
+        while time.monotonic() < stop:
+            tokens = 60 + (n * 37 + len(admitted) * 11) % 80  # 60..139, varied
+            reservation = await limiter.acquire(tokens)
+            admitted.append((time.monotonic(), reservation.tokens, reservation.source))
+            await asyncio.sleep(0.02)
+
+    async def outage() -> None:
+        await asyncio.sleep(2.0)
+        for proxy in proxies:
+            await proxy.cut()
+        await asyncio.sleep(2.0)
+        for proxy in proxies:
+            await proxy.start()
+
+    try:
+        await asyncio.gather(outage(), *(worker(r, n) for r in replicas for n in range(6)))
+    finally:
+        for limiter in replicas:
+            await limiter.aclose()
+        for proxy in proxies:
+            await proxy.cut()
+    times = [t for t, _, _ in admitted]
+    sources = {s for _, _, s in admitted}
+    assert sources == {"shared", "local"}  # the outage did happen, and Redis came back
+    assert all(not r.in_fallback for r in replicas)
+    assert max_in_window(times, window) <= rpm
+    assert max_in_window(times, window, [k for _, k, _ in admitted]) <= tpm
+    assert len(admitted) >= 0.5 * rpm * 6  # still working during and after the outage

@@ -76,6 +76,12 @@ def default_margin(window_s: float) -> float:
     return min(max(0.005 * window_s, 0.05), 0.5)
 
 
+def default_token_burst(span_s: float, burst_s: float) -> float:
+    """How far (seconds) token pacing may run ahead: a tenth of the window, so one large call still
+    goes out at once, while what any stretch of the window admits stays bounded (what failover relies on)."""
+    return max(burst_s, 0.1 * span_s)
+
+
 def default_burst(span_s: float, rpm: int | None) -> float:
     """How far (seconds) request pacing may run ahead of its schedule: a few requests' worth."""
     if not rpm:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -26,27 +27,42 @@ log = logging.getLogger("datacreator.ratelimit")
 class FailoverRateLimiter:
     """The shared limiter, or a local share of the limit while its store is unreachable.
 
-    `local_share` is this replica's fair part of the global limit (1 / expected replicas), so
-    replicas that all fall back together still stay under the provider's limit.
+    The share is 1 / the live replicas last seen in Redis (`initial_replicas` before Redis was ever
+    reached), so replicas that all fall back together still stay under the provider's limit. On the
+    switch the local window is seeded as if the shared one were full up to now, so what Redis
+    admitted just before is not admitted twice; on recovery what was admitted locally is carried
+    back into Redis. One slow answer is not an outage: it takes `failures_to_fall_back` in a row.
     """
 
-    def __init__(self, shared: RedisRateLimiter, local_share: float = 1.0, *, probe_interval_s: float = 5.0) -> None:
-        if not 0 < local_share <= 1:
-            raise ValueError("local_share must be in (0, 1]")
+    def __init__(
+        self,
+        shared: RedisRateLimiter,
+        initial_replicas: int = 1,
+        *,
+        probe_interval_s: float = 5.0,
+        failures_to_fall_back: int = 3,
+    ) -> None:
+        if initial_replicas < 1:
+            raise ValueError("initial_replicas must be at least 1")
         self.shared = shared
-        self.local_share = local_share
+        shared.members = initial_replicas
         self.probe_interval_s = probe_interval_s
+        self.failures_to_fall_back = max(failures_to_fall_back, 1)
         self.alias = shared.alias
         self.hooks = shared.hooks
         self.local = LocalRateLimiter(
-            _share(shared.rpm, local_share),
-            _share(shared.tpm, local_share),
+            _share(shared.rpm, 1 / initial_replicas),
+            _share(shared.tpm, 1 / initial_replicas),
             window_s=shared.window_s,
             margin_s=shared.margin_s,
+            burst_s=shared.burst_s,
             alias=shared.alias,
             hooks=shared.hooks,
         )
         self._fallback = False
+        self._fallback_since = 0.0
+        self._failures = 0
+        self._flips = 0
         self._next_probe = 0.0
         self._probing = False
         self.hooks.fallback(self.alias, False)
@@ -55,15 +71,22 @@ class FailoverRateLimiter:
     def in_fallback(self) -> bool:
         return self._fallback
 
+    @property
+    def local_share(self) -> float:
+        return 1 / max(self.shared.members, 1)
+
     def _enter_fallback(self, exc: BaseException) -> None:
         if self._fallback:
             return
         self._fallback = True
-        self._next_probe = time.monotonic() + self.probe_interval_s
+        self._fallback_since = time.monotonic()
+        self._next_probe = self._fallback_since + self.probe_interval_s
+        share = self.local_share
+        self.local.seed_full(_share(self.shared.rpm, share), _share(self.shared.tpm, share), self._fallback_since)
         self.hooks.fallback(self.alias, True)
         log.warning(
             "shared rate limit for endpoint %s unavailable (%s); using a local share of %.0f%% until it returns",
-            self.alias, exc, self.local_share * 100,
+            self.alias, exc, share * 100,
         )
 
     async def _probe(self) -> None:
@@ -72,7 +95,15 @@ class FailoverRateLimiter:
         self._probing = True
         try:
             if await self.shared.ping():
+                try:
+                    await self.shared.carry(self.local.admissions(self._fallback_since), time.monotonic())
+                    await self.shared.register()
+                except RateLimiterUnavailable:
+                    self._next_probe = time.monotonic() + self.probe_interval_s
+                    return
                 self._fallback = False
+                self._flips += 1
+                self._failures = 0
                 self.hooks.fallback(self.alias, False)
                 log.info("shared rate limit for endpoint %s is back", self.alias)
             else:
@@ -81,15 +112,29 @@ class FailoverRateLimiter:
             self._probing = False
 
     async def acquire(self, tokens: int) -> Reservation:
-        if self._fallback and time.monotonic() >= self._next_probe:
-            await self._probe()
-        if not self._fallback:
+        while True:
+            if self._fallback and time.monotonic() >= self._next_probe:
+                await self._probe()
+            if self._fallback:
+                flips = self._flips
+                reservation = await self.local.acquire(tokens)
+                if self._probing or self._flips != flips:
+                    # Admitted while what was admitted locally is being carried to Redis, or after
+                    # the switch back: Redis would never learn of it, so ask again.
+                    continue
+                return reservation
             try:
                 await self.local.wait_for_hold()
-                return await self.shared.acquire(tokens)
+                reservation = await self.shared.acquire(tokens)
             except RateLimiterUnavailable as exc:
-                self._enter_fallback(exc)
-        return await self.local.acquire(tokens)
+                self._failures += 1
+                if self._failures >= self.failures_to_fall_back:
+                    self._enter_fallback(exc)
+                else:
+                    await asyncio.sleep(min(0.05 * self._failures, 0.5))
+                continue
+            self._failures = 0
+            return reservation
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         if reservation.source == "shared":
@@ -147,5 +192,5 @@ def build_rate_limiter(
         return NoopRateLimiter()
     if redis_url:
         shared = RedisRateLimiter(redis_url, f"{key_prefix}:{alias}", rpm, tpm, window_s=window_s, alias=alias, hooks=hooks)
-        return FailoverRateLimiter(shared, local_share=1.0 / max(replicas_hint, 1))
+        return FailoverRateLimiter(shared, initial_replicas=max(replicas_hint, 1))
     return LocalRateLimiter(rpm, tpm, window_s=window_s, alias=alias, hooks=hooks)

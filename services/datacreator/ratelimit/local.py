@@ -1,6 +1,7 @@
 """Requests and tokens per window in one process.
 
-Requests are also paced (GCRA: one every window/rpm, with a small burst allowance). Without it the
+Requests and tokens are also paced (GCRA: one request every window/rpm, a token every window/tpm,
+with a small burst allowance). Without it the
 first window's burst repeats every window, and a burst reaches the provider spread out by its own
 queueing, so the provider's window and ours drift apart by more than the margin. Paced calls
 arrive as they were sent, and the whole quota is still used.
@@ -37,7 +38,9 @@ class LocalRateLimiter(WindowLimits):
         self._requests = SlidingLog(self._span_s)
         self._tokens = SlidingLog(self._span_s)
         self._interval = self._span_s / rpm if rpm else 0.0
+        self._token_interval = self._span_s / tpm if tpm else 0.0
         self._tat = 0.0  # when the next request is due by the pacing schedule
+        self._token_tat = 0.0  # the same for tokens
         self._hold_until = 0.0
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -49,7 +52,7 @@ class LocalRateLimiter(WindowLimits):
         if self.rpm:
             wait = max(wait, self._tat - now - self.burst_s, self._requests.wait(1, self.rpm, now))
         if self.tpm:
-            wait = max(wait, self._tokens.wait(tokens, self.tpm, now))
+            wait = max(wait, self._token_tat - now - self.token_burst_s, self._tokens.wait(tokens, self.tpm, now))
         return wait
 
     async def acquire(self, tokens: int) -> Reservation:
@@ -68,6 +71,7 @@ class LocalRateLimiter(WindowLimits):
                     pass
             self._requests.add(now, 1)
             self._tat = max(self._tat, now) + self._interval
+            self._token_tat = max(self._token_tat, now) + tokens * self._token_interval
             entry = self._tokens.add(now, tokens)
             counted = (round(self._requests.used()), round(self._tokens.used()))
         self._publish()
@@ -85,10 +89,42 @@ class LocalRateLimiter(WindowLimits):
         actual = self._clamp(actual_tokens)
         if entry[0] > now - self._tokens.span_s and entry[1] != actual:  # still counted
             self._tokens.total += actual - entry[1]
+            self._token_tat += (actual - entry[1]) * self._token_interval
             entry[1] = actual
             reservation.tokens = actual
             self._changed.set()
         self._publish()
+
+    def seed_full(self, rpm: int | None, tpm: int | None, now: float | None = None) -> None:
+        """Take new limits and assume the window was full up to `now`, admitted at the paced rate.
+
+        What a replica does when the shared store fails: what the others admitted is unknown, so it
+        assumes the worst that pacing allows — the whole limit over the last window, plus a burst
+        just now — and admits only as that frees up.
+        """
+        now = self._clock() if now is None else now
+        self.rpm, self.tpm = rpm, tpm
+        self._interval = self._span_s / rpm if rpm else 0.0
+        self._token_interval = self._span_s / tpm if tpm else 0.0
+        self._requests = SlidingLog(self._span_s)
+        self._tokens = SlidingLog(self._span_s)
+        slices = 50
+        for log, limit, burst in ((self._requests, rpm, self.burst_s), (self._tokens, tpm, self.token_burst_s)):
+            if not limit:
+                continue
+            step = self._span_s / slices
+            for i in range(slices):
+                log.add(now - self._span_s + (i + 1) * step, limit / slices)
+            log.hold(limit * burst / self._span_s, now + self._span_s)
+        self._tat = now + self.burst_s
+        self._token_tat = now + self.token_burst_s
+        self._changed.set()
+
+    def admissions(self, since: float) -> list[tuple[float, float]]:
+        """(admitted_at, tokens) of what this limiter admitted after `since` and still counts."""
+        now = self._clock()
+        self._tokens.expire(now)
+        return [(t, w) for t, w in self._tokens.events if t > since]
 
     async def hold(self, seconds: float) -> None:
         """Admit nothing for `seconds` (the provider asked to back off)."""

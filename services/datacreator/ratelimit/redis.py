@@ -36,7 +36,7 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutErr
 def _script(name: str) -> str:
     folder = resources.files("datacreator.ratelimit") / "lua"
     text = (folder / f"{name}.lua").read_text(encoding="utf-8")
-    return (folder / "expire.lua").read_text(encoding="utf-8") + text if name in ("acquire", "sync") else text
+    return (folder / "expire.lua").read_text(encoding="utf-8") + text if name in ("acquire", "sync", "carry") else text
 
 
 class RedisRateLimiter(WindowLimits):
@@ -61,6 +61,7 @@ class RedisRateLimiter(WindowLimits):
         hooks: Hooks = NO_HOOKS,
         op_timeout_s: float = 1.0,
         max_poll_s: float = 0.25,
+        member_ttl_s: float = 15.0,
     ) -> None:
         super().__init__(rpm, tpm, window_s, margin_s, burst_s, alias, hooks)
         self.key_prefix = key_prefix
@@ -68,9 +69,16 @@ class RedisRateLimiter(WindowLimits):
         self.keys = [
             f"{{{key_prefix}}}:requests", f"{{{key_prefix}}}:tokens", f"{{{key_prefix}}}:token_sum", f"{{{key_prefix}}}:tat",
             f"{{{key_prefix}}}:hold",
+            f"{{{key_prefix}}}:token_tat",
+            f"{{{key_prefix}}}:members",
+            f"{{{key_prefix}}}:away",
         ]
+        self.member = uuid.uuid4().hex
+        self.member_ttl_s = member_ttl_s
+        self.members = 1  # live replicas sharing the limit, as last seen
         self._span_ms = self._span_s * 1000
         self._interval_ms = self._span_ms / rpm if rpm else 0.0
+        self._token_interval_ms = self._span_ms / tpm if tpm else 0.0
         self._op_timeout_s = op_timeout_s
         self._max_poll_s = max_poll_s
         self._redis = aioredis.Redis.from_url(
@@ -80,6 +88,9 @@ class RedisRateLimiter(WindowLimits):
         self._settle_script = self._redis.register_script(_script("settle"))
         self._sync_script = self._redis.register_script(_script("sync"))
         self._hold_script = self._redis.register_script(_script("hold"))
+        self._register_script = self._redis.register_script(_script("register"))
+        self._carry_script = self._redis.register_script(_script("carry"))
+        self._heartbeat: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._count = 0
@@ -97,11 +108,16 @@ class RedisRateLimiter(WindowLimits):
         tokens = self._clamp(tokens)
         started = time.monotonic()
         rid = uuid.uuid4().hex
-        args = [self.rpm or 0, self.tpm or 0, self._span_ms, tokens, rid, self._interval_ms, self.burst_s * 1000]
+        args = [
+            self.rpm or 0, self.tpm or 0, self._span_ms, tokens, rid, self._interval_ms, self.burst_s * 1000,
+            self._token_interval_ms, self.token_burst_s * 1000, self.member, self.member_ttl_s * 1000,
+        ]
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         async with self._lock:
             while True:
-                admitted, value, count, used = await self._run(lambda: self._acquire_script(keys=self.keys, args=args))
-                self._count, self._used = int(count), int(used)
+                admitted, value, count, used, members = await self._run(lambda: self._acquire_script(keys=self.keys, args=args))
+                self._count, self._used, self.members = int(count), int(used), max(int(members), 1)
                 if int(admitted):
                     break
                 self._changed.clear()
@@ -121,13 +137,36 @@ class RedisRateLimiter(WindowLimits):
         if not isinstance(member, str) or actual == reservation.tokens:
             return
         new_member = f"{reservation.id}|{actual}"
-        args = [member, new_member, actual - reservation.tokens]
-        done = await self._run(lambda: self._settle_script(keys=self.keys[1:], args=args))
+        args = [member, new_member, actual - reservation.tokens, self._token_interval_ms]
+        done = await self._run(lambda: self._settle_script(keys=[self.keys[1], self.keys[2], self.keys[5]], args=args))
         if int(done):
             self._used += actual - reservation.tokens
             reservation.tokens = actual
             reservation._handle = new_member
             self._changed.set()
+
+    async def register(self) -> int:
+        """Renew this replica's membership; the number of live replicas."""
+        members = await self._run(lambda: self._register_script(keys=self.keys[6:7], args=[self.member, self.member_ttl_s * 1000]))
+        self.members = max(int(members), 1)
+        return self.members
+
+    async def _beat(self) -> None:
+        # Idle replicas stay counted: membership expires only when a replica is gone.
+        while True:
+            await asyncio.sleep(self.member_ttl_s / 3)
+            try:
+                await self.register()
+            except RateLimiterUnavailable:
+                pass
+
+    async def carry(self, admissions: list[tuple[float, float]], now: float) -> None:
+        """Put what was admitted locally (monotonic admission time, tokens) into the shared window."""
+        args: list[Any] = [self.member, len(admissions), self._span_ms, self.member_ttl_s * 1000]
+        for admitted_at, tokens in admissions:
+            args += [max(now - admitted_at, 0.0) * 1000, int(tokens)]
+        count, used = await self._run(lambda: self._carry_script(keys=[*self.keys[:3], self.keys[6], self.keys[7]], args=args))
+        self._count, self._used = int(count), int(used)
 
     async def hold(self, seconds: float) -> None:
         """Admit nothing, in any replica, for `seconds` (the provider asked to back off)."""
@@ -190,6 +229,7 @@ class RedisRateLimiter(WindowLimits):
         return ratios
 
     async def aclose(self) -> None:
-        if self._sync_task and not self._sync_task.done():
-            self._sync_task.cancel()
+        for task in (self._sync_task, self._heartbeat):
+            if task and not task.done():
+                task.cancel()
         await self._redis.aclose()

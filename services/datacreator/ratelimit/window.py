@@ -12,7 +12,7 @@ import bisect
 from collections import deque
 from collections.abc import Sequence
 
-from datacreator.ratelimit.base import NO_HOOKS, Hooks, Reservation, default_burst, default_margin
+from datacreator.ratelimit.base import NO_HOOKS, Hooks, Reservation, default_burst, default_margin, default_token_burst
 
 
 class SlidingLog:
@@ -78,6 +78,11 @@ class WindowLimits:
         self.hooks = hooks
         self._span_s = window_s + self.margin_s
         self.burst_s = default_burst(self._span_s, rpm) if burst_s is None else burst_s
+        self.token_burst_s = default_token_burst(self._span_s, self.burst_s)
+
+    @property
+    def span_s(self) -> float:
+        return self._span_s
 
     def _clamp(self, tokens: int) -> int:
         tokens = max(int(tokens), 0)
