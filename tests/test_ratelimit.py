@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,9 +25,9 @@ from datacreator.ratelimit import (
     parse_duration,
     parse_retry_after,
 )
+from tests.fixtures.redis_keys import REDIS_URL
 from tests.fixtures.tcp_proxy import TcpProxy
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 DEAD_REDIS_URL = "redis://127.0.0.1:6390/0"
 
 
@@ -46,17 +45,6 @@ async def admit_all(limiter: RateLimiter, n: int, tokens: int = 1) -> list[float
 
     await asyncio.gather(*(one() for _ in range(n)))
     return times
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    prefix = f"test:ratelimit:{uuid.uuid4().hex}"
-    yield prefix
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 # ---------------------------------------------------------------------------------------------

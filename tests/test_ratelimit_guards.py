@@ -8,31 +8,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
-import redis.asyncio as aioredis
 
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
 from datacreator.logic.retry import RetryPolicy
 from datacreator.ratelimit import FailoverRateLimiter, LocalRateLimiter, RedisRateLimiter, max_in_window
+from tests.fixtures.redis_keys import REDIS_URL
 from tests.fixtures.tcp_proxy import TcpProxy
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 DEAD_REDIS_URL = "redis://127.0.0.1:6390/0"
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    prefix = f"test:ratelimit-guards:{uuid.uuid4().hex}"
-    yield prefix
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 def task() -> GenerationTask:
