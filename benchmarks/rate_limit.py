@@ -4,17 +4,20 @@ Starts the LLM simulator (its own process) with requests- and tokens-per-window 
 saturates it with 1 replica and then 2 replicas: LLMClient instances with separate
 RedisRateLimiter objects sharing one Redis key, as generator replicas do. Prints, for each, the
 share of the limit used (goal >= 97%) and the share of calls answered 429 (goal <= 0.5%), from the
-simulator's own counts.
+simulator's own counts, and the most requests and tokens the simulator admitted in any window
+(goal <= 100% of the limit). With --outage S, 2 replicas also run through fault-injecting TCP
+proxies to Redis that are cut for S seconds mid-run (each replica falls back to its local share,
+then returns), next to the same run without an outage.
 
     python benchmarks/rate_limit.py                                   # 60 s window, 2 minutes per run
     python benchmarks/rate_limit.py --window 2 --duration 10 --rpm 60 # a quick check
+    python benchmarks/rate_limit.py --window 10 --duration 40 --rpm 100 --replicas 2 --outage 10
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import sys
 import time
 import uuid
@@ -28,11 +31,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import SimulatorProcess  # noqa: E402
+from tests.fixtures.tcp_proxy import TcpProxy  # noqa: E402
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
 from datacreator.logic.prompt import build_messages, estimate_call_tokens
-from datacreator.logic.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from datacreator.ratelimit import FailoverRateLimiter, LocalRateLimiter, RateLimiter, RedisRateLimiter, max_in_window
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
 
 EXAMPLE = {"question": "Which planet is known as the red planet?", "options": {"A": "Venus", "B": "Mars", "C": "Jupiter"}, "answer": "B"}
@@ -65,6 +69,7 @@ class Row:
     request_share: float
     token_share: float | None
     max_in_window: int
+    max_tokens_in_window: int
     failed_tasks: int
 
     @property
@@ -81,12 +86,10 @@ class Row:
         return self.refused_429 / self.calls if self.calls else 0.0
 
 
-def max_in_window(times: list[float], window_s: float) -> int:
-    times = sorted(times)
-    return max((bisect.bisect_left(times, t + window_s, lo=i) - i for i, t in enumerate(times)), default=0)
-
-
-async def run(name: str, sim: SimulatorProcess, limiters: list[RateLimiter], args: argparse.Namespace, tpm: int | None) -> Row:
+async def run(
+    name: str, sim: SimulatorProcess, limiters: list[RateLimiter], args: argparse.Namespace, tpm: int | None,
+    proxies: list[TcpProxy] | None = None,
+) -> Row:
     await asyncio.to_thread(sim.reset)
     cfg = EndpointConfig(
         base_url=sim.base_url, model="bench", max_concurrency=args.concurrency, structured_output="json_object",
@@ -105,7 +108,17 @@ async def run(name: str, sim: SimulatorProcess, limiters: list[RateLimiter], arg
             result = await client.complete(make_task(args.max_tokens))
             failed += not result.ok
 
+    async def outage() -> None:
+        await asyncio.sleep(max(args.duration / 2 - args.outage / 2, 0.0))
+        for proxy in proxies or []:
+            await proxy.cut()
+        await asyncio.sleep(args.outage)
+        for proxy in proxies or []:
+            await proxy.start()
+
     tasks = [asyncio.create_task(worker(c)) for c in clients for _ in range(args.concurrency)]
+    if proxies:
+        tasks.append(asyncio.create_task(outage()))
     await asyncio.sleep(args.duration)
     await asyncio.sleep(args.latency * 3)  # let calls sent before the deadline come back
     for task in tasks:
@@ -130,7 +143,8 @@ async def run(name: str, sim: SimulatorProcess, limiters: list[RateLimiter], arg
         refused_429=int(stats["responses"].get("429", 0)),
         request_share=len(in_run) / (args.rpm * periods),
         token_share=sum(c for _, c in in_run) / (tpm * periods) if tpm else None,
-        max_in_window=max_in_window(admitted_at, args.window),
+        max_in_window=int(max_in_window(admitted_at, args.window)),
+        max_tokens_in_window=int(max_in_window(admitted_at, args.window, costs)),
         failed_tasks=failed,
     )
 
@@ -139,16 +153,24 @@ def print_table(rows: list[Row], args: argparse.Namespace, tpm: int | None) -> N
     print()
     print(f"rpm {args.rpm}, tpm {tpm or '-'} per {args.window:g} s window; {args.duration:g} s per run; "
           f"{args.concurrency} concurrent calls per replica; simulated latency {args.latency:g} s")
-    header = f"{'run':<22} {'calls':>7} {'admitted':>9} {'limit used':>11} {'tokens used':>12} {'429s':>7} {'429 share':>10} {'max/window':>11} {'failed':>7}"
+    header = (f"{'run':<30} {'calls':>7} {'admitted':>9} {'limit used':>11} {'tokens used':>12} {'429s':>7} {'429 share':>10} "
+              f"{'max/window':>11} {'peak req':>9} {'peak tok':>9} {'failed':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         tokens = f"{r.token_share:.1%}" if r.token_share is not None else "-"
-        print(f"{r.name:<22} {r.calls:>7} {r.admitted:>9} {r.request_share:>11.1%} {tokens:>12} {r.refused_429:>7} "
-              f"{r.share_429:>10.2%} {f'{r.max_in_window}/{args.rpm}':>11} {r.failed_tasks:>7}")
+        peak_tokens = f"{r.max_tokens_in_window / tpm:.1%}" if tpm else "-"
+        print(f"{r.name:<30} {r.calls:>7} {r.admitted:>9} {r.request_share:>11.1%} {tokens:>12} {r.refused_429:>7} "
+              f"{r.share_429:>10.2%} {f'{r.max_in_window}/{args.rpm}':>11} {r.max_in_window / args.rpm:>9.1%} {peak_tokens:>9} "
+              f"{r.failed_tasks:>7}")
     print()
     summary = "; ".join(f"{r.name}: {r.limit_share:.1%} of the {r.binding} limit used, {r.share_429:.2%} 429s" for r in rows)
-    ok = all(r.limit_share >= 0.97 and r.share_429 <= 0.005 and r.max_in_window <= args.rpm for r in rows)
+    ok = all(r.limit_share >= 0.97 and r.share_429 <= 0.005 and r.max_in_window <= args.rpm for r in rows if "outage" not in r.name)
+    for r in rows:
+        if "outage" in r.name:
+            held = r.max_in_window <= args.rpm and (not tpm or r.max_tokens_in_window <= tpm)
+            print(f"{r.name}: peak {r.max_in_window}/{args.rpm} requests, {r.max_tokens_in_window}/{tpm or '-'} tokens "
+                  f"in any {args.window:g} s window [{'held' if held else 'NOT held'}: <= 100% of the limit]")
     print(f"Summary ({args.rpm} rpm per {args.window:g} s, {args.duration:g} s runs): {summary} "
           f"[{'goals met' if ok else 'goals NOT met'}: >=97% used, <=0.5% 429s]")
 
@@ -176,6 +198,26 @@ async def main_async(args: argparse.Namespace) -> int:
             label = f"{replicas} replica{'s' if replicas > 1 else ''}, Redis"
             rows.append(await run(label, sim, limiters, args, tpm))
             print(f"  done: {label}", file=sys.stderr)
+        if args.outage:
+            prefix = f"bench:ratelimit:{uuid.uuid4().hex}"
+            prefixes.append(prefix)
+            proxies = [TcpProxy(), TcpProxy()]
+            for proxy in proxies:
+                await proxy.start()
+            limiters = [
+                FailoverRateLimiter(
+                    RedisRateLimiter(proxy.url, prefix, args.rpm, tpm, window_s=args.window, alias=f"bench-{i}", op_timeout_s=0.5),
+                    initial_replicas=1, probe_interval_s=1.0,
+                )
+                for i, proxy in enumerate(proxies)
+            ]
+            label = f"2 replicas, {args.outage:g} s outage"
+            try:
+                rows.append(await run(label, sim, limiters, args, tpm, proxies))
+            finally:
+                for proxy in proxies:
+                    await proxy.cut()
+            print(f"  done: {label}", file=sys.stderr)
     finally:
         sim.stop()
         client = aioredis.Redis.from_url(args.redis_url)
@@ -198,6 +240,7 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.3, help="Mean simulated latency in seconds (default: %(default)s).")
     parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens of each call (default: %(default)s).")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="Replica counts to run (default: 1 2).")
+    parser.add_argument("--outage", type=float, default=0.0, help="Also run 2 replicas with Redis cut for this many seconds mid-run.")
     parser.add_argument("--local", action="store_true", help="Also run one replica with the in-process limiter.")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()

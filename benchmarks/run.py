@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 from aiokafka.partitioner import murmur2  # noqa: E402
 
 from benchmarks import common, peers  # noqa: E402
-from benchmarks.rate_limit import max_in_window  # noqa: E402
+from datacreator.ratelimit import max_in_window  # noqa: E402
 from datacreator import client  # noqa: E402
 from datacreator.bus.readback import read_to_end  # noqa: E402
 from datacreator.bus.clients import make_producer  # noqa: E402

@@ -12,6 +12,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.broker",
     "tests.fixtures.simulator",
+    "tests.fixtures.redis_keys",
 ]
 
 REAL_PART_FIXTURES = {"broker", "fresh_broker", "bus_settings", "simulator", "make_simulator"}

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from datacreator.config import EndpointConfig, Settings
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import CallResult, LLMClient, LLMPool
-from datacreator.logic.ratelimit import LocalRateLimiter, NoopRateLimiter, RedisRateLimiter
+from datacreator.ratelimit import LocalRateLimiter, NoopRateLimiter, RedisRateLimiter
 from datacreator.logic.retry import CircuitBreaker, CircuitState, RetryPolicy
 from datacreator.simulator import SimulatorServer
 from datacreator.simulator.server import bind_socket, uvicorn_config

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from datacreator.config import EndpointConfig
-from datacreator.logic.ratelimit import (
+from datacreator.config import EndpointConfig, Settings
+from datacreator.llm.client import METRICS_HOOKS, LLMPool
+from datacreator.ratelimit import (
     FailoverRateLimiter,
     LocalRateLimiter,
     NoopRateLimiter,
@@ -23,17 +21,14 @@ from datacreator.logic.ratelimit import (
     RateLimiterUnavailable,
     RedisRateLimiter,
     build_rate_limiter,
+    max_in_window,
     parse_duration,
     parse_retry_after,
 )
+from tests.fixtures.redis_keys import REDIS_URL
+from tests.fixtures.tcp_proxy import TcpProxy
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 DEAD_REDIS_URL = "redis://127.0.0.1:6390/0"
-
-
-def max_in_window(times: list[float], window_s: float) -> int:
-    times = sorted(times)
-    return max((bisect.bisect_left(times, t + window_s, lo=i) - i for i, t in enumerate(times)), default=0)
 
 
 def gauge(name: str, **labels: str) -> float | None:
@@ -50,17 +45,6 @@ async def admit_all(limiter: RateLimiter, n: int, tokens: int = 1) -> list[float
 
     await asyncio.gather(*(one() for _ in range(n)))
     return times
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    prefix = f"test:ratelimit:{uuid.uuid4().hex}"
-    yield prefix
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,49 +180,9 @@ async def test_redis_provider_deficit_is_shared(redis_prefix):
         await two.aclose()
 
 
-class TcpProxy:
-    """Forwards a local port to Redis, so a test can take 'Redis' away and bring it back."""
-
-    def __init__(self, target_port: int = 6379):
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers.update({writer, up_writer})
-        for task in (asyncio.create_task(self._pipe(reader, up_writer)), asyncio.create_task(self._pipe(up_reader, writer))):
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in self._writers:
-                writer.close()
-            self._writers.clear()
-            for task in list(self._pipes):
-                task.cancel()
-            await self._server.wait_closed()
-            self._server = None
-
-
 async def test_failover_to_a_local_share_when_redis_is_unreachable():
-    shared = RedisRateLimiter(DEAD_REDIS_URL, f"test:dead:{uuid.uuid4().hex}", rpm=8, tpm=None, window_s=0.5, alias="dead-redis", op_timeout_s=0.3)
-    limiter = FailoverRateLimiter(shared, local_share=0.5, probe_interval_s=60)
+    shared = RedisRateLimiter(DEAD_REDIS_URL, f"test:dead:{uuid.uuid4().hex}", rpm=8, tpm=None, window_s=0.5, alias="dead-redis", op_timeout_s=0.3, hooks=METRICS_HOOKS)
+    limiter = FailoverRateLimiter(shared, initial_replicas=2, probe_interval_s=60)
     try:
         with pytest.raises(RateLimiterUnavailable):
             await shared.acquire(1)
@@ -257,9 +201,9 @@ async def test_failover_returns_to_redis_when_it_comes_back(redis_prefix):
     await proxy.start()
     shared = RedisRateLimiter(
         f"redis://127.0.0.1:{proxy.port}/0", redis_prefix, rpm=50, tpm=None, window_s=1.0, alias="flaky-redis",
-        op_timeout_s=0.3, fail_fast_s=0.1,
+        op_timeout_s=0.3, hooks=METRICS_HOOKS,
     )
-    limiter = FailoverRateLimiter(shared, local_share=0.5, probe_interval_s=0.3)
+    limiter = FailoverRateLimiter(shared, initial_replicas=2, probe_interval_s=0.3)
     try:
         assert (await limiter.acquire(1)).source == "shared"
         assert gauge("ratelimit_local_fallback", endpoint="flaky-redis") == 0.0
@@ -285,7 +229,12 @@ async def test_build_rate_limiter_picks_the_kind():
     assert (await noop.acquire(5)).tokens == 5 and noop.usage_ratio() == {}
     local = build_rate_limiter("local-ep", EndpointConfig(base_url="http://x/v1", rpm=100, tpm=5000), None)
     assert isinstance(local, LocalRateLimiter) and (local.rpm, local.tpm) == (100, 5000)
-    assert gauge("ratelimit_limit_per_minute", endpoint="local-ep", kind="requests") == 100
+    pool = LLMPool(Settings(endpoints_json='{"local-ep": {"base_url": "http://x/v1", "rpm": 100, "tpm": 5000}}'), redis_url="")
+    try:
+        assert isinstance(pool.get("local-ep").limiter, LocalRateLimiter)
+        assert gauge("ratelimit_limit_per_minute", endpoint="local-ep", kind="requests") == 100
+    finally:
+        await pool.aclose()
     shared = build_rate_limiter("shared-ep", EndpointConfig(base_url="http://x/v1", rpm=90), REDIS_URL, replicas_hint=3)
     try:
         assert isinstance(shared, FailoverRateLimiter)

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
 
     # Generator
     generator_replicas: int = Field(
-        1, ge=1, description="Generator replicas expected to share the limit: while Redis is unreachable each keeps 1/N of it."
+        1, ge=1, description="Generator replicas expected to share the limit, until Redis reports the live count: while Redis is unreachable each keeps 1/N of it."
     )
 
     ratelimit_window_s: float = Field(60.0, gt=0, description="Window of the RPM/TPM limits (providers use 60 s; tests use shorter).")

@@ -29,10 +29,13 @@ from datacreator.logic.prompt import (
     estimate_text_tokens,
     response_format,
 )
-from datacreator.logic.ratelimit import (
-    ProviderView,
+from datacreator.ratelimit import (
+    REQUESTS,
+    TOKENS,
+    Hooks,
     RateLimiter,
     Reservation,
+    backoff_after_429,
     build_rate_limiter,
     parse_retry_after,
 )
@@ -242,9 +245,10 @@ class LLMClient:
         if status == 429:
             # Refused before admission: the provider counts none of its tokens.
             await self.limiter.settle(reservation, 0)
-            retry_after = parse_retry_after(response.headers)
-            if retry_after is None:
-                retry_after = ProviderView.from_headers(response.headers).reset_after()
+            retry_after = backoff_after_429(response.headers)
+            if retry_after:
+                # Every coroutine and replica on this endpoint pauses, not just this call.
+                await self.limiter.hold(retry_after)
             return _Attempt("429", error=f"HTTP 429: {self._snippet(response)}", retry_after=retry_after)
         if status >= 500:
             if self.tpm_counts == "usage":
@@ -312,6 +316,19 @@ class LLMClient:
         return _KEYLIKE.sub(lambda m: (m.group(1) or "") + "***", text)
 
 
+def _publish_usage(alias: str, ratios: dict[str, float]) -> None:
+    for kind, ratio in ratios.items():
+        metrics.ratelimit_usage_ratio.labels(alias, kind).set(ratio)
+
+
+def _publish_fallback(alias: str, active: bool) -> None:
+    metrics.ratelimit_fallback.labels(alias).set(1 if active else 0)
+
+
+# The rate limiters report through these; they never import metrics themselves.
+METRICS_HOOKS = Hooks(usage=_publish_usage, fallback=_publish_fallback)
+
+
 class LLMPool:
     """One `LLMClient` per endpoint alias of `Settings.endpoints`, built on first use."""
 
@@ -342,7 +359,11 @@ class LLMPool:
             known = ", ".join(sorted(endpoints)) or "none"
             raise KeyError(f"unknown LLM endpoint alias {alias!r} (configured: {known})")
         cfg = endpoints[alias]
-        limiter = build_rate_limiter(alias, cfg, self.redis_url, self.replicas_hint, window_s=self.window_s)
+        if cfg.rpm:
+            metrics.ratelimit_limit.labels(alias, REQUESTS).set(cfg.rpm)
+        if cfg.tpm:
+            metrics.ratelimit_limit.labels(alias, TOKENS).set(cfg.tpm)
+        limiter = build_rate_limiter(alias, cfg, self.redis_url, self.replicas_hint, window_s=self.window_s, hooks=METRICS_HOOKS)
         client = LLMClient(alias, cfg, limiter, RetryPolicy(max_attempts=cfg.max_attempts), CircuitBreaker(alias=alias))
         self._clients[alias] = client
         return client

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Literal
 
 from datacreator.contracts import GenerationTask
@@ -106,12 +107,26 @@ def response_format(task: GenerationTask, mode: StructuredOutput) -> dict[str, A
     raise ValueError(f"unknown structured output mode: {mode!r}")
 
 
+# Characters per token by script, as BPE tokenizers of common models split them: Latin text about
+# 4, Cyrillic, Greek, Arabic and Hebrew about 2, CJK, kana and Hangul about 1, and scripts or symbols
+# tokenizers rarely merge (Indic, Thai, emoji) at least 1. Erring high is safe: a call settles with
+# the provider's usage, and an estimate that is too low lets a window take more than the limit.
+_ONE_PER_CHAR = re.compile(r"[\u0900-\u0dff\u0e00-\u0eff\u1100-\u11ff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00010000-\U0010ffff]")
+_TWO_PER_TOKEN = re.compile(r"[\u0370-\u03ff\u0400-\u052f\u0590-\u06ff\u0750-\u077f]")
+
+
 def estimate_text_tokens(text: str) -> int:
-    return math.ceil(len(text) / 4)
+    """Tokens in `text`, estimated per script (no tokenizer needed)."""
+    if text.isascii():
+        return math.ceil(len(text) / 4)
+    dense = len(_ONE_PER_CHAR.findall(text))
+    medium = len(_TWO_PER_TOKEN.findall(text))
+    rest = len(text) - dense - medium
+    return math.ceil(dense + medium / 2 + rest / 4)
 
 
 def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """A tokenizer-free estimate: four characters a token, plus each message's framing."""
+    """A tokenizer-free estimate (per script, see `estimate_text_tokens`), plus each message's framing."""
     total = _TOKENS_PER_REPLY
     for message in messages:
         content = message.get("content") or ""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
 from typing import Any
+
+from datacreator.ratelimit.window import max_in_window
 
 
 class SimulatorStats:
@@ -70,25 +71,14 @@ class SimulatorStats:
     def max_admitted_in_window(self, window_s: float = 60.0) -> int:
         """The most requests admitted within any window of `window_s` seconds."""
         with self._lock:
-            times = sorted(self.admitted_at)
-        best = 0
-        for i, start in enumerate(times):
-            best = max(best, bisect_left(times, start + window_s, lo=i) - i)
-        return best
+            times = list(self.admitted_at)
+        return int(max_in_window(times, window_s))
 
     def max_tokens_in_window(self, window_s: float = 60.0) -> int:
         """The most tokens (admission cost) admitted within any window of `window_s` seconds."""
         with self._lock:
-            pairs = sorted(zip(self.admitted_at, self.admitted_tokens))
-        best = total = 0
-        end = 0
-        for start, cost in pairs:  # two pointers over windows [start, start + window_s)
-            while end < len(pairs) and pairs[end][0] < start + window_s:
-                total += pairs[end][1]
-                end += 1
-            best = max(best, total)
-            total -= cost
-        return best
+            times, costs = list(self.admitted_at), list(self.admitted_tokens)
+        return int(max_in_window(times, window_s, costs))
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as JSON-ready data (what `/sim/stats` answers)."""
