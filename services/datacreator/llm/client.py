@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import httpx
@@ -39,6 +40,9 @@ from datacreator.logic.ratelimit import (
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
 
 log = logging.getLogger("datacreator.llm")
+
+# The response format of a call, given the endpoint's structured-output mode.
+FormatFn = Callable[[GenerationTask, str], dict[str, Any] | None]
 
 Outcome = Literal["ok", "429", "5xx", "timeout", "connection", "malformed", "circuit_open", "client_error"]
 _RETRYABLE = {"429", "5xx", "timeout", "connection", "malformed"}
@@ -117,10 +121,13 @@ class LLMClient:
 
     # -- public ------------------------------------------------------------------------------
 
-    async def complete(self, task: GenerationTask) -> CallResult:
+    async def complete(
+        self, task: GenerationTask, messages: list[dict[str, str]] | None = None, fmt: FormatFn | None = None
+    ) -> CallResult:
+        """One call for `task`; `messages` and `fmt` replace the generation prompt and its format (label checks)."""
         started = time.monotonic()
         model = task.model.name or self.cfg.model
-        messages = build_messages(task)
+        messages = messages if messages is not None else build_messages(task)
         estimate = estimate_call_tokens(messages, task.model.max_tokens)
         attempts = 0
         last = _Attempt("connection", error="no attempt made")
@@ -133,7 +140,7 @@ class LLMClient:
                         last = _Attempt("circuit_open", error=f"circuit open for endpoint {self.alias}; next probe in {wait:.1f}s")
                         break
                     attempts += 1
-                    last = await self._attempt(task, model, messages, estimate)
+                    last = await self._attempt(task, model, messages, estimate, fmt)
                     if last.outcome == "ok":
                         return self._success(last, model, started, attempts)
                     if last.format_rejected:
@@ -164,20 +171,22 @@ class LLMClient:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    def _body(self, task: GenerationTask, model: str, messages: list[dict[str, str]]) -> bytes:
+    def _body(self, task: GenerationTask, model: str, messages: list[dict[str, str]], fmt_of: FormatFn | None = None) -> bytes:
         body: dict[str, Any] = {
             "model": model,
             "messages": messages,
             "temperature": task.model.temperature,
             "max_tokens": task.model.max_tokens,
         }
-        fmt = response_format(task, self.mode)  # type: ignore[arg-type]
+        fmt = (fmt_of or response_format)(task, self.mode)  # type: ignore[arg-type]
         if fmt is not None:
             body["response_format"] = fmt
         return orjson.dumps(body)
 
-    async def _attempt(self, task: GenerationTask, model: str, messages: list[dict[str, str]], estimate: int) -> _Attempt:
-        body = self._body(task, model, messages)
+    async def _attempt(
+        self, task: GenerationTask, model: str, messages: list[dict[str, str]], estimate: int, fmt: FormatFn | None = None
+    ) -> _Attempt:
+        body = self._body(task, model, messages, fmt)
         recorded = False
         try:
             async with self._slots:
