@@ -20,7 +20,13 @@ from typing import Any
 
 import orjson
 
-from datacreator.contracts import Candidate, GenerationTask, RejectReason, VerifyMode, VerifyTally
+from datacreator.contracts import (
+    Candidate,
+    GenerationTask,
+    RejectReason,
+    VerifyMode,
+    VerifyTally,
+)
 from datacreator.logic.parsing import parse_examples
 from datacreator.logic.prompt import estimate_text_tokens
 from datacreator.logic.validation import ExampleValidator, _label_key, _schema_at

@@ -18,9 +18,9 @@ from datacreator.logic.verify import VERIFY_SYSTEM_PROMPT, blind, get_label
 
 from .generate import content_text
 
-_FENCE = re.compile(r"```json[ \t]*\n?(.*?)```", re.S | re.I)
+_FENCE = re.compile(r"```json[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 _FIELD = re.compile(r'each with its "([^"]+)" field removed')
-_SPACE = re.compile(r"one of: (.*?)\. Judge only", re.S)
+_SPACE = re.compile(r"one of: (.*?)\. Judge only", re.DOTALL)
 _REMEMBERED = 20_000
 _MISSING = get_label({}, "x")
 
