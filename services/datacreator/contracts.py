@@ -73,6 +73,7 @@ class RejectReason(StrEnum):
     request_closed = "request_closed"  # the request was cancelled or ended meanwhile
     duplicate_key = "duplicate_key"  # an object of the item names one key twice
     llm_error = "llm_error"  # the call itself failed after all retries: no output at all
+    label_disagreement = "label_disagreement"  # verify=reject: a blind verifier gave another label
 
 
 class _Message(BaseModel):
@@ -111,6 +112,41 @@ class DedupSpec(_Part):
     )
 
 
+# -- label checks (verify): request fields, per-task settings, candidate and outcome parts ------
+
+
+class VerifyMode(StrEnum):
+    """What a blind verifier's label does: nothing (off), drop a disagreeing item, or replace its label."""
+
+    off = "off"
+    reject = "reject"
+    relabel = "relabel"
+
+
+class Verification(_Part):
+    """The verifier's answer for one candidate: labels aligned with the parsed items (null: not checked)."""
+
+    endpoint: str
+    model: str
+    labels: list[Any] = Field(default_factory=list, description="One entry per parsed item, in order; null where the item was not checked.")
+    usage: Usage = Field(default_factory=lambda: Usage())
+    cost_usd: float = 0.0
+    latency_s: float = 0.0
+    calls: int = Field(0, description="Verification calls made (0 when no item needed checking).")
+    error: str | None = Field(None, description="Why the verification call failed (its items stay unchecked).")
+
+
+class VerifyTally(_Part):
+    """What label checks did for one task: calls, usage, and per created label how many were checked and disagreed."""
+
+    calls: int = 0
+    usage: Usage = Field(default_factory=lambda: Usage())
+    cost_usd: float = 0.0
+    checked: dict[str, int] = Field(default_factory=dict, description="Items the verifier labelled, by created label.")
+    disagreed: dict[str, int] = Field(default_factory=dict, description="Of those, the ones it labelled otherwise, by created label.")
+    unverified: int = Field(0, description="Valid items without a usable verifier label (call failed or answer malformed).")
+
+
 class CreationRequest(_Message):
     """Ask for `target_count` new examples shaped like `formatting_example`."""
 
@@ -141,6 +177,9 @@ class CreationRequest(_Message):
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     metadata: JsonObject = Field(default_factory=dict)
     created_at: float = Field(default_factory=now)
+    # label checks (verify)
+    verify: VerifyMode = Field(VerifyMode.off, description="Blind label check of every created item: off, reject disagreements, or relabel them.")
+    verify_endpoint: str | None = Field(None, min_length=1, max_length=100, description="Endpoint alias of the verifier; the request's own when absent.")
 
     @field_validator("formatting_example")
     @classmethod
@@ -195,6 +234,9 @@ class GenerationTask(_Message):
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     model: ModelSpec
     created_at: float = Field(default_factory=now)
+    # label checks (verify)
+    verify: VerifyMode = VerifyMode.off
+    verify_endpoint: str | None = Field(None, description="Endpoint alias of the verifier; model.endpoint when null.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +265,8 @@ class Candidate(_Message):
     latency_s: float = 0.0
     attempts: int = 1
     created_at: float = Field(default_factory=now)
+    # label checks (verify)
+    verification: Verification | None = Field(None, description="The verifier's labels and the verification call's usage; null when verify is off.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +284,9 @@ class Example(_Message):
     step: int
     model: str
     created_at: float = Field(default_factory=now)
+    # label checks (verify)
+    verified: bool | None = Field(None, description="True: a blind verifier gave the same label (or its label was taken); null: not checked.")
+    relabelled_from: Any = Field(None, description="verify=relabel: the created label the verifier's replaced; null when kept.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +328,8 @@ class TaskOutcome(_Message):
     target_reached: bool = False
     model: str | None = Field(None, description="The model that answered the call, as the generator named it.")
     created_at: float = Field(default_factory=now)
+    # label checks (verify)
+    verification: VerifyTally | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +361,14 @@ class RequestStatus(_Message):
     started_at: float | None = None
     updated_at: float = Field(default_factory=now)
     finished_at: float | None = None
+    # label checks (verify): part of the totals above (tokens, cost), shown apart; llm_calls counts generation calls only
+    verify_calls: int = 0
+    verify_prompt_tokens: int = 0
+    verify_completion_tokens: int = 0
+    verify_cost_usd: float = 0.0
+    verify_checked: dict[str, int] = Field(default_factory=dict, description="Items the verifier labelled, by created label.")
+    verify_disagreements: dict[str, int] = Field(default_factory=dict, description="Of those, the ones it labelled otherwise, by created label.")
+    verify_unverified: int = 0
 
 
 # ---------------------------------------------------------------------------------------------

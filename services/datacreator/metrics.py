@@ -83,3 +83,25 @@ tasks_planned = Counter("tasks_planned", "Tasks published, by strategy.", ["stra
 strategy_fallbacks = Counter(
     "strategy_fallbacks", "Calls whose formatting example fell back to the chain's last good one.", ["strategy"], namespace=NAMESPACE
 )
+
+# Label checks (verify): the verification calls are also in the llm_* series of their endpoint
+verify_calls = Counter(
+    "verify_calls", "Verification calls by endpoint alias and outcome (ok, or why it failed).", ["endpoint", "outcome"], namespace=NAMESPACE
+)
+verify_tokens = Counter("verify_tokens", "Tokens used by verification calls, by kind (prompt, completion).", ["endpoint", "kind"], namespace=NAMESPACE)
+verify_cost_usd = Counter("verify_cost_usd", "Cost of verification calls in US dollars.", ["endpoint"], namespace=NAMESPACE)
+verify_items = Counter(
+    "verify_items", "Valid items by what the verifier's label did: agree, disagree (rejected or relabelled), unverified.",
+    ["result"], namespace=NAMESPACE,
+)
+
+
+def observe_verification(tally: object | None) -> None:
+    """Count one task's label-check tally (a contracts.VerifyTally) in the curator's metrics."""
+    if tally is None:
+        return
+    checked = sum(getattr(tally, "checked", {}).values())
+    disagreed = sum(getattr(tally, "disagreed", {}).values())
+    verify_items.labels("agree").inc(checked - disagreed)
+    verify_items.labels("disagree").inc(disagreed)
+    verify_items.labels("unverified").inc(getattr(tally, "unverified", 0))

@@ -32,6 +32,7 @@ from datacreator.contracts import CreationRequest, Example, RejectReason, Reject
 from datacreator.logic.dedup import DedupIndex
 from datacreator.logic.embeddings import Embedder, example_text
 from datacreator.logic.schema import get_path, infer_label, is_label_name
+from datacreator.logic.verify import disagreement_shares
 
 QUALITY_REASONS = frozenset(r.value for r in (
     RejectReason.unparseable, RejectReason.structure_mismatch, RejectReason.label_out_of_space,
@@ -220,6 +221,7 @@ def build_report(data: RequestData, embedder: Embedder | None = None, label_fiel
         "cost_per_accepted_usd": (status.cost_usd / status.accepted) if status and status.accepted else None,
         "examples_per_second": round((accepted - 1) / span, 3) if span > 0 else None,
         "quality": quality_figures([e.data for e in data.examples], label, embedder),
+        "verification": verification_figures(status),
     }
 
 
@@ -249,12 +251,45 @@ def format_report(report: dict[str, Any]) -> str:
         "cost             " + ("n/a" if report["cost_usd"] is None else f"${report['cost_usd']:.6f}")
         + ("" if report["cost_per_accepted_usd"] is None else f" (${report['cost_per_accepted_usd']:.6f} per example)"),
     ]
+    lines += verification_lines(report.get("verification"))
     return "\n".join(lines)
 
 
 def _priced(report: dict[str, Any]) -> bool:
     """A cost panel means something only when the endpoint has prices (or a cost was reported)."""
     return bool(report.get("priced")) or bool(report.get("cost_usd"))
+
+
+# -- label checks (verify) ------------------------------------------------------------------
+
+
+def verification_figures(status: RequestStatus | None) -> dict[str, Any] | None:
+    """Verification calls, their cost, and per created label how often the verifier disagreed."""
+    if status is None or not status.verify_calls:
+        return None
+    return {
+        "calls": status.verify_calls,
+        "prompt_tokens": status.verify_prompt_tokens,
+        "completion_tokens": status.verify_completion_tokens,
+        "cost_usd": status.verify_cost_usd,
+        "unverified": status.verify_unverified,
+        "by_label": disagreement_shares(status.verify_checked, status.verify_disagreements),
+    }
+
+
+def verification_lines(figures: dict[str, Any] | None) -> list[str]:
+    if not figures:
+        return []
+    checked = sum(v["checked"] for v in figures["by_label"].values())
+    disagreed = sum(v["disagreed"] for v in figures["by_label"].values())
+    per_label = ", ".join(
+        f"{label} {v['disagreed']}/{v['checked']}" for label, v in figures["by_label"].items()
+    ) or "n/a"
+    return [
+        f"label checks     {figures['calls']} calls, ${figures['cost_usd']:.6f}; verifier disagreed on {disagreed} of {checked} "
+        f"({figures['unverified']} unverified)",
+        f"disagreed        {per_label}",
+    ]
 
 
 def plot_report(report: dict[str, Any], data: RequestData, path: str | Path) -> Path:

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal, Self
 
 import httpx
@@ -43,6 +44,8 @@ from datacreator.logic.retry import CircuitBreaker, RetryPolicy
 
 log = logging.getLogger("datacreator.llm")
 
+# The response format of a call, given the endpoint's structured-output mode.
+FormatFn = Callable[[GenerationTask, str], dict[str, Any] | None]
 _RETRYABLE = {"429", "5xx", "timeout", "connection", "malformed"}
 _BREAKER_FAILURES = {"5xx", "timeout", "connection", "malformed"}
 _DOWNGRADE = {"json_schema": "json_object", "json_object": "none"}
@@ -119,10 +122,13 @@ class LLMClient:
 
     # -- public ------------------------------------------------------------------------------
 
-    async def complete(self, task: GenerationTask) -> CallResult:
+    async def complete(
+        self, task: GenerationTask, messages: list[dict[str, str]] | None = None, fmt: FormatFn | None = None
+    ) -> CallResult:
+        """One call for `task`; `messages` and `fmt` replace the generation prompt and its format (label checks)."""
         started = time.monotonic()
         model = task.model.name or self.cfg.model
-        messages = build_messages(task)
+        messages = messages if messages is not None else build_messages(task)
         estimate = estimate_call_tokens(messages, task.model.max_tokens)
         attempts = 0
         billed = 0  # prompt tokens of failed attempts a provider may bill (timed out, malformed answer)
@@ -136,7 +142,7 @@ class LLMClient:
                         last = _Attempt("circuit_open", error=f"circuit open for endpoint {self.alias}; next probe in {wait:.1f}s")
                         break
                     attempts += 1
-                    last = await self._attempt(task, model, messages, estimate)
+                    last = await self._attempt(task, model, messages, estimate, fmt)
                     if last.outcome == "ok":
                         if billed and last.usage is not None:
                             last.usage = Usage(prompt_tokens=last.usage.prompt_tokens + billed, completion_tokens=last.usage.completion_tokens)
@@ -178,7 +184,7 @@ class LLMClient:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    def _body(self, task: GenerationTask, model: str, messages: list[dict[str, str]]) -> bytes:
+    def _body(self, task: GenerationTask, model: str, messages: list[dict[str, str]], fmt_of: FormatFn | None = None) -> bytes:
         body: dict[str, Any] = {
             "model": model,
             "messages": messages,
@@ -187,13 +193,15 @@ class LLMClient:
         }
         if task.model.top_p is not None:
             body["top_p"] = task.model.top_p
-        fmt = response_format(task, self.mode)  # type: ignore[arg-type]
+        fmt = (fmt_of or response_format)(task, self.mode)  # type: ignore[arg-type]
         if fmt is not None:
             body["response_format"] = fmt
         return orjson.dumps(body)
 
-    async def _attempt(self, task: GenerationTask, model: str, messages: list[dict[str, str]], estimate: int) -> _Attempt:
-        body = self._body(task, model, messages)
+    async def _attempt(
+        self, task: GenerationTask, model: str, messages: list[dict[str, str]], estimate: int, fmt: FormatFn | None = None
+    ) -> _Attempt:
+        body = self._body(task, model, messages, fmt)
         recorded = False
         try:
             async with self._slots:

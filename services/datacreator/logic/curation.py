@@ -28,6 +28,7 @@ from datacreator.logic.embeddings import Embedder
 from datacreator.logic.parsing import parse_examples
 from datacreator.logic.schema import ordered_like
 from datacreator.logic.validation import ExampleValidator
+from datacreator.logic.verify import LabelChecks
 
 
 @dataclass(slots=True)
@@ -162,20 +163,28 @@ class RequestCuration:
 
         valid: list[Any] = []
         norms: list[str] = []
+        marks: list[dict[str, Any]] = []
         references = {normalise(ref.data) for ref in task.references}
-        for item in parsed.items:
+        checks = LabelChecks(candidate, self.validator)  # label checks (logic/verify.py)
+        for index, item in enumerate(parsed.items):
             verdict = self.validator.validate(item)
             if verdict is not None:
                 reject(verdict.reason, verdict.detail, item=item)
                 continue
             # Label plan: the schema asked for the label first; give the item back the formatting example's key order.
             item = ordered_like(item, self.validator.schema)
+            checked = checks.apply(index, item)
+            if checked.rejection is not None:
+                reject(checks.reason, checked.rejection, item=item)
+                continue
+            item = checked.item
             norm = normalise(item)
             if norm in references:
                 reject(RejectReason.copy_of_reference, "same as a formatting example of this call", item=item)
                 continue
             valid.append(item)
             norms.append(norm)
+            marks.append(checked.marks)
 
         listed: set[str] = set()
         reference_ids = [ref.example_id for ref in task.references]
@@ -185,7 +194,7 @@ class RequestCuration:
         both = self.dedup.fingerprints(valid + refs, norms + [normalise(r) for r in refs]) if valid else []
         prints: list[Fingerprint] = both[:len(valid)]
         reference_prints = both[len(valid):]
-        for item, norm, fp in zip(valid, norms, prints):
+        for item, norm, fp, mark in zip(valid, norms, prints, marks):
             eid = example_id(task.request_id, item, norm)
             if eid in listed:
                 reject(RejectReason.duplicate, "repeated within this answer", item=item)
@@ -214,9 +223,10 @@ class RequestCuration:
             result.examples.append(
                 Example(example_id=eid, request_id=task.request_id, data=item, strategy=task.strategy,
                         reference_ids=reference_ids, task_id=task.task_id, chain=task.chain, step=task.step,
-                        model=candidate.model)
+                        model=candidate.model, **mark)
             )
         result.outcome = self._outcome(candidate, accepted, counts)
+        result.outcome.verification = checks.result()
         return result
 
     def _outcome(self, candidate: Candidate, accepted: list[AcceptedRef], counts: Counter[str],

@@ -44,11 +44,13 @@ from datacreator.contracts import (
     RequestStatus,
     Strategy,
     TaskOutcome,
+    VerifyMode,
 )
 from datacreator.logic.budget import BudgetLedger, OperatorCaps, check_caps
 from datacreator.logic.labels import LabelPlan, label_of
 from datacreator.logic.schema import example_schema, get_path, infer_label, label_path_in_objects
 from datacreator.logic.validation import request_fields_problem
+from datacreator.logic.verify import add_tally
 from datacreator.logic.strategies import EmbedFn, as_embed_fn, derive_rng, select_reference, shuffled, tree_children
 
 SNAPSHOT_VERSION = 2  # 2: the label and schema worked out once, the label plan
@@ -181,6 +183,8 @@ def _validate(
         schema = example_schema(seed, field, space, request.allow_extra_keys)
     except Exception as exc:
         return f"formatting example has no usable schema: {exc}", None
+    if (unverifiable := _verify_problem(request, field, known_endpoints)) is not None:
+        return unverifiable, None
     plan: LabelPlan | None = None
     plannable = bool(field and space) and label_path_in_objects(schema, field or "")
     if request.label_distribution is not None:
@@ -195,6 +199,17 @@ def _validate(
         except (ValueError, TypeError) as exc:
             return str(exc), None
     return None, ValidatedRequest(request, field, space, schema, plan)
+
+
+def _verify_problem(request: CreationRequest, field: str | None, known_endpoints: set[str] | None) -> str | None:
+    """Label checks need a label to check and a verifier endpoint that exists."""
+    if request.verify is VerifyMode.off:
+        return None
+    if field is None:
+        return f"verify={request.verify.value} needs a label: give label_field (none could be inferred from the formatting example)"
+    if known_endpoints is not None and request.verify_endpoint is not None and request.verify_endpoint not in known_endpoints:
+        return f"unknown verify_endpoint {request.verify_endpoint!r}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +230,14 @@ class Counts(_State):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     fallbacks: int = 0
+    # label checks (verify): verification calls, part of the token and cost totals above
+    verify_calls: int = 0
+    verify_prompt_tokens: int = 0
+    verify_completion_tokens: int = 0
+    verify_cost_usd: float = 0.0
+    verify_checked: dict[str, int] = Field(default_factory=dict)
+    verify_disagreements: dict[str, int] = Field(default_factory=dict)
+    verify_unverified: int = 0
 
 
 class ChainState(_State):
@@ -388,6 +411,7 @@ class RequestPlan:
             started_at=s.started_at,
             updated_at=now,
             finished_at=s.finished_at,
+            **_verify_status(c),
         )
 
     # -- transitions -----------------------------------------------------------------------------
@@ -484,6 +508,11 @@ class RequestPlan:
         c.cost_usd += outcome.cost_usd
         for reason, n in outcome.rejected.items():
             c.rejected[reason] = c.rejected.get(reason, 0) + n
+        if outcome.verification is not None:  # label checks: their calls cost like any other
+            add_tally(c, outcome.verification)
+            c.prompt_tokens += outcome.verification.usage.prompt_tokens
+            c.completion_tokens += outcome.verification.usage.completion_tokens
+            c.cost_usd += outcome.verification.cost_usd
         c.accepted += len(outcome.accepted)
         if outcome.accepted:
             s.calls_without_accept = 0
@@ -718,6 +747,8 @@ class RequestPlan:
                 "allow_extra_keys": request.allow_extra_keys,
                 "dedup": request.dedup,
             }
+                "verify": request.verify,  # label checks
+                "verify_endpoint": request.verify_endpoint,
         return self._template
 
     def _task(self, entry: InFlight) -> GenerationTask:
@@ -750,4 +781,13 @@ def _upgrade_v1(snapshot: dict[str, Any]) -> dict[str, Any]:
         "label_field": validated.label_field,
         "label_space": validated.label_space,
         "example_schema": validated.example_schema,
+    }
+
+
+def _verify_status(c: Counts) -> dict[str, Any]:
+    return {
+        "verify_calls": c.verify_calls, "verify_prompt_tokens": c.verify_prompt_tokens,
+        "verify_completion_tokens": c.verify_completion_tokens, "verify_cost_usd": round(c.verify_cost_usd, 10),
+        "verify_checked": dict(c.verify_checked), "verify_disagreements": dict(c.verify_disagreements),
+        "verify_unverified": c.verify_unverified,
     }

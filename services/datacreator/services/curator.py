@@ -85,6 +85,7 @@ class CuratorHandler(BaseHandler):
         metrics.examples_accepted.inc(len(result.examples))
         for rejection in result.rejections:
             metrics.examples_rejected.labels(rejection.reason.value).inc()
+        metrics.observe_verification(result.outcome.verification if result.outcome else None)  # label checks
         self._update_gauges()
         return outputs
 

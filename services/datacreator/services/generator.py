@@ -10,6 +10,7 @@ from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
 from datacreator.contracts import Candidate, GenerationTask, Usage
 from datacreator.llm.client import LLMPool
+from datacreator.llm.verify import verify_answer
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class GeneratorHandler(BaseHandler):
                 latency_s=result.latency_s,
                 attempts=result.attempts,
             )
+            candidate.verification = await verify_answer(self.pool, task, candidate.raw_output)  # label checks (llm/verify.py)
         self._answered.add(task.task_id)
         outputs = [Output(self.settings.topics.candidates, task.request_id, candidate)]
         if candidate.error is not None:

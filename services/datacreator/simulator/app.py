@@ -21,6 +21,7 @@ from .generate import Faults, estimate_tokens, malform, prompt_chars, write_exam
 from .latency import sample_latency
 from .limits import Decision, SlidingWindowLimiter, retry_after_header
 from .stats import SimulatorStats
+from .verify import Verifier
 
 
 class Simulator:
@@ -34,6 +35,7 @@ class Simulator:
         self.calls = 0  # answers written so far; with the seed it makes every answer's text distinct
         self.closing = False
         self.started = int(time.time())
+        self.verifier = Verifier()
 
     def configure(self, **changes: Any) -> SimulatorConfig:
         """Apply a patch of settings (validated as a whole); the rate window keeps its admissions."""
@@ -54,7 +56,10 @@ class Simulator:
         self.calls += 1
         rng = random.Random(config.seed * 1_000_003 + self.calls)
         faults = Faults(config.wrong_structure_rate, config.label_out_of_space_rate, config.copy_rate)
+        if (labels := self.verifier.answer(rng, body, config.verify_agreement)) is not None:  # label checks: verify.py
+            return labels
         answer = write_examples(rng, body["messages"], body.get("response_format"), faults)
+        self.verifier.remember(answer)
         for kind, times in faults.injected.items():
             self.stats.fault(kind, times)
         return answer

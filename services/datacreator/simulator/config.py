@@ -47,6 +47,10 @@ class SimulatorConfig(BaseModel):
     storm_429_rate: float = _share("Share of requests answered 429 whatever the rate limits (a 429 storm).")
     storm_retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429 storm answer.")
 
+    verify_agreement: float = Field(
+        1.0, ge=0.0, le=1.0, description="Label checks: share of items a verification call labels as they were created."
+    )
+
     seed: int = Field(0, description="Seed of every random choice (faults, text, latency).")
     api_key: str | None = Field(None, repr=False, description="When set, requests need `Authorization: Bearer <key>`.")
 
