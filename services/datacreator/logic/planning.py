@@ -746,9 +746,9 @@ class RequestPlan:
                 "model": request.model,
                 "allow_extra_keys": request.allow_extra_keys,
                 "dedup": request.dedup,
-            }
                 "verify": request.verify,  # label checks
                 "verify_endpoint": request.verify_endpoint,
+            }
         return self._template
 
     def _task(self, entry: InFlight) -> GenerationTask:
