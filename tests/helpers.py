@@ -82,3 +82,14 @@ def candidate(task: GenerationTask, items: list[Any] | None = None, raw: str | N
         raw = "```json\n" + json.dumps({"examples": items}) + "\n```"
     return Candidate(task=task, endpoint="default", model="sim-1", raw_output=raw,
                      usage=Usage(prompt_tokens=100, completion_tokens=50), cost_usd=0.001, latency_s=0.5, **extra)
+
+
+def rejection_reason(request, endpoints: set[str] | None, limits) -> str | None:
+    """validate_request's reason for refusing `request`, or None when it would run."""
+    from datacreator.logic.planning import RequestRejected, validate_request
+
+    try:
+        validate_request(request, endpoints, limits)
+    except RequestRejected as exc:
+        return str(exc)
+    return None

@@ -37,13 +37,13 @@ from datacreator.contracts import (
     CreationRequest,
     DeadLetter,
     Example,
-    GenerationTask,
     RequestState,
     RequestStatus,
     TaskOutcome,
     Usage,
 )
-from datacreator.logic.planning import PlannerLimits, RequestRejected, validate_request
+from datacreator.logic.planning import PlannerLimits
+from tests.helpers import rejection_reason
 from datacreator.services.app import ServiceGroup, build_handler
 from datacreator.services.sink import SinkHandler
 from datacreator.stack import LLMTarget, endpoint_json
@@ -127,11 +127,7 @@ def _answer(raw: Any) -> str | None:
     except PoisonMessage as exc:
         return str(exc)
     assert isinstance(request, CreationRequest)
-    try:
-        validate_request(request, ENDPOINTS, LIMITS)
-    except RequestRejected as exc:
-        return str(exc)
-    return None
+    return rejection_reason(request, ENDPOINTS, LIMITS)
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ from datacreator.contracts import (
     CreationRequest,
     RequestState,
 )
-from datacreator.logic.planning import PlannerLimits, RequestRejected, validate_request
+from datacreator.logic.planning import PlannerLimits
+from tests.helpers import rejection_reason
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.test_poison import FAST_GROUPS, partition_of
@@ -66,11 +67,7 @@ def _reason(raw: dict[str, Any], max_bytes: int | None = None) -> str | None:
         request = decode_request(orjson.dumps(raw), max_bytes)
     except PoisonMessage as exc:
         return str(exc)
-    try:
-        validate_request(request, {"default"}, LIMITS)
-    except RequestRejected as exc:
-        return str(exc)
-    return None
+    return rejection_reason(request, {"default"}, LIMITS)
 
 
 @pytest.mark.parametrize("case", sorted(OVER_LIMIT))

@@ -21,9 +21,9 @@ from datacreator.contracts import (
 from datacreator.llm.client import LLMClient
 from datacreator.llm.verify import verify_answer
 from datacreator.logic.curation import RequestCuration
-from datacreator.logic.planning import PlannerLimits, RequestPlan, validate_request
+from datacreator.logic.planning import PlannerLimits, RequestPlan
 from datacreator.logic.prompt import build_messages, response_format
-from datacreator.logic.ratelimit import LocalRateLimiter
+from datacreator.ratelimit import LocalRateLimiter
 from datacreator.logic.verify import (
     Decision,
     build_verify_messages,
@@ -37,7 +37,7 @@ from datacreator.simulator.app import Simulator
 from datacreator.simulator.config import SimulatorConfig
 from datacreator.stack import LLMTarget, endpoint_json
 
-from tests.helpers import MCQ, MCQ_INSTRUCTION, example_records, records_of
+from tests.helpers import MCQ, MCQ_INSTRUCTION, example_records, records_of, rejection_reason
 
 SENTIMENT = {"text": "The train was on time and the seats were clean.", "label": "positive"}
 
@@ -158,11 +158,11 @@ def test_unreadable_labels_keep_items_unverified():
 def test_verify_needs_a_label_and_a_known_endpoint():
     limits = PlannerLimits()
     free = CreationRequest(instruction="x", formatting_example={"text": "hello", "mood": "calm"}, target_count=3, verify="reject")
-    assert "needs a label" in validate_request(free, {"default"}, limits)
+    assert "needs a label" in rejection_reason(free, {"default"}, limits)
     elsewhere = CreationRequest(instruction="x", formatting_example=SENTIMENT, target_count=3, label_field="label", label_space=["positive", "negative"],
                                 verify="relabel", verify_endpoint="judge")
-    assert "unknown verify_endpoint" in validate_request(elsewhere, {"default"}, limits)
-    assert validate_request(elsewhere, {"default", "judge"}, limits) is None
+    assert "unknown verify_endpoint" in rejection_reason(elsewhere, {"default"}, limits)
+    assert rejection_reason(elsewhere, {"default", "judge"}, limits) is None
 
 
 # -- accounting: simulator + the real limiter ---------------------------------------------------
