@@ -6,8 +6,8 @@ RedisRateLimiter objects sharing one Redis key, as generator replicas do. Prints
 share of the limit used (goal >= 97%) and the share of calls answered 429 (goal <= 0.5%), from the
 simulator's own counts.
 
-    python benchmarks/rate_limit.py                                   # 60 s window, 2 minutes per run
-    python benchmarks/rate_limit.py --window 2 --duration 10 --rpm 60 # a quick check
+    python -m benchmarks rate_limit                                   # 60 s window, 2 minutes per run
+    python -m benchmarks rate_limit --window 2 --duration 10 --rpm 60 # a quick check
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import SimulatorProcess  # noqa: E402
+from benchmarks.common import SimulatorProcess
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
@@ -204,5 +201,10 @@ def main() -> int:
     return asyncio.run(main_async(args))
 
 
+
+def cli() -> int:
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
