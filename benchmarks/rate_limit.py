@@ -19,18 +19,16 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis.asyncio as aioredis
-
-
-from benchmarks.common import SimulatorProcess
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
 from datacreator.logic.prompt import build_messages, estimate_call_tokens
 from datacreator.logic.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
+
+from benchmarks.common import SimulatorProcess
 
 EXAMPLE = {"question": "Which planet is known as the red planet?", "options": {"A": "Venus", "B": "Mars", "C": "Jupiter"}, "answer": "B"}
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.usefulness import distinct_2, embedding_scorer, mean_distance, split_human, tfidf_scorer, usefulness
+from benchmarks.usefulness import (
+    distinct_2,
+    embedding_scorer,
+    mean_distance,
+    split_human,
+    tfidf_scorer,
+    usefulness,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = {
