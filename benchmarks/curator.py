@@ -1,6 +1,6 @@
 """Curator throughput on one core: parse + validate + exact + MinHash dedup over a synthetic stream.
 
-    python benchmarks/curator.py [--n 100000] [--per-call 5] [--seed 7]
+    python -m benchmarks curator [--n 100000] [--per-call 5] [--seed 7]
 
 The stream is multiple-choice answers in the shapes models return (bare lists, fenced blocks with
 prose, wrapper objects), with ~10% exact duplicates (re-cased / re-spaced), ~5% near duplicates (half re-punctuated,
@@ -13,6 +13,7 @@ Figures only: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import sys
 import gc
 import json
 import random
@@ -193,5 +194,11 @@ def main() -> None:
           f"= {per_entry * 100_000 / 2**20:.1f} MiB per 100k examples (RSS delta of the full run: "
           f"{rss_after - rss_before:+.1f} MiB, which also holds the {len(published):,} Example messages)")
 
-if __name__ == "__main__":
+
+def cli() -> int:
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """Diversity of what each self-reference strategy makes, side by side, on one endpoint.
 
-    python benchmarks/diversity.py [--llm simulator|embedded|URL] [--model NAME] [--target 60]
+    python -m benchmarks diversity [--llm simulator|embedded|URL] [--model NAME] [--target 60]
                                    [--per-call 5] [--chains 4] [--strategies none,random,...]
                                    [--out docs/diversity.md]
 
@@ -208,5 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+def cli() -> int:
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """The embedded models on the example requests, through the whole pipeline.
 
-    python benchmarks/models.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--requests examples/requests/*.json]
+    python -m benchmarks models [--models smollm2-135m,qwen2.5-coder-0.5b] [--requests examples/requests/*.json]
                                 [--target 10] [--per-call 5] [--chains 1] [--timeout 300] [--temperature 0.8]
                                 [--json results.json] [--show-rejections 3] [--show-examples 3]
 
@@ -244,7 +244,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
+
+def cli() -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     asyncio.run(main(parse_args()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """The paper's own check: a classifier trained on created data against one trained on as many human examples.
 
-    python benchmarks/paper_check.py [--request examples/requests/imdb_sentiment.json ...] [--model qwen2.5-coder-1.5b]
+    python -m benchmarks paper_check [--request examples/requests/imdb_sentiment.json ...] [--model qwen2.5-coder-1.5b]
                                      [--target 100] [--created created.jsonl] [--human human.jsonl]
                                      [--test-size 100] [--seed 0] [--repeats 10] [--json result.json]
 
@@ -253,5 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+def cli() -> int:
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -242,5 +242,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+
+def cli() -> int:
+    return main(sys.argv[1:])
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli())

@@ -9,9 +9,9 @@ simulator's own counts, and the most requests and tokens the simulator admitted 
 proxies to Redis that are cut for S seconds mid-run (each replica falls back to its local share,
 then returns), next to the same run without an outage.
 
-    python benchmarks/rate_limit.py                                   # 60 s window, 2 minutes per run
-    python benchmarks/rate_limit.py --window 2 --duration 10 --rpm 60 # a quick check
-    python benchmarks/rate_limit.py --window 10 --duration 40 --rpm 100 --replicas 2 --outage 10
+    python -m benchmarks rate_limit                                   # 60 s window, 2 minutes per run
+    python -m benchmarks rate_limit --window 2 --duration 10 --rpm 60 # a quick check
+    python -m benchmarks rate_limit --window 10 --duration 40 --rpm 100 --replicas 2 --outage 10
 """
 
 from __future__ import annotations
@@ -22,22 +22,17 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis.asyncio as aioredis
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import SimulatorProcess  # noqa: E402
-from tests.fixtures.tcp_proxy import TcpProxy  # noqa: E402
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
 from datacreator.logic.prompt import build_messages, estimate_call_tokens
 from datacreator.ratelimit import FailoverRateLimiter, LocalRateLimiter, RateLimiter, RedisRateLimiter, max_in_window
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
+
+from benchmarks.common import SimulatorProcess
+from tests.fixtures.tcp_proxy import TcpProxy
 
 EXAMPLE = {"question": "Which planet is known as the red planet?", "options": {"A": "Venus", "B": "Mars", "C": "Jupiter"}, "answer": "B"}
 
@@ -247,5 +242,10 @@ def main() -> int:
     return asyncio.run(main_async(args))
 
 
+
+def cli() -> int:
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -12,9 +12,9 @@ running. Prints one table and writes results.json and benchmarks.png:
 5. scaling  wall time and memory for 1k, 10k (and 100k with --full) examples
 6. bus      the cost of the single-record batches the embedded broker needs (one-off)
 
-    python benchmarks/run.py            # ~5-10 minutes
-    python benchmarks/run.py --quick    # ~2 minutes
-    python benchmarks/run.py --full     # adds 100k examples to the scaling section
+    python -m benchmarks run            # ~5-10 minutes
+    python -m benchmarks run --quick    # ~2 minutes
+    python -m benchmarks run --full     # adds 100k examples to the scaling section
 """
 
 from __future__ import annotations
@@ -34,24 +34,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
+from aiokafka.partitioner import murmur2
+
+from benchmarks import common, peers
+from datacreator import client
+from datacreator.bus.readback import read_to_end
+from datacreator.bus.clients import make_producer
+from datacreator.bus.codec import encode, encode_key
+from datacreator.config import Settings
+from datacreator.embedded.broker import EmbeddedBroker
+from datacreator.ratelimit import max_in_window
+from datacreator.contracts import Candidate, CreationRequest, Example, GenerationTask, ModelSpec, RequestStatus, TaskOutcome
+from datacreator.services.app import CORE_SERVICES
+from datacreator.stack import EmbeddedStack
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from aiokafka.partitioner import murmur2  # noqa: E402
-
-from benchmarks import common, peers  # noqa: E402
-from datacreator.ratelimit import max_in_window  # noqa: E402
-from datacreator import client  # noqa: E402
-from datacreator.bus.readback import read_to_end  # noqa: E402
-from datacreator.bus.clients import make_producer  # noqa: E402
-from datacreator.embedded.broker import EmbeddedBroker  # noqa: E402
-from datacreator.bus.codec import encode, encode_key  # noqa: E402
-from datacreator.config import Settings  # noqa: E402
-from datacreator.contracts import Candidate, CreationRequest, Example, GenerationTask, ModelSpec, RequestStatus, TaskOutcome  # noqa: E402
-from datacreator.services.app import CORE_SERVICES  # noqa: E402
-from datacreator.stack import EmbeddedStack  # noqa: E402
-
 SECTIONS = ("quota", "overhead", "batching", "peers", "scaling", "bus")
 PARTITIONS = 4
 
@@ -595,7 +593,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="datacreator bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smaller runs, about 2 minutes")
     mode.add_argument("--full", action="store_true", help="adds 100k examples to the scaling section")
@@ -621,5 +619,10 @@ async def _until_signalled(main_coro: Any) -> int:
         return 130
 
 
+
+def cli() -> int:
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

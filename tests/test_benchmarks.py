@@ -11,11 +11,9 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, peers  # noqa: E402
-from benchmarks.run import PARTITIONS, ids_per_partition  # noqa: E402
+from benchmarks import common, peers
+from benchmarks.run import PARTITIONS, ids_per_partition
 
 
 def _baseline_config(sim, target: int, **changes):
@@ -55,9 +53,9 @@ def test_request_ids_cover_every_partition():
 @pytest.mark.slow
 def test_quick_run_prints_the_table_and_writes_results(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "batching", "bus", "--no-curator",
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--only", "batching", "bus", "--no-curator",
          "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=180,
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "prompt tokens per accepted example" in done.stdout

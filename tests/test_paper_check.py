@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from benchmarks.paper_check import paper_check, roc_auc, split_human  # noqa: E402
+from benchmarks.paper_check import paper_check, roc_auc, split_human
 
 POSITIVE = ["wonderful", "moving", "brilliant", "charming", "gripping", "superb", "delightful", "touching"]
 NEGATIVE = ["boring", "dull", "awful", "clumsy", "tedious", "dreadful", "lifeless", "messy"]
@@ -85,9 +83,9 @@ def test_command_on_given_files_prints_the_table_and_writes_json(tmp_path):
     human.write_text("".join(json.dumps(r) + "\n" for r in reviews(80, seed=5)))
     out = tmp_path / "result.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "paper_check.py"), "--created", str(created), "--human", str(human),
+        [sys.executable, "-m", "benchmarks", "paper_check", "--created", str(created), "--human", str(human),
          "--test-size", "40", "--repeats", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=60,
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert "| majority class" in done.stdout and "ROC AUC" in done.stdout and "| created (LLM)" in done.stdout and "| human" in done.stdout

@@ -304,16 +304,9 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """Benchmarks live beside the package in a clone (benchmarks/run.py), not in the wheel."""
-    import importlib
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "run.py").exists():
-        print(f"benchmarks/run.py not found in {root}: run from a clone", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(root))
-    module = importlib.import_module("benchmarks.run")
-    return int(module.main(args.bench_args) or 0)
+    """Benchmarks live beside the package in a clone, not in the wheel."""
+    print("datacreator: benchmarks run from a clone: python -m benchmarks --help", file=sys.stderr)
+    return 2
 
 
 def _schemas(args: argparse.Namespace) -> int:
@@ -395,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("name", nargs="?")
     models.set_defaults(handler=_models, sync=True)
 
-    bench = sub.add_parser("bench", help="side-by-side benchmarks (benchmarks/run.py; --help there)", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks run from a clone: python -m benchmarks", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(handler=_bench, sync=True)
 
@@ -437,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # every flag after `bench` belongs to benchmarks/run.py
+    if argv[:1] == ["bench"]:  # flags after `bench` are ignored: benchmarks run from a clone
         return _bench(argparse.Namespace(bench_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)

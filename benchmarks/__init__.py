@@ -1,0 +1,1 @@
+"""datacreator benchmarks, run from a clone as `python -m benchmarks NAME [options]`."""

