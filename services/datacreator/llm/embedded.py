@@ -408,8 +408,11 @@ class EmbeddedLLM(ChildServer):
         log_path: str | None = None,
         host: str = "127.0.0.1",
         bounds: OutputBounds = DEFAULT_BOUNDS,
+        server_args: tuple[str, ...] = (),
     ) -> None:
         self.info = _info(model)
+        # Further llama_cpp.server options (e.g. "--n_batch", "256"): benchmarks/embedded_speed.py compares them.
+        self.server_args = tuple(server_args)
         self.bounds = bounds
         self.model_alias = model
         self.port = port
@@ -434,7 +437,7 @@ class EmbeddedLLM(ChildServer):
         cmd += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
         if self.info.chat_format:
             cmd += ["--chat_format", self.info.chat_format]
-        return cmd
+        return cmd + list(self.server_args)
 
     async def start(self, timeout_s: float = 180) -> "EmbeddedLLM":
         if self.running:
