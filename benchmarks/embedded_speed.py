@@ -138,5 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load: {os.getloadavg()}", flush=True)
 
 
+def cli() -> int:
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

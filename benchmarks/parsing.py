@@ -77,5 +77,10 @@ def main() -> None:
             sys.stdout.flush()
 
 
+def cli() -> int:
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

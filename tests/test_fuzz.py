@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from datacreator import client
 from datacreator.bus.codec import PoisonMessage, decode, decode_request
 from datacreator.bus.readback import read_to_end
-from datacreator.bus.runtime import make_producer
+from datacreator.bus.clients import make_producer
 from datacreator.contracts import (
     MAX_CHAINS,
     MAX_EXAMPLES_PER_CALL,

@@ -11,7 +11,7 @@ import pytest
 
 from datacreator import client
 from datacreator.bus.codec import PoisonMessage, decode_request
-from datacreator.bus.runtime import make_producer
+from datacreator.bus.clients import make_producer
 from datacreator.contracts import (
     MAX_EXAMPLES_PER_CALL,
     MAX_INSTRUCTION_CHARS,

@@ -32,7 +32,7 @@ from datacreator import client
 from datacreator.bus.admin import ensure_topics, wait_for_broker
 from datacreator.embedded.broker import EmbeddedBroker, free_port
 from datacreator.bus.readback import read_to_end
-from datacreator.bus.runtime import make_producer
+from datacreator.bus.clients import make_producer
 from datacreator.config import EndpointConfig, Settings
 from datacreator.contracts import CreationRequest, ModelSpec, RequestState
 from datacreator.services.app import ServiceGroup
