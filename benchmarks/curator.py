@@ -13,11 +13,11 @@ Figures only: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import sys
 import gc
 import json
 import random
 import resource
+import sys
 import time
 import tracemalloc
 from collections import Counter

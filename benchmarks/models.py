@@ -24,7 +24,6 @@ import asyncio
 import glob
 import json
 import logging
-import os
 import sys
 import time
 import uuid

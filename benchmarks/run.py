@@ -34,18 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from aiokafka.partitioner import murmur2
 
 from benchmarks import common, peers
 from datacreator import client
-from datacreator.bus.readback import read_to_end
 from datacreator.bus.clients import make_producer
 from datacreator.bus.codec import encode, encode_key
+from datacreator.bus.readback import read_to_end
 from datacreator.config import Settings
+from datacreator.contracts import Candidate, CreationRequest, Example, GenerationTask, ModelSpec, RequestStatus, TaskOutcome
 from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.ratelimit import max_in_window
-from datacreator.contracts import Candidate, CreationRequest, Example, GenerationTask, ModelSpec, RequestStatus, TaskOutcome
 from datacreator.services.app import CORE_SERVICES
 from datacreator.stack import EmbeddedStack
 
@@ -74,7 +73,7 @@ class Plan:
     bus_publishes: int = 300
 
     @classmethod
-    def for_mode(cls, quick: bool, full: bool) -> "Plan":
+    def for_mode(cls, quick: bool, full: bool) -> Plan:
         if quick:
             return cls(window_s=2.0, quota_rpm=48, quota_duration_s=8.0, replicas=(1, 2), peer_limited_n=1000,
                        peer_open_n=1000, overhead_n=1000, batching_n=100, scaling=(1_000,), bus_publishes=100)
@@ -150,7 +149,7 @@ async def stop_stack(stack: EmbeddedStack) -> None:
     """Stop the services, bounded: a stop that hangs must not hang the benchmark; the broker goes anyway."""
     try:
         await asyncio.wait_for(stack.stop(), 60)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         print("  (services did not stop within 60 s; stopping the broker)", file=sys.stderr)
         await stack.broker.stop()
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from benchmarks import common, peers
 from benchmarks.run import PARTITIONS, ids_per_partition
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _baseline_config(sim, target: int, **changes):

@@ -18,8 +18,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from datacreator.bus.admin import ensure_topics, wait_for_broker
-from datacreator.embedded.broker import EmbeddedBroker, free_port
 from datacreator.config import Settings
+from datacreator.embedded.broker import EmbeddedBroker, free_port
 from tests.fixtures.broker import unique_topics
 
 pytestmark = pytest.mark.timeout(60)
@@ -282,7 +282,7 @@ class TagStrippingRelay:
         self.port = 0
         self.rewritten = 0
 
-    async def start(self) -> "TagStrippingRelay":
+    async def start(self) -> TagStrippingRelay:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -373,7 +373,7 @@ async def _kcat(*args: str, stdin: bytes | None = None) -> str:
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise

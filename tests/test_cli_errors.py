@@ -98,7 +98,7 @@ def _mcq_request(tmp_path: Path, **extra) -> str:
 
 
 def _cost(stdout: str) -> float:
-    line = next(l for l in stdout.splitlines() if l.startswith("cost"))
+    line = next(row for row in stdout.splitlines() if row.startswith("cost"))
     return float(line.split("$")[1].split()[0])
 
 

@@ -19,7 +19,6 @@ from datacreator.contracts import (
 from datacreator.logic.curation import CuratorState, RequestCuration
 from datacreator.logic.dedup import example_id
 from datacreator.logic.schema import example_schema
-
 from tests.helpers import SEED, candidate, item, make_task
 
 

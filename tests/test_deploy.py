@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from datacreator.config import Settings, TopicNames
 from datacreator.bus.runtime import ServiceRunner
+from datacreator.config import Settings, TopicNames
 from datacreator.services.app import SERVICE_NAMES, build_handler
 from datacreator.simulator.config import MODEL_NAME
 
@@ -398,7 +398,7 @@ def test_k8s_keda_scales_generators_and_curators_on_their_consumer_lag() -> None
     config = settings_configmap()
     partitions = int(config["DATACREATOR_TOPIC_PARTITIONS"])
     targets = set()
-    for name, obj in scaled.items():
+    for obj in scaled.values():
         assert obj["apiVersion"] == "keda.sh/v1alpha1"
         spec = obj["spec"]
         target = deployments[spec["scaleTargetRef"]["name"]]
@@ -480,9 +480,9 @@ def test_dockerfile_is_multi_stage_non_root_and_health_checked() -> None:
 
 def test_dockerfile_healthcheck_command_runs() -> None:
     # The HEALTHCHECK's Python one-liner against a real server on /healthz, and against nothing.
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     import sys
     import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Health(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802

@@ -20,10 +20,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from datacreator import client
-from datacreator.embedded.broker import free_port
+from datacreator.cli import main as cli_main
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, RequestState
-from datacreator.cli import main as cli_main
+from datacreator.embedded.broker import free_port
 from datacreator.llm.embedded import (
     DEFAULT_BOUNDS,
     DEFAULT_MODEL,

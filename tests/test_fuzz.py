@@ -21,13 +21,15 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from datacreator import client
+from datacreator.bus.clients import make_producer
 from datacreator.bus.codec import PoisonMessage, decode, decode_request
 from datacreator.bus.readback import read_to_end
-from datacreator.bus.clients import make_producer
 from datacreator.contracts import (
     MAX_CHAINS,
     MAX_EXAMPLES_PER_CALL,
@@ -43,10 +45,10 @@ from datacreator.contracts import (
     Usage,
 )
 from datacreator.logic.planning import PlannerLimits
-from tests.helpers import rejection_reason
 from datacreator.services.app import ServiceGroup, build_handler
 from datacreator.services.sink import SinkHandler
 from datacreator.stack import LLMTarget, endpoint_json
+from tests.helpers import rejection_reason
 from tests.test_poison import FAST_GROUPS, sample_task
 
 SEED = {"question": "What do bees make?", "answer": "honey"}

@@ -74,7 +74,7 @@ class Generators:
         self.partitions = settings.topic_partitions
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def __aenter__(self) -> "Generators":
+    async def __aenter__(self) -> Generators:
         self._tasks = [asyncio.create_task(r.run()) for r in self.runners]
         deadline = time.monotonic() + 40
         # Ready once the group has settled: every member holds partitions and together all of them.

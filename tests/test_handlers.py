@@ -32,7 +32,6 @@ from datacreator.services.curator import CuratorHandler
 from datacreator.services.generator import GeneratorHandler
 from datacreator.services.planner import PlannerHandler
 from datacreator.services.sink import SinkHandler
-
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
 SETTINGS = Settings(endpoints_json='{"default": {"base_url": "http://127.0.0.1:9", "model": "m"}}')

@@ -10,7 +10,7 @@ from collections import Counter
 import orjson
 import pytest
 
-from datacreator.contracts import AcceptedRef, CreationRequest, GenerationTask, Strategy, TaskOutcome
+from datacreator.contracts import AcceptedRef, Candidate, CreationRequest, GenerationTask, Strategy, TaskOutcome
 from datacreator.logic.curation import RequestCuration
 from datacreator.logic.labels import LabelPlan, integer_targets, label_text
 from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
@@ -18,7 +18,6 @@ from datacreator.logic.prompt import build_messages, response_format
 from datacreator.logic.schema import batch_schema, example_schema, ordered_like
 from datacreator.logic.strategies import derive_rng
 from datacreator.simulator.generate import Faults, write_examples
-from datacreator.contracts import Candidate
 
 MCQ = {"question": "Where do fish live?", "options": {"A": "trees", "B": "water", "C": "sky", "D": "sand"}, "answer": "B"}
 NEWS = {"headline": "Vaccine trial ends early", "topic": "health"}

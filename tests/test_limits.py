@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from datacreator import client
-from datacreator.bus.codec import PoisonMessage, decode_request
 from datacreator.bus.clients import make_producer
+from datacreator.bus.codec import PoisonMessage, decode_request
 from datacreator.contracts import (
     MAX_EXAMPLES_PER_CALL,
     MAX_INSTRUCTION_CHARS,
@@ -20,9 +20,9 @@ from datacreator.contracts import (
     RequestState,
 )
 from datacreator.logic.planning import PlannerLimits
-from tests.helpers import rejection_reason
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
+from tests.helpers import rejection_reason
 from tests.test_poison import FAST_GROUPS, partition_of
 
 SEED = {"question": "What do bees make?", "answer": "honey"}

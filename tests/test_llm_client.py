@@ -21,9 +21,9 @@ from starlette.routing import Route
 
 from datacreator.config import EndpointConfig, Settings
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
-from datacreator.llm.client import CallResult, LLMClient, LLMPool
-from datacreator.ratelimit import LocalRateLimiter, NoopRateLimiter, RedisRateLimiter
+from datacreator.llm.client import CallResult, LLMClient, LLMPool, circuit_gauge
 from datacreator.logic.retry import CircuitBreaker, CircuitState, RetryPolicy
+from datacreator.ratelimit import LocalRateLimiter, NoopRateLimiter, RedisRateLimiter
 from datacreator.simulator import SimulatorServer
 from datacreator.simulator.server import bind_socket, uvicorn_config
 
@@ -110,7 +110,7 @@ class ScriptedServer:
         content = payload if isinstance(payload, (str, bytes)) else orjson.dumps(payload)
         return Response(content, status_code=status, headers=headers, media_type="application/json")
 
-    def start(self) -> "ScriptedServer":
+    def start(self) -> ScriptedServer:
         self._thread.start()
         while not self._server.started:
             time.sleep(0.01)
@@ -146,7 +146,8 @@ def test_retry_delays_honour_retry_after_and_back_off_with_full_jitter():
 
 def test_circuit_breaker_opens_half_opens_and_closes():
     now = [0.0]
-    breaker = CircuitBreaker(failure_threshold=3, reset_after_s=10.0, alias="breaker-unit", clock=lambda: now[0])
+    breaker = CircuitBreaker(failure_threshold=3, reset_after_s=10.0, alias="breaker-unit", clock=lambda: now[0],
+                             on_state=circuit_gauge("breaker-unit"))
     assert breaker.state is CircuitState.closed and breaker.allow()
     breaker.record_failure()
     breaker.record_failure()

@@ -19,7 +19,7 @@ from datacreator import client
 from datacreator.bus.codec import decode
 from datacreator.bus.readback import read_to_end
 from datacreator.config import TopicNames
-from datacreator.contracts import CreationRequest, RejectReason, Rejection, RequestState, Strategy
+from datacreator.contracts import CreationRequest, Rejection, RejectReason, RequestState, Strategy
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from datacreator.top import MetricsSnapshot, scrape

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from benchmarks.paper_check import paper_check, roc_auc, split_human
+
+ROOT = Path(__file__).resolve().parent.parent
 
 POSITIVE = ["wonderful", "moving", "brilliant", "charming", "gripping", "superb", "delightful", "touching"]
 NEGATIVE = ["boring", "dull", "awful", "clumsy", "tedious", "dreadful", "lifeless", "messy"]

@@ -436,7 +436,7 @@ def test_stall_names_the_dominant_rejection() -> None:
     t = 0.0
     # An accepted example resets the count.
     tasks = plan.next_tasks(t)
-    for i in range(4):
+    for _ in range(4):
         t += 1
         plan.on_outcome(outcome(tasks.pop(0), 0, {"copy_of_reference": 5}), t)
         tasks += plan.next_tasks(t)

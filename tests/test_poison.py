@@ -17,9 +17,9 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from datacreator import client
+from datacreator.bus.clients import make_producer
 from datacreator.bus.codec import decode
 from datacreator.bus.readback import read_to_end
-from datacreator.bus.clients import make_producer
 from datacreator.config import Settings
 from datacreator.contracts import (
     Candidate,

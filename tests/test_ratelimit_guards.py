@@ -9,7 +9,6 @@ import asyncio
 import time
 import uuid
 
-
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec, Reference
 from datacreator.llm.client import LLMClient

@@ -30,11 +30,10 @@ from pydantic import SecretStr, ValidationError
 
 from datacreator import client
 from datacreator.bus.admin import ensure_topics, wait_for_broker
-from datacreator.embedded.broker import EmbeddedBroker, free_port
 from datacreator.bus.readback import read_to_end
-from datacreator.bus.clients import make_producer
 from datacreator.config import EndpointConfig, Settings
 from datacreator.contracts import CreationRequest, ModelSpec, RequestState
+from datacreator.embedded.broker import EmbeddedBroker, free_port
 from datacreator.services.app import ServiceGroup
 from tests.fixtures.broker import unique_topics
 from tests.test_poison import FAST_GROUPS
@@ -374,7 +373,6 @@ def _nested(depth: int) -> object:
 def test_deeply_nested_request_fields_are_rejected(field) -> None:
     # Before: metadata or label_space nested 300 deep was accepted, and every snapshot of the
     # request failed to encode ("Maximum serialization depth") for ever.
-    import orjson
 
     from datacreator.bus.codec import decode_request
     from datacreator.logic.planning import PlannerLimits, validate_request

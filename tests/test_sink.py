@@ -15,8 +15,8 @@ import pytest
 
 from datacreator.bus.codec import encode
 from datacreator.bus.runtime import Delivery, ServiceRunner
-from datacreator.contracts import Example
 from datacreator.config import Settings
+from datacreator.contracts import Example
 from datacreator.services.sink import SinkHandler, request_dir_name
 from tests.test_consumer import make_example, publish
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+
 from datacreator import client
 from datacreator.config import EndpointConfig
 from datacreator.contracts import (
@@ -23,7 +24,6 @@ from datacreator.llm.verify import verify_answer
 from datacreator.logic.curation import RequestCuration
 from datacreator.logic.planning import PlannerLimits, RequestPlan
 from datacreator.logic.prompt import build_messages, response_format
-from datacreator.ratelimit import LocalRateLimiter
 from datacreator.logic.verify import (
     Decision,
     build_verify_messages,
@@ -32,11 +32,11 @@ from datacreator.logic.verify import (
     verify_response_format,
     verify_targets,
 )
+from datacreator.ratelimit import LocalRateLimiter
 from datacreator.services.app import ServiceGroup
 from datacreator.simulator.app import Simulator
 from datacreator.simulator.config import SimulatorConfig
 from datacreator.stack import LLMTarget, endpoint_json
-
 from tests.helpers import MCQ, MCQ_INSTRUCTION, example_records, records_of, rejection_reason
 
 SENTIMENT = {"text": "The train was on time and the seats were clean.", "label": "positive"}

@@ -7,10 +7,9 @@ import base64
 import contextlib
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
-from pathlib import Path
 
 import httpx
 import pytest

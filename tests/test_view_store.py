@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
-from datacreator.contracts import CreationRequest, Example, RejectReason, Rejection, RequestState, RequestStatus, Strategy
+from datacreator.contracts import CreationRequest, Example, Rejection, RejectReason, RequestState, RequestStatus, Strategy
 from datacreator.view.store import SEED, ViewStore
 from tests.helpers import MCQ, MCQ_INSTRUCTION
 

@@ -92,7 +92,7 @@ class _Progress:
         self.task = self.progress.add_task("examples", total=total, info="")
         self._last_line = 0.0
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         self.progress.__enter__()
         return self
 

@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     embedding_device: str = "cpu"
 
     @model_validator(mode="after")
-    def _check_sasl(self) -> "Settings":
+    def _check_sasl(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
             raise ValueError("DATACREATOR_KAFKA_SASL_MECHANISM is required with a SASL security protocol")
         return self
@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         return OperatorCaps(max_tokens_per_call=self.max_tokens_per_call, max_cost_per_request=self.max_cost_per_request,
                             default_max_cost_usd=self.default_max_cost_usd, prices=prices)
 
-    def with_updates(self, **changes: Any) -> "Settings":
+    def with_updates(self, **changes: Any) -> Settings:
         """A copy with some fields changed (derived values such as `endpoints` are recomputed)."""
         copy = self.model_copy(update=changes)
         copy.__dict__.pop("endpoints", None)

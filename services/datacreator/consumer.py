@@ -80,7 +80,7 @@ class ExampleStream:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def __aenter__(self) -> "ExampleStream":
+    async def __aenter__(self) -> ExampleStream:
         await self.start()
         return self
 

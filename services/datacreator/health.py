@@ -27,7 +27,7 @@ class HealthServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    async def start(self) -> "HealthServer":
+    async def start(self) -> HealthServer:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("health and metrics on %s", self.url)
@@ -53,7 +53,7 @@ class HealthServer:
             ).encode()
             writer.write(head + body)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()

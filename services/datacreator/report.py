@@ -12,11 +12,10 @@ shares are of the valid items that reached de-duplication (accepted + duplicates
 from __future__ import annotations
 
 import argparse
-import textwrap
 import random
 import re
 import statistics
-import sys
+import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import orjson
 
 from datacreator.client import collect_examples, read_messages
 from datacreator.config import Settings
-from datacreator.contracts import CreationRequest, Example, RejectReason, Rejection, RequestStatus
+from datacreator.contracts import CreationRequest, Example, Rejection, RejectReason, RequestStatus
 from datacreator.logic.dedup import DedupIndex
 from datacreator.logic.embeddings import Embedder, example_text
 from datacreator.logic.schema import get_path, infer_label, is_label_name

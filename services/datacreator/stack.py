@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.config import Settings
+from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.services.app import CORE_SERVICES, ServiceGroup
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class EmbeddedStack:
                 await self.group.stop()
         await self.broker.stop()
 
-    async def __aenter__(self) -> "EmbeddedStack":
+    async def __aenter__(self) -> EmbeddedStack:
         await self.start()
         return self
 

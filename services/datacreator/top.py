@@ -52,7 +52,7 @@ class MetricsSnapshot:
     errors: dict[str, str] = field(default_factory=dict)  # url -> why it could not be read
 
     @classmethod
-    def parse(cls, text: str, instance: str | None = None) -> "MetricsSnapshot":
+    def parse(cls, text: str, instance: str | None = None) -> MetricsSnapshot:
         """Parse the Prometheus text format; `instance` labels every sample with its source."""
         samples = []
         for family in text_string_to_metric_families(text):
@@ -63,7 +63,7 @@ class MetricsSnapshot:
                 samples.append(Sample(s.name, labels, float(s.value)))
         return cls(samples)
 
-    def merged(self, other: "MetricsSnapshot") -> "MetricsSnapshot":
+    def merged(self, other: MetricsSnapshot) -> MetricsSnapshot:
         return MetricsSnapshot(self.samples + other.samples, min(self.taken_at, other.taken_at), {**self.errors, **other.errors})
 
     def select(self, name: str, **labels: str) -> Iterator[Sample]:
@@ -140,7 +140,7 @@ class Overview:
     errors: dict[str, str]
 
     @classmethod
-    def of(cls, now: MetricsSnapshot, before: MetricsSnapshot | None = None) -> "Overview":
+    def of(cls, now: MetricsSnapshot, before: MetricsSnapshot | None = None) -> Overview:
         accepted = now.total(PREFIX + "examples_accepted_total")
         rate = None
         if before is not None and now.taken_at > before.taken_at:

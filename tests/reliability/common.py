@@ -8,9 +8,9 @@ from pathlib import Path
 import orjson
 
 from datacreator.bus.admin import ensure_topics
-from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Strategy
+from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.fixtures.broker import unique_topics
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from datacreator.embedded.broker import die_with_parent, free_port
 from datacreator.config import Settings
+from datacreator.embedded.broker import die_with_parent, free_port
 
 # Short group timings: a dead member's partitions move after ~2x the session timeout on Tansu.
 TEST_SESSION_TIMEOUT_MS = 2000
@@ -71,7 +71,7 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> "ServiceProcess":
+    def start(self) -> ServiceProcess:
         assert not self.alive, f"{self.label} is running already"
         self.port = free_port()
         env = {**self.env, "DATACREATOR_HTTP_PORT": str(self.port)}

@@ -17,8 +17,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from datacreator import client
 from datacreator.config import Settings
-from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.contracts import RequestState, RequestStatus
+from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.fixtures.broker import unique_topics

@@ -95,7 +95,7 @@ class StatusWatcher:
         status = self.latest.get(request_id)
         return status is not None and status.state.final
 
-    async def start(self) -> "StatusWatcher":
+    async def start(self) -> StatusWatcher:
         self._task = asyncio.create_task(self._follow(), name="status-watcher")
         return self
 

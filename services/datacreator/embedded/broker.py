@@ -160,7 +160,7 @@ class EmbeddedBroker(ChildServer):
             self.log_path = temp_log_path(f"datacreator-tansu-{self.port}-")
         self._child.spawn(self._command(), self.log_path, cwd=tempfile.gettempdir())
 
-    async def start(self, timeout_s: float = 30) -> "EmbeddedBroker":
+    async def start(self, timeout_s: float = 30) -> EmbeddedBroker:
         if self.running:
             return self
         attempts = 3 if self._port_chosen else 1
@@ -198,7 +198,7 @@ class EmbeddedBroker(ChildServer):
                 await asyncio.sleep(0.1)
         raise BrokerError(f"tansu on {self.bootstrap} did not answer within {timeout_s}s: {last!r}\n{self._child.log_tail()}")
 
-    async def restart(self, timeout_s: float = 30) -> "EmbeddedBroker":
+    async def restart(self, timeout_s: float = 30) -> EmbeddedBroker:
         """Stop and start again on the same port. The memory engine starts empty."""
         await self.stop()
         self._port_chosen = False  # keep the port: clients reconnect to the same address

@@ -12,8 +12,8 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import httpx
@@ -30,6 +30,7 @@ from datacreator.logic.prompt import (
     estimate_text_tokens,
     response_format,
 )
+from datacreator.logic.retry import CircuitBreaker, RetryPolicy
 from datacreator.ratelimit import (
     REQUESTS,
     TOKENS,
@@ -40,7 +41,6 @@ from datacreator.ratelimit import (
     build_rate_limiter,
     parse_retry_after,
 )
-from datacreator.logic.retry import CircuitBreaker, RetryPolicy
 
 log = logging.getLogger("datacreator.llm")
 
@@ -80,6 +80,11 @@ class _Attempt:
     usage_reported: bool = False
 
 
+def circuit_gauge(alias: str) -> Callable[[bool], None]:
+    """The circuit breaker's watcher that keeps the endpoint's `circuit_open` gauge."""
+    return lambda is_open: metrics.circuit_open.labels(alias).set(1 if is_open else 0)
+
+
 class LLMClient:
     """Calls one endpoint. Safe to share between any number of concurrent tasks."""
 
@@ -99,6 +104,9 @@ class LLMClient:
         self.limiter = limiter
         self.policy = policy or RetryPolicy(max_attempts=cfg.max_attempts)
         self.breaker = breaker or CircuitBreaker(alias=alias)
+        if self.breaker.on_state is None:
+            self.breaker.on_state = circuit_gauge(alias)
+            self.breaker.on_state(False)
         # Providers that charge prompt + max_tokens at admission keep that charge: settling down to
         # the real usage would let more through than they allow.
         self.tpm_counts = tpm_counts or getattr(cfg, "tpm_counts", None) or "max_tokens"

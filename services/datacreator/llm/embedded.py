@@ -275,7 +275,7 @@ class OutputBounds:
     tokens_per_item: int | None = None
 
     @classmethod
-    def from_env(cls) -> "OutputBounds":
+    def from_env(cls) -> OutputBounds:
         def number(name: str) -> int | None:
             value = os.environ.get(name, "").strip()
             return int(value) if value.isdigit() and int(value) > 0 else None
@@ -439,7 +439,7 @@ class EmbeddedLLM(ChildServer):
             cmd += ["--chat_format", self.info.chat_format]
         return cmd + list(self.server_args)
 
-    async def start(self, timeout_s: float = 180) -> "EmbeddedLLM":
+    async def start(self, timeout_s: float = 180) -> EmbeddedLLM:
         if self.running:
             return self
         if not llama_cpp_available():

@@ -19,8 +19,8 @@ from datacreator.contracts import (
     DedupSpec,
     Example,
     GenerationTask,
-    RejectReason,
     Rejection,
+    RejectReason,
     TaskOutcome,
 )
 from datacreator.logic.dedup import DedupIndex, Fingerprint, example_id, normalise

@@ -205,11 +205,11 @@ class DedupIndex:
                     candidates.extend(hit) if isinstance(hit, list) else candidates.append(hit)
             if candidates:
                 similarity = (self._signatures[candidates] == fp.signature).mean(axis=1)
-                if float(similarity.max()) >= self.near_threshold:
+                if self.near_threshold is not None and float(similarity.max()) >= self.near_threshold:
                     return RejectReason.near_duplicate
         if self._vectors is not None and fp.vector is not None and self._count:
             cosines = self._vectors[: self._count] @ fp.vector
-            if float(cosines.max()) >= self.semantic_threshold:
+            if self.semantic_threshold is not None and float(cosines.max()) >= self.semantic_threshold:
                 return RejectReason.semantic_duplicate
         return None
 

@@ -49,9 +49,9 @@ from datacreator.contracts import (
 from datacreator.logic.budget import BudgetLedger, OperatorCaps, check_caps
 from datacreator.logic.labels import LabelPlan, label_of
 from datacreator.logic.schema import example_schema, get_path, infer_label, label_path_in_objects
+from datacreator.logic.strategies import EmbedFn, as_embed_fn, derive_rng, select_reference, shuffled, tree_children
 from datacreator.logic.validation import request_fields_problem
 from datacreator.logic.verify import add_tally
-from datacreator.logic.strategies import EmbedFn, as_embed_fn, derive_rng, select_reference, shuffled, tree_children
 
 SNAPSHOT_VERSION = 2  # 2: the label and schema worked out once, the label plan
 _MISSING = object()

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from datacreator import metrics
 
 log = logging.getLogger("datacreator.llm")
 
@@ -58,7 +57,10 @@ class CircuitBreaker:
         *,
         alias: str = "default",
         clock: Callable[[], float] = time.monotonic,
+        on_state: Callable[[bool], None] | None = None,
     ) -> None:
+        # on_state(is_open) is how a caller watches the circuit (a metric); logic/ keeps none itself.
+        self.on_state = on_state
         self.failure_threshold = failure_threshold
         self.reset_after_s = reset_after_s
         self.alias = alias
@@ -67,7 +69,11 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probe_in_flight = False
-        metrics.circuit_open.labels(alias).set(0)
+        self._notify(False)
+
+    def _notify(self, is_open: bool) -> None:
+        if self.on_state is not None:
+            self.on_state(is_open)
 
     @property
     def state(self) -> CircuitState:
@@ -105,7 +111,7 @@ class CircuitBreaker:
         self._state = CircuitState.closed
         self._failures = 0
         self._probe_in_flight = False
-        metrics.circuit_open.labels(self.alias).set(0)
+        self._notify(False)
 
     def record_neutral(self) -> None:
         """An answer that says nothing of the endpoint's health (a 429, a cancelled call): frees the probe."""
@@ -124,4 +130,4 @@ class CircuitBreaker:
             self._state = CircuitState.open
             self._opened_at = self._clock()
             self._probe_in_flight = False
-            metrics.circuit_open.labels(self.alias).set(1)
+            self._notify(True)

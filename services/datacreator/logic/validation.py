@@ -6,13 +6,12 @@ several times faster than a JSON Schema validator, and the curator checks every 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 import sys
 import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import orjson
 
@@ -190,8 +189,8 @@ class _Compiler:
 
     def _object(self, schema: dict) -> Checker:
         properties: dict[str, Any] = schema.get("properties") or {}
-        checkers = [(key, self.compile(sub)) for key, sub in properties.items()]
-        checkers = [(key, c) for key, c in checkers if c is not None]
+        compiled = [(key, self.compile(sub)) for key, sub in properties.items()]
+        checkers = [(key, c) for key, c in compiled if c is not None]
         keys = frozenset(properties)
         required = frozenset(schema.get("required", properties))
         extras_ok = schema.get("additionalProperties", True) is not False if self.allow_extra is None else self.allow_extra

@@ -63,7 +63,7 @@ class ProviderView:
     reset_tokens_s: float | None = None
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> "ProviderView":
+    def from_headers(cls, headers: Mapping[str, str]) -> ProviderView:
         h = lower(headers)
         return cls(
             remaining_requests=_int(h.get("x-ratelimit-remaining-requests")),

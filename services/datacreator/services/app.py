@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable
 
 from datacreator.bus.admin import ensure_topics
-from datacreator.health import HealthServer
 from datacreator.bus.runtime import Handler, ServiceRunner, install_signal_handlers
 from datacreator.config import Settings
+from datacreator.health import HealthServer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ServiceGroup:
         finally:
             await self.health.stop()
 
-    async def start(self) -> "ServiceGroup":
+    async def start(self) -> ServiceGroup:
         """Start in the background; wait until every consumer has its partitions."""
         self._task = asyncio.create_task(self.run(), name="services")
         deadline = asyncio.get_running_loop().time() + 60

@@ -14,7 +14,7 @@ from datacreator import metrics
 from datacreator.bus.readback import StatusWatcher, read_models
 from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
-from datacreator.contracts import Candidate, Example, RejectReason, Rejection, RequestState, RequestStatus, TaskOutcome
+from datacreator.contracts import Candidate, Example, Rejection, RejectReason, RequestState, RequestStatus, TaskOutcome
 from datacreator.logic.curation import CuratorState
 from datacreator.logic.embeddings import Embedder, shared_embedder
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 import orjson
+
 from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
 from datacreator.contracts import Example

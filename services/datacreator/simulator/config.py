@@ -60,6 +60,6 @@ class SimulatorConfig(BaseModel):
         data["api_key"] = "***" if self.api_key else None
         return data
 
-    def patched(self, changes: dict[str, Any]) -> "SimulatorConfig":
+    def patched(self, changes: dict[str, Any]) -> SimulatorConfig:
         """A validated copy with `changes` applied."""
         return SimulatorConfig.model_validate({**self.model_dump(), **changes})

@@ -68,7 +68,7 @@ class Prompt:
     planned_labels: list[Any] | None = None  # the label plan: one label per item, in order
 
     @classmethod
-    def read(cls, messages: list[Any]) -> "Prompt":
+    def read(cls, messages: list[Any]) -> Prompt:
         user = next(
             (content_text(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
             "",

@@ -86,7 +86,7 @@ class SimulatorServer:
         """Change settings while running, e.g. `configure(error_rate=0.2, rpm=None)`."""
         return self._engine.configure(**changes)
 
-    def start(self, timeout_s: float = 10.0) -> "SimulatorServer":
+    def start(self, timeout_s: float = 10.0) -> SimulatorServer:
         if self._thread is not None:
             return self
         self._socket = bind_socket(self.host, self.port)
@@ -116,7 +116,7 @@ class SimulatorServer:
             self._socket.close()
         self._thread = self._server = self._socket = None
 
-    def __enter__(self) -> "SimulatorServer":
+    def __enter__(self) -> SimulatorServer:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

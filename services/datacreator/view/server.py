@@ -150,7 +150,7 @@ class ViewServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/"
 
-    async def start(self) -> "ViewServer":
+    async def start(self) -> ViewServer:
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the CLI owns signals

@@ -9,9 +9,9 @@ A request keeps at most `max_examples` rows (the oldest go first; the counts sta
 from __future__ import annotations
 
 import time
-from itertools import islice
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import orjson
