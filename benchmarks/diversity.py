@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import SEED_EXAMPLE as SEED
 from datacreator import client
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, ModelSpec, RequestStatus, Strategy
@@ -44,11 +45,6 @@ INSTRUCTION = (
     "Create commonsense multiple-choice questions about everyday situations. Each question has "
     "four options A to D and exactly one correct answer; vary the topic and the correct letter."
 )
-SEED = {
-    "question": "Where would you most likely keep frozen peas?",
-    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
-    "answer": "B",
-}
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MISSING = object()
 

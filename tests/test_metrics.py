@@ -23,16 +23,12 @@ from datacreator.contracts import CreationRequest, Rejection, RejectReason, Requ
 from datacreator.services.app import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from datacreator.top import MetricsSnapshot, scrape
+from tests.helpers import MCQ
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 P = "datacreator_"
 INPUT_PRICE, OUTPUT_PRICE = 3.0, 15.0  # USD per million tokens
 
-MCQ = {
-    "question": "Where would you most likely keep frozen peas?",
-    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
-    "answer": "B",
-}
 
 
 def promtool_check(text: str) -> subprocess.CompletedProcess[str]:

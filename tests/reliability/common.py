@@ -13,12 +13,7 @@ from datacreator.contracts import CreationRequest, Strategy
 from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.fixtures.broker import unique_topics
-
-MCQ = {
-    "question": "Where would you most likely keep frozen peas?",
-    "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
-    "answer": "B",
-}
+from tests.helpers import MCQ
 
 
 async def fault_settings(broker: EmbeddedBroker, llm_base_url: str, partitions: int = 3, **endpoint: object) -> Settings:
