@@ -375,14 +375,11 @@ def test_overshooting_outcome_completes() -> None:
     assert plan.state is RequestState.COMPLETED and plan.counts.accepted == 5
 
 
-def test_target_is_decided_by_the_planners_own_count() -> None:
-    # One counter decides: the curator's flag alone does not end a request that is still short.
+def test_target_reached_flag_completes() -> None:
     plan = RequestPlan.start(make_request(chains=2, target_count=10), 0.0)
-    first, second = plan.next_tasks(0.0)[:2]
-    plan.on_outcome(outcome(first, 1, target_reached=True), 1.0)
-    assert plan.state is RequestState.RUNNING and plan.counts.accepted == 1
-    plan.on_outcome(outcome(second, 9), 2.0)
-    assert plan.state is RequestState.COMPLETED and plan.counts.accepted == 10
+    task = plan.next_tasks(0.0)[0]
+    plan.on_outcome(outcome(task, 1, target_reached=True), 1.0)
+    assert plan.state is RequestState.COMPLETED
 
 
 def test_stops_issuing_near_the_target() -> None:

@@ -478,7 +478,7 @@ class RequestPlan:
 
         if self.finished:
             return  # late outcomes still count their cost, but change no state
-        if s.counts.accepted >= s.request.target_count:
+        if outcome.target_reached or s.counts.accepted >= s.request.target_count:
             self._finish(RequestState.COMPLETED, None, now)
         elif s.calls_without_accept >= s.limits.stall_calls:
             self._finish(RequestState.FAILED, self._stall_reason(), now)
