@@ -375,6 +375,15 @@ def test_overshooting_outcome_completes() -> None:
     assert plan.state is RequestState.COMPLETED and plan.counts.accepted == 5
 
 
+def test_status_counts_the_429_answers_of_every_outcome() -> None:
+    plan = RequestPlan.start(make_request(chains=2, target_count=10), 0.0)
+    first, second = plan.next_tasks(0.0)[:2]
+    plan.on_outcome(outcome(first, 1).model_copy(update={"attempts": 3, "throttled": 2}), 1.0)
+    plan.on_outcome(outcome(second, 1), 2.0)
+    status = plan.status(2.0)
+    assert (status.throttled_calls, status.llm_calls) == (2, 4)
+
+
 def test_target_reached_flag_completes() -> None:
     plan = RequestPlan.start(make_request(chains=2, target_count=10), 0.0)
     task = plan.next_tasks(0.0)[0]

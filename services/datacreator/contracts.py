@@ -264,6 +264,7 @@ class Candidate(_Message):
     cost_usd: float = 0.0
     latency_s: float = 0.0
     attempts: int = 1
+    throttled: int = Field(0, ge=0, description="Attempts the provider answered with 429 (rate limited).")
     created_at: float = Field(default_factory=now)
     # label checks (verify)
     verification: Verification | None = Field(None, description="The verifier's labels and the verification call's usage; null when verify is off.")
@@ -324,6 +325,7 @@ class TaskOutcome(_Message):
     cost_usd: float = 0.0
     latency_s: float = 0.0
     attempts: int = Field(1, ge=0, description="HTTP attempts the task's call made (what max_llm_calls counts).")
+    throttled: int = Field(0, ge=0, description="Attempts the provider answered with 429 (rate limited).")
     error: str | None = None
     target_reached: bool = False
     model: str | None = Field(None, description="The model that answered the call, as the generator named it.")
@@ -344,6 +346,7 @@ class RequestStatus(_Message):
     rejected: dict[str, int] = Field(default_factory=dict)
     llm_calls: int = 0
     failed_calls: int = 0
+    throttled_calls: int = Field(0, description="Attempts the provider answered with 429 (rate limited).")
     tasks_in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -63,6 +63,7 @@ class CallResult:
     error: str | None
     cost_usd: float
     model: str
+    throttled: int = 0  # attempts the provider answered with 429
 
     @property
     def ok(self) -> bool:
@@ -141,6 +142,7 @@ class LLMClient:
         attempts = 0
         billed = 0  # prompt tokens of failed attempts a provider may bill (timed out, malformed answer)
         last = _Attempt("connection", error="no attempt made")
+        throttled = 0
         try:
             async with asyncio.timeout(self.cfg.total_timeout_s):
                 while True:
@@ -151,10 +153,11 @@ class LLMClient:
                         break
                     attempts += 1
                     last = await self._attempt(task, model, messages, estimate, fmt)
+                    throttled += last.outcome == "429"
                     if last.outcome == "ok":
                         if billed and last.usage is not None:
                             last.usage = Usage(prompt_tokens=last.usage.prompt_tokens + billed, completion_tokens=last.usage.completion_tokens)
-                        return self._success(last, model, started, attempts)
+                        return self._success(last, model, started, attempts, throttled)
                     if last.outcome in ("timeout", "malformed"):
                         billed += estimate_prompt_tokens(messages)
                     if last.format_rejected:
@@ -178,6 +181,7 @@ class LLMClient:
         return CallResult(
             text=None, usage=usage, latency_s=time.monotonic() - started, attempts=attempts, outcome=last.outcome,
             error=error, cost_usd=call_cost_usd(usage, self.cfg.input_price_per_1m, self.cfg.output_price_per_1m), model=model,
+            throttled=throttled,
         )
 
     async def aclose(self) -> None:
@@ -297,7 +301,7 @@ class LLMClient:
             return _Attempt("ok", text=content, usage=usage)
         return _Attempt("ok", text=content, usage=usage, usage_reported=True)
 
-    def _success(self, attempt: _Attempt, model: str, started: float, attempts: int) -> CallResult:
+    def _success(self, attempt: _Attempt, model: str, started: float, attempts: int, throttled: int = 0) -> CallResult:
         usage = attempt.usage or Usage()
         cost = call_cost_usd(usage, self.cfg.input_price_per_1m, self.cfg.output_price_per_1m)
         metrics.llm_tokens.labels(self.alias, "prompt").inc(usage.prompt_tokens)
@@ -308,7 +312,7 @@ class LLMClient:
             metrics.ratelimit_usage_ratio.labels(self.alias, kind).set(ratio)
         return CallResult(
             text=attempt.text, usage=usage, latency_s=time.monotonic() - started, attempts=attempts,
-            outcome="ok", error=None, cost_usd=cost, model=model,
+            outcome="ok", error=None, cost_usd=cost, model=model, throttled=throttled,
         )
 
     # -- secrets stay out ------------------------------------------------------------------------

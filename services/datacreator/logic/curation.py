@@ -235,7 +235,7 @@ class RequestCuration:
         return TaskOutcome(
             task_id=task.task_id, request_id=task.request_id, chain=task.chain, step=task.step,
             references=task.references, accepted=accepted, rejected=dict(counts), usage=candidate.usage,
-            cost_usd=candidate.cost_usd, latency_s=candidate.latency_s, attempts=candidate.attempts, error=error,
+            cost_usd=candidate.cost_usd, latency_s=candidate.latency_s, attempts=candidate.attempts, throttled=candidate.throttled, error=error,
             target_reached=self.accepted_count >= self.target_count,
             model=candidate.model,  # the status names the model that answered
         )

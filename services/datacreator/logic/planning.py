@@ -226,6 +226,7 @@ class Counts(_State):
     tasks_issued: int = 0
     llm_calls: int = 0  # outcomes received
     failed_calls: int = 0
+    throttled_calls: int = 0  # 429 answers
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -394,6 +395,7 @@ class RequestPlan:
             rejected=dict(c.rejected),
             llm_calls=c.llm_calls,
             failed_calls=c.failed_calls,
+            throttled_calls=c.throttled_calls,
             tasks_in_flight=len(s.in_flight),
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
@@ -500,6 +502,7 @@ class RequestPlan:
     def _account(self, outcome: TaskOutcome) -> None:
         s, c = self._s, self._s.counts
         c.llm_calls += outcome.attempts
+        c.throttled_calls += outcome.throttled
         if outcome.error is not None:
             c.failed_calls += 1
             s.last_error = outcome.error[:500]

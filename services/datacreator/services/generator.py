@@ -84,6 +84,7 @@ class GeneratorHandler(BaseHandler):
                 cost_usd=result.cost_usd,
                 latency_s=result.latency_s,
                 attempts=result.attempts,
+                throttled=result.throttled,
             )
             candidate.verification = await verify_answer(self.pool, task, candidate.raw_output)  # label checks (llm/verify.py)
         self._answered.add(task.task_id)

@@ -117,7 +117,7 @@ class RequestIndex:
             "rejected": sum(self.rejected.values()) or (sum(s.rejected.values()) if s else 0),
             "llm_calls": s.llm_calls if s else 0,
             "failed_calls": s.failed_calls if s else 0,
-            "rate_limited": _count_429(s),
+            "rate_limited": s.throttled_calls if s is not None else None,
             "cost_usd": cost,
             "max_cost_usd": budget.max_cost_usd if budget else None,
             "budget_used": (cost / budget.max_cost_usd) if budget and budget.max_cost_usd else None,
@@ -221,17 +221,6 @@ class RequestIndex:
                  "distinct_2": round(distinct_n(texts, 2), 4), "mean_embedding_distance": mean_distance}
         self.diversity.append(point)
         return point
-
-
-def _count_429(status: RequestStatus | None) -> int | None:
-    """429 answers when the status carries them (None: not reported)."""
-    if status is None:
-        return None
-    dumped = status.model_dump()
-    for name in ("rate_limited", "rate_limited_calls", "http_429"):
-        if dumped.get(name) is not None:
-            return int(dumped[name])
-    return None
 
 
 def _preview(data: Any, limit: int = 120) -> str:
