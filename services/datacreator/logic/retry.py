@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-
 log = logging.getLogger("datacreator.llm")
 
 
