@@ -36,6 +36,7 @@ from datacreator.contracts import CreationRequest, ModelSpec, RequestState
 from datacreator.embedded.broker import EmbeddedBroker, free_port
 from datacreator.services.app import ServiceGroup
 from tests.fixtures.broker import unique_topics
+from tests.helpers import rejection_reason
 from tests.test_poison import FAST_GROUPS
 
 PASSWORD = "kafka-SECRETPASSWORD-98765"
@@ -375,7 +376,7 @@ def test_deeply_nested_request_fields_are_rejected(field) -> None:
     # request failed to encode ("Maximum serialization depth") for ever.
 
     from datacreator.bus.codec import decode_request
-    from datacreator.logic.planning import PlannerLimits, validate_request
+    from datacreator.logic.planning import PlannerLimits
 
     body = {"request_id": "deep-1", "instruction": "Write.", "target_count": 5,
             "formatting_example": {"text": "hi", "label": "a"}}
@@ -388,14 +389,14 @@ def test_deeply_nested_request_fields_are_rejected(field) -> None:
     import json
 
     request = decode_request(json.dumps(body).encode(), 10_000_000)  # any producer can write this
-    reason = validate_request(request, {"default"}, PlannerLimits())
+    reason = rejection_reason(request, {"default"}, PlannerLimits())
     assert reason is not None and "nested deeper than" in reason and (field in reason or field == "formatting_example")
 
 
 def test_oversized_metadata_is_rejected() -> None:
     from datacreator.contracts import CreationRequest
-    from datacreator.logic.planning import PlannerLimits, validate_request
+    from datacreator.logic.planning import PlannerLimits
 
     request = CreationRequest(request_id="big-1", instruction="Write.", target_count=5,
                               formatting_example={"text": "hi", "label": "a"}, metadata={"blob": "x" * 300_000})
-    assert "metadata is" in validate_request(request, {"default"}, PlannerLimits())
+    assert "metadata is" in (rejection_reason(request, {"default"}, PlannerLimits()) or "")

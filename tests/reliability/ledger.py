@@ -76,7 +76,7 @@ def fold_outcomes(outcomes: list[TaskOutcome]) -> Fold:
             continue
         seen.add(outcome.task_id)
         fold.applied.append(outcome)
-        fold.calls += 1
+        fold.calls += outcome.attempts  # llm_calls counts HTTP attempts, retries included
         fold.failed += outcome.error is not None
         fold.accepted += len(outcome.accepted)
         fold.rejected.update(outcome.rejected)
