@@ -20,6 +20,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from pydantic import BaseModel
 
+from datacreator import cli
 from datacreator.bus import runtime
 from datacreator.bus.admin import TopicMismatch, ensure_topics
 from datacreator.bus.clients import make_consumer, make_producer
@@ -65,6 +66,7 @@ async def test_existing_topics_with_another_partition_count_stop_the_services_na
     message = str(raised.value)
     assert f"{t.requests} has 1" in message and f"{t.outcomes} has 1" in message and "expected 3" in message
     assert t.planner_state not in message  # created just now with 3: only the wrong ones are named
+    assert cli._user_error(raised.value, None) == message  # `datacreator serve`: one line, no traceback
 
     with pytest.raises(TopicMismatch, match="wrong partition count"):
         await ServiceGroup(settings, ("planner",)).start()
