@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from datacreator.evaluate import load_rows, texts_and_labels, train_and_score
 
 Scorer = Callable[[Sequence[str], Sequence[str], Sequence[str], Sequence[str], int], tuple[float, float]]

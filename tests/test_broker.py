@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from datacreator.bus.admin import ensure_topics, wait_for_broker
+from datacreator.bus.admin import TopicMismatch, ensure_topics, wait_for_broker
 from datacreator.config import Settings
 from datacreator.embedded.broker import EmbeddedBroker, free_port
 from tests.fixtures.broker import unique_topics
@@ -169,7 +169,8 @@ async def test_ensure_topics_is_idempotent_and_marks_compacted_topics(broker):
     settings = Settings(kafka_bootstrap=broker.bootstrap, topics=unique_topics(), topic_partitions=3)
     await ensure_topics(settings)
     await ensure_topics(settings)  # a second run finds everything there
-    await ensure_topics(settings, topics=[settings.topics.requests], partitions=5)  # existing: untouched
+    with pytest.raises(TopicMismatch, match="has 3; expected 5"):  # existing: untouched, and refused
+        await ensure_topics(settings, topics=[settings.topics.requests], partitions=5)
 
     admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
     await admin.start()

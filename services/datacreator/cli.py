@@ -47,6 +47,8 @@ def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | No
         return f"{exc.filename}: is a directory, not a file"
     if isinstance(exc, PermissionError):
         return f"{exc.filename}: permission denied"
+    if type(exc).__name__ == "TopicMismatch":  # the bus's topics need an operator: its message says what
+        return str(exc)
     if any(c.__module__.startswith("aiokafka.") and c.__name__ == "KafkaError" for c in type(exc).__mro__):
         # matched by name: only bus code imports the Kafka client
         bootstrap = Settings().kafka_bootstrap

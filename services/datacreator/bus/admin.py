@@ -16,6 +16,16 @@ from datacreator.config import Settings
 log = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+
+
+class TopicMismatch(RuntimeError):
+    """Existing topics whose partition count is not the configured one: the services refuse to run.
+
+    Every topic is keyed by request id and the range assignor hands out the same partition
+    numbers of each input to one member, so a topic with another count sends a request's
+    messages to a member that does not hold it (Kafka auto-creates a topic with its default of
+    one partition when a client names it first). Not retried: only an operator can fix it.
+    """
 # Errors meaning "the broker does not take these topic configs": create without them.
 _CONFIG_REFUSED = {
     35,  # UNSUPPORTED_VERSION
@@ -65,6 +75,9 @@ async def ensure_topics(
 ) -> None:
     """Create every missing topic (default: all of `settings.topics`). Idempotent.
 
+    An existing topic with another partition count than `partitions` raises TopicMismatch,
+    naming every such topic and its count.
+
     The status and planner-state topics are created with `cleanup.policy=compact`; a broker
     that refuses topic configs gets them without. Retries while the broker is coming up.
     """
@@ -79,7 +92,9 @@ async def ensure_topics(
                 _create_missing(settings, names, count, compacted), timeout=max(1.0, deadline - time.monotonic())
             )
             return
-        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        except TopicMismatch:
+            raise
+        except (TimeoutError, KafkaError, OSError) as exc:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"could not create topics on {settings.kafka_bootstrap}: {exc!r}") from exc
             log.info("topic creation not done yet (%s), retrying", type(exc).__name__)
@@ -102,9 +117,26 @@ async def _create_missing(settings: Settings, names: list[str], partitions: int,
                 left = await _create(admin, [_new_topic(n, partitions, replication, None) for n in retry_plain])
                 if left:
                     raise for_code(next(iter(left.values())))(f"creating topics {sorted(left)}")
+        await _check_partitions(admin, [n for n in names if n in existing], partitions)
         await _warn_if_not_compacted(admin, [n for n in names if n in compacted and n in existing])
     finally:
         await admin.close()
+
+
+async def _check_partitions(admin: AIOKafkaAdminClient, names: list[str], partitions: int) -> None:
+    # Only topics listed as existing are described: a metadata request naming a missing topic
+    # makes a broker with auto-creation create it, with its default count.
+    if not names:
+        return
+    counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names) if t["error_code"] == 0}
+    wrong = {n: c for n, c in counts.items() if c != partitions}
+    if wrong:
+        found = ", ".join(f"{n} has {c}" for n, c in sorted(wrong.items()))
+        raise TopicMismatch(
+            f"topics with the wrong partition count: {found}; expected {partitions} (topic_partitions). "
+            "Topics keyed by request id must all have the same count: recreate these topics with "
+            f"{partitions} partitions, or set topic_partitions to match every topic"
+        )
 
 
 def _new_topic(name: str, partitions: int, replication: int, configs: dict[str, str] | None) -> NewTopic:

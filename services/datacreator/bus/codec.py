@@ -82,12 +82,28 @@ def decoder(model: Any) -> Decoder:
     raise TypeError(f"cannot decode into {model!r}: declare a pydantic model or RequestMessage")
 
 
+def request_id_in(message: Any) -> str | None:
+    """The request a decoded message belongs to (its key must be this id), or None."""
+    request_id = getattr(message, "request_id", None)
+    if request_id is None:
+        request_id = getattr(getattr(message, "task", None), "request_id", None)
+    return request_id if isinstance(request_id, str) else None
+
+
 def request_id_of(value: bytes | None, key: str | None) -> str | None:
-    """Best effort: the request id of a message that failed validation, to answer it REJECTED."""
+    """Best effort: the request id of a message that failed validation, to answer it REJECTED.
+
+    Only an id the key agrees with: the key decides the partition, so only then does the
+    planner reading the message hold that request and know it was never accepted. A message
+    naming another request's id answers nothing (it still goes to the DLQ).
+    """
+    named = None
     try:
         raw = orjson.loads(value) if value else None
-        if isinstance(raw, dict) and isinstance(raw.get("request_id"), str) and 0 < len(raw["request_id"]) <= 128:
-            return raw["request_id"]
+        if isinstance(raw, dict) and "request_id" in raw:
+            named = raw["request_id"] if isinstance(raw["request_id"], str) else ""
     except orjson.JSONDecodeError:
         pass
+    if named is not None and named != key:
+        return None
     return key if key and len(key) <= 128 else None

@@ -22,14 +22,23 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnsupportedForMessageFormatError,
+)
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import BaseModel
 
 from datacreator import metrics
-from datacreator.bus.admin import ensure_topics
+from datacreator.bus.admin import TopicMismatch, ensure_topics
 from datacreator.bus.clients import make_consumer, make_producer
-from datacreator.bus.codec import PoisonMessage, decode_key, decoder, encode, encode_key
+from datacreator.bus.codec import PoisonMessage, decode_key, decoder, encode, encode_key, request_id_in
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
 
@@ -40,6 +49,21 @@ DLQ_VALUE_LIMIT = 10_000
 COMMIT_TIMEOUT_S = 10.0
 TOPIC_CHECK_INTERVAL_S = 2.0
 CLOSE_TIMEOUT_S = 5.0
+# Produce errors that the same record meets on every try (Kafka's size limits, a bad topic name):
+# retrying them would hold the partition for ever.
+NON_RETRIABLE_PRODUCE = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
+    UnsupportedForMessageFormatError,
+    CorruptRecordException,
+)
+
+
+class UndeliverableOutput(Exception):
+    """An output that can never be produced: it does not encode, or the broker refuses it for good.
+    The input it answers goes to the DLQ with this reason."""
 
 
 @dataclass(slots=True)
@@ -216,22 +240,36 @@ class ServiceRunner:
         self._commit_lock = asyncio.Lock()
         self._decoders = {topic: decoder(model) for topic, model in handler.inputs.items()}
         self._next_topic_check = 0.0
+        self._fatal: Exception | None = None
 
     # -- what handlers may call -------------------------------------------------------------
 
     async def publish(self, outputs: Iterable[Output]) -> None:
-        """Produce and wait for every acknowledgement; retries while the broker is away."""
+        """Produce and wait for every acknowledgement; retries while the broker is away.
+
+        Every output is encoded before any is sent, so one that cannot be encoded sends nothing;
+        that, and a record the broker refuses for good, raise UndeliverableOutput.
+        """
         assert self._producer is not None
-        outputs = list(outputs)
-        if not outputs:
+        encoded = [(o, _encode_output(o), encode_key(o.key)) for o in outputs]
+        if not encoded:
             return
         delay = 0.2
         while True:
             try:
-                futures = [
-                    await self._producer.send(o.topic, encode(o.value), key=encode_key(o.key)) for o in outputs
-                ]
-                await asyncio.gather(*futures)
+                futures = []
+                for output, value, key in encoded:
+                    try:
+                        futures.append(await self._producer.send(output.topic, value, key=key))
+                    except NON_RETRIABLE_PRODUCE as exc:
+                        raise _refused(output, value, exc) from exc
+                results = await asyncio.gather(*futures, return_exceptions=True)
+                for (output, value, _), result in zip(encoded, results):
+                    if isinstance(result, NON_RETRIABLE_PRODUCE):
+                        raise _refused(output, value, result) from result
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
                 break
             except KafkaError as exc:
                 if self._stopping.is_set() and delay > 5:
@@ -239,8 +277,8 @@ class ServiceRunner:
                 log.warning("%s: produce failed (%s); retrying in %.1fs", self.handler.name, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        for o in outputs:
-            metrics.messages_produced.labels(self.handler.name, o.topic).inc()
+        for output, _, _ in encoded:
+            metrics.messages_produced.labels(self.handler.name, output.topic).inc()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -306,6 +344,8 @@ class ServiceRunner:
             self._forget_lag(list(self._tracks))
             self.state.running = False
             log.info("%s: stopped", name)
+        if self._fatal is not None:
+            raise self._fatal
 
     def _dispatch(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
         track.add(record.offset)
@@ -330,9 +370,15 @@ class ServiceRunner:
     async def _process(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
         name = self.handler.name
         started = time.perf_counter()
+        delivery = _delivery_of(record)
         try:
-            outputs = await self._handle_with_retries(record)
-            await self.publish(outputs)
+            outputs = await self._handle_with_retries(record, delivery)
+            try:
+                await self.publish(outputs)
+            except UndeliverableOutput as exc:
+                metrics.processing_errors.labels(name, tp.topic).inc()
+                log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
+                await self.publish([self._failed(delivery, exc)])
             track.finish(record.offset)
         except asyncio.CancelledError:
             raise
@@ -343,9 +389,9 @@ class ServiceRunner:
             metrics.in_flight.labels(name).set(self._in_flight)
             metrics.processing_seconds.labels(name, tp.topic).observe(time.perf_counter() - started)
 
-    async def _handle_with_retries(self, record: ConsumerRecord) -> list[Output]:
+    async def _handle_with_retries(self, record: ConsumerRecord, delivery: Delivery | None = None) -> list[Output]:
         name = self.handler.name
-        delivery = Delivery(record.topic, record.partition, record.offset, decode_key(record.key), record.value)
+        delivery = delivery or _delivery_of(record)
         try:
             message = self._decoders[record.topic](record.value, self.settings.max_message_bytes)
         except PoisonMessage as exc:
@@ -355,6 +401,12 @@ class ServiceRunner:
             except Exception:  # the dead letter still goes out: the partition must keep moving
                 log.exception("%s: on_poison failed for %s[%d]@%d", name, record.topic, record.partition, record.offset)
             return outputs
+        request_id = request_id_in(message)
+        if request_id is not None and delivery.key != request_id:
+            # Partitions follow the key: a message keyed otherwise reaches a member that may not
+            # hold its request (and, for the planner, could act on another request's behalf).
+            return [self._failed(delivery, PoisonMessage(
+                f"key {delivery.key!r} is not the message's request_id {request_id!r}"))]
         attempts = self.settings.max_attempts
         for attempt in range(1, attempts + 1):
             try:
@@ -425,6 +477,12 @@ class ServiceRunner:
             log.warning("%s: topics %s are gone from the broker; creating them again", self.handler.name, ", ".join(missing))
         try:
             await ensure_topics(self.settings, timeout_s=5.0)
+        except TopicMismatch as exc:
+            # Co-partitioning is broken: carrying on would send a request's messages to members
+            # that do not hold it. Stop, and let `run` raise the reason.
+            log.error("%s: %s", self.handler.name, exc)
+            self._fatal = exc
+            self._stopping.set()
         except Exception as exc:  # the broker is still away: the next failure tries again
             log.warning("%s: cannot check the topics yet (%s)", self.handler.name, type(exc).__name__)
 
@@ -442,7 +500,7 @@ class ServiceRunner:
             if offsets:
                 try:
                     await asyncio.wait_for(self._consumer.commit(offsets), COMMIT_TIMEOUT_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise KafkaTimeoutError(f"commit not done within {COMMIT_TIMEOUT_S:g}s") from None
                 for tp, meta in offsets.items():
                     if tp in self._tracks:
@@ -518,7 +576,7 @@ class ServiceRunner:
                     log.warning("%s: %s[%d] has offset %d committed but ends at %d: the broker lost its records; "
                                 "reading it from the start", self.handler.name, tp.topic, tp.partition, committed, ends[tp])
                     self._consumer.seek(tp, 0)
-        except (KafkaError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError) as exc:
             log.warning("%s: cannot compare committed and end offsets (%s)", self.handler.name, type(exc).__name__)
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
@@ -542,6 +600,8 @@ class ServiceRunner:
         # the broker create them with its default partition count.
         self._next_topic_check = 0.0
         await self._check_topics(failed=True)
+        if self._fatal is not None:
+            return
         await self._skip_lost_offsets(assigned)
         # Tracks only after the handler has rebuilt its state: no record is handled before that.
         try:
@@ -552,6 +612,26 @@ class ServiceRunner:
             self.state.assigned |= assigned
         self._paused = False
         self.state.ready = True
+
+
+def _delivery_of(record: ConsumerRecord) -> Delivery:
+    return Delivery(record.topic, record.partition, record.offset, decode_key(record.key), record.value)
+
+
+def _encode_output(output: Output) -> bytes:
+    try:
+        return encode(output.value)
+    except Exception as exc:  # orjson's depth limit, a pydantic serialization error, a recursion
+        raise UndeliverableOutput(
+            f"cannot encode the {type(output.value).__name__} for {output.topic}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _refused(output: Output, value: bytes, exc: BaseException) -> UndeliverableOutput:
+    return UndeliverableOutput(
+        f"the broker refused the {type(output.value).__name__} of {len(value)} bytes for {output.topic}: "
+        f"{type(exc).__name__}: {exc}"
+    )
 
 
 class _Listener(ConsumerRebalanceListener):
