@@ -103,14 +103,18 @@ def build_request(
     }
 
 
-def create(request: dict[str, Any], out: Path, llm: str = "embedded", timeout_s: float = 7200.0) -> dict[str, Any]:
-    """Run the request through `datacreator run` (one run, its own process) and record what it did."""
+def create(request: dict[str, Any], out: Path, llm: str = "embedded", timeout_s: float = 7200.0, concurrency: int = 1) -> dict[str, Any]:
+    """Run the request through `datacreator run` (one run, its own process) and record what it did.
+
+    One call in flight by default: the embedded server runs on one thread, and eight queued calls on
+    a loaded machine time out, open the endpoint's circuit and stall the request (measured: 35 of 140).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     request_path = out.with_suffix(".request.json")
     request_path.write_text(json.dumps(request, indent=2) + "\n")
     exe = Path(sys.executable).with_name("datacreator")
     command = [str(exe) if exe.exists() else "datacreator", "run", str(request_path), "--out", str(out),
-               "--llm", llm, "--timeout", str(timeout_s), "--quiet"]
+               "--llm", llm, "--timeout", str(timeout_s), "--concurrency", str(concurrency), "--quiet"]
     services = Path(__file__).resolve().parent.parent / "services"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(services), os.environ.get("PYTHONPATH", "")] if p)}
     start = time.monotonic()
@@ -224,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", default="off", choices=["off", "reject", "relabel"])
     parser.add_argument("--llm", default="embedded", help="endpoint of `datacreator run --llm`")
     parser.add_argument("--out", help="where --create writes the created rows (.jsonl)")
+    parser.add_argument("--concurrency", type=int, default=1, help="LLM calls in flight during --create")
+    parser.add_argument("--max-llm-calls", type=int, help="budget of --create's request (ends it early, rows kept)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--human", help="human-labeled rows (.jsonl/.csv/.json)")
     source.add_argument("--set", dest="human_set", choices=sorted(HUMAN_SETS), help="a packaged human set (fields text, label)")
@@ -250,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = None
         if args.create:
             request = build_request(args.human_set, human_train, args.n, args.strategy, args.label_plan, args.verify, args.seed)
-            meta = create(request, Path(args.out), llm=args.llm)
+            if args.max_llm_calls:
+                request["budget"] = {"max_llm_calls": args.max_llm_calls}
+            meta = create(request, Path(args.out), llm=args.llm, concurrency=args.concurrency)
             print(f"created in {meta['wall_s']} s: " + " | ".join(meta["summary"]), file=sys.stderr)
             args.created = args.out
         args.text_fields = args.text_fields or ["text"]
