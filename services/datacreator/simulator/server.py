@@ -23,6 +23,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listening at once: whoever reads the address we print may connect before the server runs;
+    # the backlog holds those connections instead of refusing them.
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
