@@ -74,11 +74,10 @@ class CuratorHandler(BaseHandler):
         ):
             return self._closed(candidate, status.state)
         # Large answers (parsing, validation, semantic-dedup embeddings) are curated off the event loop.
-        curation = self.state.for_task(candidate.task, partition=delivery.partition)
-        if len(candidate.raw_output or "") > 16_384 or curation.dedup.semantic_threshold is not None:
-            result = await asyncio.to_thread(curation.curate, candidate)
+        if len(candidate.raw_output or "") > 16_384 or candidate.task.dedup.semantic_threshold is not None:
+            result = await asyncio.to_thread(self.state.curate, candidate, delivery.partition)
         else:
-            result = curation.curate(candidate)
+            result = self.state.curate(candidate, delivery.partition)
         outputs = [Output(topics.examples, request_id, e) for e in result.examples]
         outputs += [Output(topics.rejected, request_id, r) for r in result.rejections]
         outputs.append(Output(topics.outcomes, request_id, result.outcome))
