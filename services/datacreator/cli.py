@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from datacreator.config import Settings
 from datacreator.contracts import RequestStatus
@@ -180,13 +183,29 @@ async def _run(args: argparse.Namespace) -> int:
         _warn_unpriced(settings, request)
         view = await _start_view(args, settings)
         started = time.monotonic()
-        await client.submit(settings, request)
-        with _Progress(request.target_count, enabled=not args.quiet) as progress:
-            final = await client.wait_for_final(settings, request.request_id, progress.update, timeout_s=args.timeout)
-        wall = time.monotonic() - started
-        examples = await client.collect_examples(settings, request.request_id)
-        if args.out:
-            client.write_jsonl(args.out, examples, with_metadata=args.with_metadata)
+        writer = client.JsonlWriter(args.out, with_metadata=args.with_metadata) if args.out else None
+        streaming = asyncio.create_task(client.stream_examples(settings, request.request_id, writer)) if writer is not None else None
+        try:
+            await client.submit(settings, request)
+            try:
+                with _Progress(request.target_count, enabled=not args.quiet) as progress:
+                    final = await client.wait_for_final(settings, request.request_id, progress.update, timeout_s=args.timeout)
+            except TimeoutError as exc:
+                kept = f"; the {writer.written} examples created so far are in {args.out}" if writer is not None else ""
+                print(f"datacreator run: {exc}{kept}", file=sys.stderr)
+                return 1
+            wall = time.monotonic() - started
+            if writer is not None:
+                # The follower may lag the final status: a full read fills in whatever it has not seen yet.
+                for example in await client.collect_examples(settings, request.request_id):
+                    writer.add(example)
+        finally:
+            if streaming is not None:
+                streaming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await streaming
+            if writer is not None:
+                writer.close()
         print(_summary(final, wall, args.out))
         if view is not None and args.view_linger:
             print(f"datacreator: the view stays at {view.url} for {args.view_linger:g} s", file=sys.stderr)
@@ -430,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _until_sigterm(command: Any) -> int:
+    """Run a command so that SIGTERM cancels it like Ctrl-C does: its `finally` blocks stop the
+    embedded stack and the LLM server and close the output file (the default SIGTERM would skip them)."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows, nor off the main thread
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    return int(await command or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # flags after `bench` are ignored: benchmarks run from a clone
@@ -440,9 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "sync", False):
             return int(args.handler(args) or 0)
-        return asyncio.run(args.handler(args))
+        return asyncio.run(_until_sigterm(args.handler(args)))
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:
+        return 143  # SIGTERM: the command's own cleanup (stack, LLM, files) has run
     except Exception as exc:
         message = _user_error(exc, args)
         if message is None:

@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 
 from datacreator.bus.clients import make_producer
-from datacreator.bus.codec import M, encode, encode_key
-from datacreator.bus.readback import StatusWatcher, read_models
+from datacreator.bus.codec import M, PoisonMessage, decode, encode, encode_key
+from datacreator.bus.readback import StatusWatcher, follow_topics, read_models
 from datacreator.config import Settings
 from datacreator.contracts import CancelRequest, CreationRequest, Example, RequestStatus
 
@@ -117,9 +117,47 @@ async def collect_examples(settings: Settings, request_id: str) -> list[Example]
     return [example async for example in read_examples(settings, request_id)]
 
 
-def write_jsonl(path: str | Path, examples: list[Example], with_metadata: bool = False) -> None:
-    with open(path, "wb") as out:
-        for example in examples:
-            row = example.model_dump(mode="json") if with_metadata else example.data
-            out.write(orjson.dumps(row) + b"\n")
+class JsonlWriter:
+    """Writes each example once (by id) as it arrives and flushes it, so that a run stopped halfway
+    (timeout, Ctrl-C, a stalled request) keeps every example it was given."""
 
+    def __init__(self, path: str | Path, with_metadata: bool = False) -> None:
+        self._out = open(path, "wb")
+        self._with_metadata = with_metadata
+        self._seen: set[str] = set()
+
+    def add(self, example: Example) -> bool:
+        if example.example_id in self._seen:
+            return False
+        self._seen.add(example.example_id)
+        row = example.model_dump(mode="json") if self._with_metadata else example.data
+        self._out.write(orjson.dumps(row) + b"\n")
+        self._out.flush()
+        return True
+
+    @property
+    def written(self) -> int:
+        return len(self._seen)
+
+    def close(self) -> None:
+        self._out.close()
+
+
+def write_jsonl(path: str | Path, examples: list[Example], with_metadata: bool = False) -> None:
+    writer = JsonlWriter(path, with_metadata)
+    try:
+        for example in examples:
+            writer.add(example)
+    finally:
+        writer.close()
+
+
+async def stream_examples(settings: Settings, request_id: str, writer: JsonlWriter) -> None:
+    """Hand every example of one request to `writer` as it lands on the examples topic (until cancelled)."""
+    async for record in follow_topics(settings, [settings.topics.examples]):
+        try:
+            example = decode(Example, record.value)
+        except PoisonMessage:
+            continue
+        if example.request_id == request_id:
+            writer.add(example)

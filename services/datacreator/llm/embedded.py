@@ -377,6 +377,15 @@ def _serve() -> None:
     create_app = server_main.create_app
     bounds = OutputBounds.from_env()
     server_main.create_app = lambda **kwargs: JsonSchemaResponseFormat(create_app(**kwargs), bounds)  # type: ignore[assignment]
+    uvicorn_run = server_main.uvicorn.run
+
+    def run(app: Any, **options: Any) -> None:
+        # On SIGTERM uvicorn waits for open requests, and a completion in a worker thread can run for
+        # minutes: give it a second, then leave without joining that thread (the server keeps no state).
+        uvicorn_run(app, timeout_graceful_shutdown=1, **options)
+        os._exit(0)
+
+    server_main.uvicorn.run = run  # type: ignore[assignment]
     server_main.main()
 
 
