@@ -15,7 +15,8 @@ from aiokafka.errors import KafkaError
 from datacreator.bus.clients import make_consumer, refresh_metadata
 from datacreator.bus.codec import M, PoisonMessage, decode
 from datacreator.config import Settings
-from datacreator.contracts import RequestStatus
+from datacreator.contracts import RequestState, RequestStatus
+from datacreator.logic.retention import ReleaseClock
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,38 @@ async def read_models(
 
 
 class StatusWatcher:
-    """Keeps the latest RequestStatus of every request, following the status topic."""
+    """Keeps the latest RequestStatus of every request, following the status topic.
 
-    def __init__(self, settings: Settings, on_status: Callable[[RequestStatus], None] | None = None) -> None:
+    With `release_after_s` (services) a final status is dropped that long after the request ended;
+    the request is then still known as closed (`is_closed`, `released_state`). Without it (clients,
+    `top`) every status is kept.
+    """
+
+    def __init__(self, settings: Settings, on_status: Callable[[RequestStatus], None] | None = None,
+                 release_after_s: float | None = None) -> None:
         self.settings = settings
         self.latest: dict[str, RequestStatus] = {}
         self._on_status = on_status
+        self._clock = ReleaseClock(release_after_s) if release_after_s is not None else None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
     def is_closed(self, request_id: str) -> bool:
         status = self.latest.get(request_id)
-        return status is not None and status.state.final
+        return (status is not None and status.state.final) or self.released_state(request_id) is not None
+
+    def released_state(self, request_id: str) -> RequestState | None:
+        """The final state of a request whose status was dropped after its hold."""
+        return self._clock.released(request_id) if self._clock is not None else None
+
+    def release_due(self, now: float | None = None) -> int:
+        """Drop the statuses whose hold has passed; how many went."""
+        if self._clock is None:
+            return 0
+        gone = self._clock.due(time.time() if now is None else now)
+        for request_id in gone:
+            self.latest.pop(request_id, None)
+        return len(gone)
 
     async def start(self) -> StatusWatcher:
         self._task = asyncio.create_task(self._follow(), name="status-watcher")
@@ -129,6 +150,7 @@ class StatusWatcher:
                     for records in batches.values():
                         for record in records:
                             self._apply(record)
+                    self.release_due()
             except asyncio.CancelledError:
                 raise
             except KafkaError as exc:
@@ -143,9 +165,25 @@ class StatusWatcher:
             status = decode(RequestStatus, record.value)
         except PoisonMessage:
             return
+        self.apply(status)
+
+    def apply(self, status: RequestStatus, now: float | None = None) -> None:
+        clock = self._clock
+        if clock is not None and clock.released(status.request_id) is not None:
+            return  # its hold is over: a late status changes nothing here
         previous = self.latest.get(status.request_id)
         if previous is None or status.updated_at >= previous.updated_at:
-            self.latest[status.request_id] = status
+            if clock is not None and status.state.final:
+                ended = status.finished_at or status.updated_at
+                if clock.past_hold(ended, time.time() if now is None else now):
+                    # Read back long after the end (a restart): remember it closed, keep no status.
+                    self.latest.pop(status.request_id, None)
+                    clock.release(status.request_id, status.state)
+                else:
+                    clock.ended(status.request_id, ended, status.state)
+                    self.latest[status.request_id] = status
+            else:
+                self.latest[status.request_id] = status
             self._changed.set()
             if self._on_status is not None:
                 self._on_status(status)

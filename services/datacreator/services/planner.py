@@ -30,6 +30,7 @@ from datacreator.contracts import (
 )
 from datacreator.logic.embeddings import Embedder, shared_embedder
 from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
+from datacreator.logic.retention import ReleaseClock
 from datacreator.logic.strategies import needs_embeddings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class PlannerHandler(BaseHandler):
         self.partition_of: dict[str, int] = {}
         self._last_status: dict[str, float] = {}
         self._dirty: set[str] = set()
+        self._ended = ReleaseClock(settings.final_state_ttl_s)  # ended plans go after their hold
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -78,8 +80,16 @@ class PlannerHandler(BaseHandler):
         async for partition, snapshot in read_models(self.settings, self.settings.topics.planner_state, PlannerSnapshot, numbers):
             latest[snapshot.request_id] = (partition, snapshot)
         resent: list[Output] = []
+        now = time.time()
         for request_id, (partition, snapshot) in latest.items():
-            plan = self.plans[request_id] = RequestPlan.restore(snapshot.plan)
+            plan = RequestPlan.restore(snapshot.plan)
+            if plan.state.final:
+                ended = plan.status(now).finished_at or now
+                if self._ended.past_hold(ended, now):
+                    self._ended.release(request_id, plan.state)
+                    continue
+                self._ended.ended(request_id, ended, plan.state)
+            self.plans[request_id] = plan
             self.partition_of[request_id] = partition
             if not plan.state.final:
                 # A crash may have come between the snapshot and its tasks: send them again (same
@@ -96,6 +106,7 @@ class PlannerHandler(BaseHandler):
             if partition in partitions:
                 self.plans.pop(request_id, None)
                 self._dirty.discard(request_id)
+                self._last_status.pop(request_id, None)
                 del self.partition_of[request_id]
         self._update_gauges()
 
@@ -113,7 +124,7 @@ class PlannerHandler(BaseHandler):
         if self.inputs.get(delivery.topic) is not RequestMessage:
             return []
         request_id = request_id_of(delivery.value, delivery.key)
-        if request_id is None or request_id in self.plans:
+        if request_id is None or request_id in self.plans or self._ended.released(request_id) is not None:
             return []
         return [self._rejected(request_id, str(error), time.time())]
 
@@ -139,7 +150,7 @@ class PlannerHandler(BaseHandler):
 
     async def _on_create(self, message: CreationRequest, delivery: Delivery) -> list[Output]:
         now = time.time()
-        if message.request_id in self.plans:
+        if message.request_id in self.plans or self._ended.released(message.request_id) is not None:
             return []  # a redelivery: the request is under way or done already
         active = sum(1 for p in self.plans.values() if not p.state.final)
         try:
@@ -176,6 +187,7 @@ class PlannerHandler(BaseHandler):
             self._last_status[request_id] = now
             self._dirty.discard(request_id)
             if force_status and plan.state.final:
+                self._ended.ended(request_id, now, plan.state)
                 metrics.requests_total.labels(plan.state.value).inc()
                 self._update_gauges()
         else:
@@ -199,6 +211,7 @@ class PlannerHandler(BaseHandler):
         while True:
             await asyncio.sleep(self.settings.status_interval_s)
             now = time.time()
+            self.release_due(now)
             pending = [rid for rid in list(self._dirty) if rid in self.plans]
             self._dirty.clear()
             if pending:
@@ -207,6 +220,18 @@ class PlannerHandler(BaseHandler):
                     self._last_status[rid] = now
                 with contextlib.suppress(Exception):
                     await self.ctx.publish(outputs)
+
+    def release_due(self, now: float) -> int:
+        """Drop the plans of requests whose hold after their end has passed; how many went."""
+        gone = self._ended.due(now)
+        for request_id in gone:
+            self.plans.pop(request_id, None)
+            self.partition_of.pop(request_id, None)
+            self._last_status.pop(request_id, None)
+            self._dirty.discard(request_id)
+        if gone:
+            self._update_gauges()
+        return len(gone)
 
     def _update_gauges(self) -> None:
         counts: dict[str, int] = {state.value: 0 for state in RequestState}
