@@ -242,6 +242,7 @@ async def test_rpm_limit_admits_exactly_rpm_requests(make_simulator: Any) -> Non
     assert remaining == list(range(rpm))
     assert sim.stats.max_admitted_in_window(60.0) == rpm
     assert sim.stats.status(200) == rpm and sim.stats.status(429) == extra
+    assert len(sim.stats.refused_at) == extra and min(sim.stats.refused_at) >= min(sim.stats.admitted_at)  # benchmarks.limit_change
     assert sim.stats.requests == rpm + extra
 
 
