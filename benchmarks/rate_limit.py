@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from benchmarks import common
 from benchmarks.common import SimulatorProcess
 from datacreator.config import EndpointConfig
-from datacreator.contracts import GenerationTask, ModelSpec, Reference
+from datacreator.contracts import GenerationTask, ModelSpec
 from datacreator.llm.client import LLMClient
 from datacreator.logic.prompt import build_messages, estimate_call_tokens
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
@@ -38,21 +39,9 @@ EXAMPLE = {"question": "Which planet is known as the red planet?", "options": {"
 
 
 def make_task(max_tokens: int) -> GenerationTask:
-    return GenerationTask(
-        task_id=uuid.uuid4().hex,
-        request_id="bench",
-        chain=0,
-        step=0,
-        strategy="random",
-        instruction="Write multiple-choice science questions for children.",
-        references=[Reference(data=EXAMPLE)],
-        num_examples=3,
-        target_count=1_000_000,
-        example_schema={"type": "object"},
-        label_field="answer",
-        label_space=["A", "B", "C"],
-        model=ModelSpec(max_tokens=max_tokens),
-    )
+    return common.make_task(uuid.uuid4().hex, EXAMPLE, instruction="Write multiple-choice science questions for children.",
+                            num_examples=3, target_count=1_000_000, example_schema={"type": "object"}, label_field="answer",
+                            label_space=["A", "B", "C"], model=ModelSpec(max_tokens=max_tokens))
 
 
 @dataclass
