@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,6 +40,11 @@ from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
 SETTINGS = Settings(endpoints_json='{"default": {"base_url": "http://127.0.0.1:9", "model": "m"}}', final_state_ttl_s=60)
 TOPICS = SETTINGS.topics
+
+
+def follow(watcher: StatusWatcher, status: RequestStatus) -> None:
+    """A status as the watcher reads it from the topic."""
+    watcher._apply(SimpleNamespace(value=encode(status)))
 
 
 def delivery(topic: str, message: object, partition: int = 0) -> Delivery:
@@ -89,27 +95,27 @@ async def test_planner_drops_an_ended_plan_after_its_hold_and_ignores_a_redelive
 def test_status_watcher_drops_final_statuses_after_the_hold_and_still_knows_them_closed() -> None:
     watcher = StatusWatcher(SETTINGS, release_after_s=60)
     now = time.time()
-    watcher.apply(RequestStatus(request_id="running", state=RequestState.RUNNING, target_count=2, updated_at=now))
-    watcher.apply(final_status("ended", now))
-    watcher.apply(final_status("long-ago", now - 3600, RequestState.CANCELLED))  # read back after a restart
+    follow(watcher, RequestStatus(request_id="running", state=RequestState.RUNNING, target_count=2, updated_at=now))
+    follow(watcher, final_status("ended", now))
+    follow(watcher, final_status("long-ago", now - 3600, RequestState.CANCELLED))  # read back after a restart
     assert set(watcher.latest) == {"running", "ended"}
     assert watcher.is_closed("long-ago") and watcher.released_state("long-ago") == RequestState.CANCELLED
 
     assert watcher.release_due(now + 61) == 1
     assert set(watcher.latest) == {"running"}
     assert watcher.is_closed("ended") and not watcher.is_closed("running")
-    watcher.apply(final_status("ended", now + 62))  # a late status after the release stays out
+    follow(watcher, final_status("ended", now + 62))  # a late status after the release stays out
     assert "ended" not in watcher.latest
 
     keeping = StatusWatcher(SETTINGS)  # clients and `top`: nothing is dropped
-    keeping.apply(final_status("long-ago", now - 3600))
+    follow(keeping, final_status("long-ago", now - 3600))
     assert keeping.release_due(now + 10_000) == 0 and "long-ago" in keeping.latest
 
 
 async def test_curator_answers_a_candidate_of_a_released_request_as_closed() -> None:
     curator = CuratorHandler(SETTINGS)
     task = make_task(request_id="req-old", target=5)
-    curator.status.apply(final_status("req-old", time.time() - 3600, RequestState.CANCELLED))
+    follow(curator.status, final_status("req-old", time.time() - 3600, RequestState.CANCELLED))
     assert "req-old" not in curator.status.latest
     outputs = await curator.handle(candidate(task, [item(1)]), delivery(TOPICS.candidates, task))
     assert [o.topic for o in outputs] == [TOPICS.rejected, TOPICS.outcomes]

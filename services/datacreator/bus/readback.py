@@ -165,28 +165,32 @@ class StatusWatcher:
             status = decode(RequestStatus, record.value)
         except PoisonMessage:
             return
-        self.apply(status)
-
-    def apply(self, status: RequestStatus, now: float | None = None) -> None:
-        clock = self._clock
-        if clock is not None and clock.released(status.request_id) is not None:
-            return  # its hold is over: a late status changes nothing here
         previous = self.latest.get(status.request_id)
         if previous is None or status.updated_at >= previous.updated_at:
-            if clock is not None and status.state.final:
-                ended = status.finished_at or status.updated_at
-                if clock.past_hold(ended, time.time() if now is None else now):
-                    # Read back long after the end (a restart): remember it closed, keep no status.
-                    self.latest.pop(status.request_id, None)
-                    clock.release(status.request_id, status.state)
-                else:
-                    clock.ended(status.request_id, ended, status.state)
-                    self.latest[status.request_id] = status
-            else:
-                self.latest[status.request_id] = status
+            self.latest[status.request_id] = status
             self._changed.set()
             if self._on_status is not None:
                 self._on_status(status)
+        if self._clock is not None:
+            self._hold(status, time.time())
+
+    def _hold(self, status: RequestStatus, now: float) -> None:
+        """Start the hold of a request that ended; a status of one already released is not kept."""
+        assert self._clock is not None
+        request_id = status.request_id
+        if self._clock.released(request_id) is not None:
+            self.latest.pop(request_id, None)  # a late status after the release changes nothing
+            return
+        kept = self.latest.get(request_id)
+        if kept is None or not kept.state.final:
+            return
+        ended = kept.finished_at or kept.updated_at
+        if self._clock.past_hold(ended, now):
+            # Read back long after the end (a restart): remember it closed, keep no status.
+            self.latest.pop(request_id, None)
+            self._clock.release(request_id, kept.state)
+        else:
+            self._clock.ended(request_id, ended, kept.state)
 
 
 async def follow_topics(settings: Settings, topics: list[str], poll_timeout_ms: int = 500) -> AsyncIterator[ConsumerRecord]:
