@@ -119,7 +119,7 @@ async def run(args: argparse.Namespace) -> int:
         settings = Settings(
             endpoints_json=json.dumps({alias: {"base_url": sim.base_url, "model": "datacreator-simulator",
                                                "max_concurrency": 64}}),
-            topic_partitions=4, final_state_ttl_s=args.ttl, sink_dir=sink_dir, sink_fsync=False,
+            topic_partitions=4, final_state_ttl_s=args.ttl, snapshot_retention_s=args.ttl, sink_dir=sink_dir, sink_fsync=False,
             max_active_requests=max(100, args.concurrency * 2), shutdown_timeout_s=3.0,
             kafka_session_timeout_ms=6000,
         )

@@ -150,6 +150,7 @@ def test_sink_lets_idle_requests_go_and_still_drops_a_late_duplicate(tmp_path) -
 async def test_services_release_the_state_of_ended_requests(bus_settings, simulator, tmp_path) -> None:
     target = LLMTarget(simulator.base_url, "datacreator-simulator")
     settings = bus_settings.with_updates(endpoints_json=endpoint_json(target), final_state_ttl_s=1.0,
+                                         snapshot_retention_s=1.0,  # the planner's snapshot retention, where it has one
                                          sink_dir=str(tmp_path), sink_fsync=False)
     group = await ServiceGroup(settings, SERVICE_NAMES).start()
     handlers = {runner.handler.name: runner.handler for runner in group.runners}

@@ -116,6 +116,11 @@ class StatusWatcher:
             self.latest.pop(request_id, None)
         return len(gone)
 
+    def release_after(self, seconds: float) -> StatusWatcher:
+        """Drop final statuses `seconds` after their request ended (services; see the class)."""
+        self._clock = ReleaseClock(seconds)
+        return self
+
     async def start(self) -> StatusWatcher:
         self._task = asyncio.create_task(self._follow(), name="status-watcher")
         return self

@@ -36,7 +36,8 @@ class CuratorHandler(BaseHandler):
             embedder_factory=shared_embedder,
         )
         self._held: set[int] = set()  # candidate partitions whose published examples are loaded
-        self.status = StatusWatcher(settings, on_status=self._forget_if_final, release_after_s=settings.final_state_ttl_s)
+        self.status = StatusWatcher(settings, on_status=self._forget_if_final)
+        self.status.release_after(settings.final_state_ttl_s)  # ended requests' statuses go after their hold
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
@@ -68,14 +69,13 @@ class CuratorHandler(BaseHandler):
     async def handle(self, candidate: Candidate, delivery: Delivery) -> list[Output]:
         topics = self.settings.topics
         request_id = candidate.task.request_id
+        if (released := self.status.released_state(request_id)) is not None:
+            return self._closed(candidate, released)  # ended long ago: its status is no longer held
         status = self.status.latest.get(request_id)
         if status is not None and status.state.final and (
             status.state != RequestState.COMPLETED or request_id not in self.state.requests
         ):
             return self._closed(candidate, status.state)
-        released = self.status.released_state(request_id)
-        if released is not None:  # ended long ago: its status is no longer held
-            return self._closed(candidate, released)
         # Large answers (parsing, validation, semantic-dedup embeddings) are curated off the event loop.
         if len(candidate.raw_output or "") > 16_384 or candidate.task.dedup.semantic_threshold is not None:
             result = await asyncio.to_thread(self.state.curate, candidate, delivery.partition)

@@ -51,6 +51,7 @@ class PlannerHandler(BaseHandler):
         self._last_status: dict[str, float] = {}
         self._dirty: set[str] = set()
         self._ended = ReleaseClock(settings.final_state_ttl_s)  # ended plans go after their hold
+        self._releaser: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -62,12 +63,17 @@ class PlannerHandler(BaseHandler):
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         self._ticker = asyncio.create_task(self._flush_statuses(), name="planner-status")
+        self._releaser = asyncio.create_task(self._release_loop(), name="planner-release")
 
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self._releaser is not None:
+            self._releaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._releaser
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -80,21 +86,14 @@ class PlannerHandler(BaseHandler):
         async for partition, snapshot in read_models(self.settings, self.settings.topics.planner_state, PlannerSnapshot, numbers):
             latest[snapshot.request_id] = (partition, snapshot)
         resent: list[Output] = []
-        now = time.time()
         for request_id, (partition, snapshot) in latest.items():
-            plan = RequestPlan.restore(snapshot.plan)
-            if plan.state.final:
-                ended = plan.status(now).finished_at or now
-                if self._ended.past_hold(ended, now):
-                    self._ended.release(request_id, plan.state)
-                    continue
-                self._ended.ended(request_id, ended, plan.state)
-            self.plans[request_id] = plan
+            plan = self.plans[request_id] = RequestPlan.restore(snapshot.plan)
             self.partition_of[request_id] = partition
             if not plan.state.final:
                 # A crash may have come between the snapshot and its tasks: send them again (same
                 # ids, so a task that did go out is answered once and its outcome applied once).
                 resent += [Output(self.settings.topics.tasks, request_id, task) for task in plan.in_flight_tasks()]
+        self._hold_restored(list(latest))
         if latest:
             log.info("planner: resumed %d requests from partitions %s", len(latest), numbers)
         if resent:
@@ -150,8 +149,10 @@ class PlannerHandler(BaseHandler):
 
     async def _on_create(self, message: CreationRequest, delivery: Delivery) -> list[Output]:
         now = time.time()
-        if message.request_id in self.plans or self._ended.released(message.request_id) is not None:
+        if message.request_id in self.plans:
             return []  # a redelivery: the request is under way or done already
+        if self._ended.released(message.request_id) is not None:
+            return []  # the same, for a request that ended and was let go
         active = sum(1 for p in self.plans.values() if not p.state.final)
         try:
             validated, reason = validate_request(message, set(self.settings.endpoints) | {"default"}, self.limits), None
@@ -211,7 +212,6 @@ class PlannerHandler(BaseHandler):
         while True:
             await asyncio.sleep(self.settings.status_interval_s)
             now = time.time()
-            self.release_due(now)
             pending = [rid for rid in list(self._dirty) if rid in self.plans]
             self._dirty.clear()
             if pending:
@@ -220,6 +220,20 @@ class PlannerHandler(BaseHandler):
                     self._last_status[rid] = now
                 with contextlib.suppress(Exception):
                     await self.ctx.publish(outputs)
+
+    def _hold_restored(self, request_ids: list[str]) -> None:
+        """Ended requests read back start their hold from when they ended; those past it go at once."""
+        now = time.time()
+        for request_id in request_ids:
+            plan = self.plans.get(request_id)
+            if plan is not None and plan.state.final:
+                self._ended.ended(request_id, plan.status(now).finished_at or now, plan.state)
+        self.release_due(now)
+
+    async def _release_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.status_interval_s)
+            self.release_due(time.time())
 
     def release_due(self, now: float) -> int:
         """Drop the plans of requests whose hold after their end has passed; how many went."""
