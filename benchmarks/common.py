@@ -76,19 +76,31 @@ def call_counts(stats: dict[str, Any]) -> dict[str, int]:
     return {"calls": sum(responses.values()), "ok": responses.get(200, 0), "429": responses.get(429, 0), "retries": retried}
 
 
-def peer_messages(examples_per_call: int, max_tokens: int = MAX_TOKENS) -> list[dict[str, str]]:
-    """The prompt datacreator sends for the seed example, for the peers to send too (same tokens, same answers)."""
+def make_task(task_id: str, seed: dict[str, Any] | None = None, **fields: Any) -> Any:
+    """The benchmarks' one GenerationTask factory: a task made from `seed` (SEED_EXAMPLE by default),
+    its schema and label inferred as the planner does; any other field can be given."""
     from datacreator.contracts import GenerationTask, ModelSpec, Reference, Strategy
-    from datacreator.logic.prompt import build_messages
     from datacreator.logic.schema import example_schema, infer_label
 
-    field, space = infer_label(SEED_EXAMPLE)
-    task = GenerationTask(
-        task_id="peer", request_id="peer", chain=0, step=0, strategy=Strategy.none, instruction=INSTRUCTION,
-        references=[Reference(data=SEED_EXAMPLE)], num_examples=examples_per_call, target_count=1,
-        example_schema=example_schema(SEED_EXAMPLE, field, space), label_field=field, label_space=space,
-        model=ModelSpec(max_tokens=max_tokens),
-    )
+    seed = SEED_EXAMPLE if seed is None else seed
+    field, space = infer_label(seed)
+    values: dict[str, Any] = {
+        "task_id": task_id, "request_id": "bench", "chain": 0, "step": 0, "strategy": Strategy.random,
+        "instruction": INSTRUCTION, "references": [Reference(data=seed)], "num_examples": 5, "target_count": 1,
+        "example_schema": example_schema(seed, field, space), "label_field": field, "label_space": space,
+        "model": ModelSpec(),
+    }
+    values.update(fields)
+    return GenerationTask(**values)
+
+
+def peer_messages(examples_per_call: int, max_tokens: int = MAX_TOKENS) -> list[dict[str, str]]:
+    """The prompt datacreator sends for the seed example, for the peers to send too (same tokens, same answers)."""
+    from datacreator.contracts import ModelSpec, Strategy
+    from datacreator.logic.prompt import build_messages
+
+    task = make_task("peer", request_id="peer", strategy=Strategy.none, num_examples=examples_per_call,
+                     model=ModelSpec(max_tokens=max_tokens))
     return build_messages(task)
 
 

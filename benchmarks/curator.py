@@ -22,10 +22,10 @@ import time
 import tracemalloc
 from collections import Counter
 
-from datacreator.contracts import Candidate, DedupSpec, GenerationTask, ModelSpec, Reference, Strategy
+from benchmarks import common
+from datacreator.contracts import Candidate, GenerationTask
 from datacreator.logic.curation import RequestCuration
 from datacreator.logic.parsing import parse_examples
-from datacreator.logic.schema import example_schema, infer_label
 from datacreator.logic.validation import ExampleValidator
 
 SEED_EXAMPLE = {
@@ -101,13 +101,7 @@ def render(call: list[object], rng: random.Random) -> str:
 
 
 def make_task(task_id: str, target: int) -> GenerationTask:
-    field, space = infer_label(SEED_EXAMPLE)
-    return GenerationTask(
-        task_id=task_id, request_id="bench", chain=0, step=0, strategy=Strategy.random, instruction="quiz",
-        references=[Reference(data=SEED_EXAMPLE)], num_examples=5, target_count=target,
-        example_schema=example_schema(SEED_EXAMPLE, field, space), label_field=field, label_space=space,
-        dedup=DedupSpec(), model=ModelSpec(),
-    )
+    return common.make_task(task_id, SEED_EXAMPLE, instruction="quiz", target_count=target)
 
 
 def rss_mib() -> float:

@@ -222,6 +222,19 @@ async def main(args: argparse.Namespace) -> None:
     print(summary(runs))
     if args.json:
         Path(args.json).write_text(json.dumps([{**asdict(r), "row": r.row()} for r in runs], indent=2))
+    if args.results:
+        from benchmarks.common import machine
+        from benchmarks.results import write_results
+
+        write_results(args.results, {"embedded_examples_per_min": examples_per_minute(runs)}, ["models"],
+                      {"models": [r.row() for r in runs]}, machine())
+
+
+def examples_per_minute(runs: list[Run]) -> float | None:
+    """Examples accepted per minute of wall time over the runs of the first model asked for."""
+    first = [r for r in runs if runs and r.model == runs[0].model]
+    wall = sum(r.wall_s for r in first)
+    return sum(r.accepted for r in first) / wall * 60 if wall else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -240,6 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show-rejections", type=int, default=0, help="print this many rejections of each run")
     parser.add_argument("--show-examples", type=int, default=0, help="print this many accepted examples of each run")
     parser.add_argument("--json", help="write every run, with its rejection counts, to this file")
+    parser.add_argument("--results", help="write results.json (stable keys, benchmarks/results.py) to this file")
     return parser.parse_args(argv)
 
 

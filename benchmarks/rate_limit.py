@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from benchmarks import common
 from benchmarks.common import SimulatorProcess
 from datacreator.config import EndpointConfig
-from datacreator.contracts import GenerationTask, ModelSpec, Reference
+from datacreator.contracts import GenerationTask, ModelSpec
 from datacreator.llm.client import LLMClient
 from datacreator.logic.prompt import build_messages, estimate_call_tokens
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
@@ -38,21 +39,9 @@ EXAMPLE = {"question": "Which planet is known as the red planet?", "options": {"
 
 
 def make_task(max_tokens: int) -> GenerationTask:
-    return GenerationTask(
-        task_id=uuid.uuid4().hex,
-        request_id="bench",
-        chain=0,
-        step=0,
-        strategy="random",
-        instruction="Write multiple-choice science questions for children.",
-        references=[Reference(data=EXAMPLE)],
-        num_examples=3,
-        target_count=1_000_000,
-        example_schema={"type": "object"},
-        label_field="answer",
-        label_space=["A", "B", "C"],
-        model=ModelSpec(max_tokens=max_tokens),
-    )
+    return common.make_task(uuid.uuid4().hex, EXAMPLE, instruction="Write multiple-choice science questions for children.",
+                            num_examples=3, target_count=1_000_000, example_schema={"type": "object"}, label_field="answer",
+                            label_space=["A", "B", "C"], model=ModelSpec(max_tokens=max_tokens))
 
 
 @dataclass
@@ -222,7 +211,22 @@ async def main_async(args: argparse.Namespace) -> int:
                 await client.delete(*keys)
         await client.aclose()
     print_table(rows, args, tpm)
+    if args.results:
+        from benchmarks.common import machine
+        from benchmarks.results import write_results
+
+        write_results(args.results, headline(rows), ["rate_limit"],
+                      {"rate_limit": [{**r.__dict__, "share_429": r.share_429, "limit_share": r.limit_share} for r in rows]},
+                      machine())
     return 0
+
+
+def headline(rows: list[Row]) -> dict[str, float | None]:
+    """quota_used (lowest) and share_429 (highest) over the runs without an outage."""
+    steady = [r for r in rows if "outage" not in r.name]
+    if not steady:
+        return {}
+    return {"quota_used": min(r.limit_share for r in steady), "share_429": max(r.share_429 for r in steady)}
 
 
 def main() -> int:
@@ -238,6 +242,7 @@ def main() -> int:
     parser.add_argument("--outage", type=float, default=0.0, help="Also run 2 replicas with Redis cut for this many seconds mid-run.")
     parser.add_argument("--local", action="store_true", help="Also run one replica with the in-process limiter.")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--results", help="write results.json (stable keys, benchmarks/results.py) to this file")
     args = parser.parse_args()
     return asyncio.run(main_async(args))
 

@@ -37,6 +37,7 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 
 from benchmarks import common, peers
+from benchmarks.results import write_results
 from datacreator import client
 from datacreator.bus.clients import make_producer
 from datacreator.bus.codec import encode, encode_key
@@ -379,7 +380,7 @@ async def scaling(bench: Bench, settings: Settings, stack: EmbeddedStack, alias:
         entry = {"n": n, "accepted": final.accepted, "wall_s": wall, "examples_per_s": final.accepted / wall,
                  "rss_mib": common.rss_mib(), "rss_growth_mib": common.rss_mib() - rss_before,
                  "broker_rss_mib": common.rss_mib(stack.broker.pid),
-                 "dedup_entries": sum(c.state_size() for c in curator.requests.values())}
+                 "dedup_entries": curator.state.state_size()}
         out.append(entry)
         bench.row("scaling", f"{n:,} examples: wall, examples/s",
                   f"{wall:.1f} s, {entry['examples_per_s']:.0f} ex/s ({final.state.value})")
@@ -576,7 +577,6 @@ async def run(args: argparse.Namespace) -> int:
             await _cleanup_redis(args.redis_url, bench.aliases)
     elapsed = time.monotonic() - started
     info = common.machine()
-    bench.results["machine"] = info
     bench.results["mode"] = "quick" if args.quick else ("full" if args.full else "default")
     bench.results["elapsed_s"] = elapsed
     bench.results["rows"] = [r.__dict__ for r in bench.rows]
@@ -585,10 +585,29 @@ async def run(args: argparse.Namespace) -> int:
     print_table(bench, header)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(bench.results, indent=2, default=str))
+    write_results(out_dir / "results.json", headline(bench.results), ["run"], bench.results, info)
     problem = plot(bench, out_dir / "benchmarks.png")
     print(f"\nresults: {out_dir / 'results.json'}; plot: {problem or out_dir / 'benchmarks.png'}")
     return 0
+
+
+def headline(results: dict[str, Any]) -> dict[str, float | None]:
+    """The stable results.json keys from the sections that ran (benchmarks/results.py)."""
+    values: dict[str, float | None] = {}
+    runs = results.get("quota", {}).get("runs", [])
+    if runs:
+        values["quota_used"] = min(max(r["request_share"], r["token_share"]) for r in runs)
+        values["share_429"] = max(r["share_429"] for r in runs)
+    if "overhead" in results:
+        values["added_latency_p50_ms"] = results["overhead"]["added_ms"]["p50"]
+        values["added_latency_p99_ms"] = results["overhead"]["added_ms"]["p99"]
+    for regime in results.get("peers", {}).get("regimes", []):
+        key = "at_limit_vs_best_peer" if regime["rpm"] else "overhead_bound_vs_best_peer"
+        values[key] = regime["ratio_to_best_peer"]
+    for entry in results.get("scaling", []):
+        if entry["n"] == 100_000:
+            values["scaling_100k_examples_per_s"] = entry["examples_per_s"]
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:

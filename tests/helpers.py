@@ -67,14 +67,19 @@ def item(n: int, answer: str = "A") -> dict:
 
 
 def make_task(task_id: str = "t-0", *, request_id: str = "req-1", target: int = 100, references: list[Reference] | None = None,
-              step: int = 0, dedup: DedupSpec | None = None, **extra: Any) -> GenerationTask:
-    field, space = infer_label(SEED)
-    return GenerationTask(
-        task_id=task_id, request_id=request_id, chain=0, step=step, strategy=Strategy.random, instruction="Write quiz questions.",
-        references=references or [Reference(data=SEED)], num_examples=5, target_count=target,
-        example_schema=example_schema(SEED, field, space), label_field=field, label_space=space,
-        dedup=dedup or DedupSpec(), model=ModelSpec(), **extra,
-    )
+              step: int = 0, dedup: DedupSpec | None = None, seed: dict[str, Any] | None = None, **fields: Any) -> GenerationTask:
+    """The one GenerationTask factory of the tests: a task made from `seed` (the quiz SEED by default),
+    its schema and label inferred from the seed as the planner does; any other field can be given."""
+    seed = SEED if seed is None else seed
+    field, space = infer_label(seed)
+    values: dict[str, Any] = {
+        "task_id": task_id, "request_id": request_id, "chain": 0, "step": step, "strategy": Strategy.random,
+        "instruction": "Write quiz questions.", "references": references or [Reference(data=seed)], "num_examples": 5,
+        "target_count": target, "example_schema": example_schema(seed, field, space), "label_field": field,
+        "label_space": space, "dedup": dedup or DedupSpec(), "model": ModelSpec(),
+    }
+    values.update(fields)
+    return GenerationTask(**values)
 
 
 def candidate(task: GenerationTask, items: list[Any] | None = None, raw: str | None = None, **extra: Any) -> Candidate:

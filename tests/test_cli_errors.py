@@ -86,10 +86,31 @@ def test_debug_log_level_still_shows_the_traceback(tmp_path):
     assert "Traceback" in result.stderr and "JSONDecodeError" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["status", "report"])
-async def test_an_unknown_request_id(broker, command):
-    result = await asyncio.to_thread(datacreator, command, "no-such-request", env={"DATACREATOR_KAFKA_BOOTSTRAP": broker.bootstrap})
+@pytest.mark.parametrize("command", ["status", "report", "cancel", "export"])
+async def test_an_unknown_request_id(broker, command, tmp_path):
+    extra = ["--out", str(tmp_path / "out.jsonl")] if command == "export" else []
+    result = await asyncio.to_thread(datacreator, command, "no-such-request", *extra,
+                                     env={"DATACREATOR_KAFKA_BOOTSTRAP": broker.bootstrap})
     assert_short_error(result, "no-such-request")
+    assert list(tmp_path.iterdir()) == []  # nothing exported
+
+
+async def test_cancel_of_a_request_no_planner_has_taken_yet_is_sent(bus_settings, tmp_path):
+    """A request that is on the requests topic but has no status yet is known: its cancel goes out."""
+    from datacreator import client
+    from datacreator.contracts import CancelRequest, CreationRequest
+    from datacreator.export import find_request
+
+    request = CreationRequest(request_id="queued-1", instruction=MCQ_INSTRUCTION, formatting_example=MCQ, target_count=3)
+    await client.submit(bus_settings, request)
+    env = {"DATACREATOR_KAFKA_BOOTSTRAP": bus_settings.kafka_bootstrap,
+           **{f"DATACREATOR_TOPICS__{name.upper()}": topic for name, topic in bus_settings.topics.model_dump().items()}}
+    result = await asyncio.to_thread(datacreator, "cancel", "queued-1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "cancel sent for queued-1" in result.stdout
+    cancels = [m async for m in client.read_messages(bus_settings, bus_settings.topics.requests, CancelRequest)]
+    assert [c.request_id for c in cancels] == ["queued-1"]
+    assert await find_request(bus_settings, "queued-1") is not None
 
 
 def _mcq_request(tmp_path: Path, **extra) -> str:

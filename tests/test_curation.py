@@ -10,8 +10,6 @@ from datacreator.contracts import (
     Candidate,
     DedupSpec,
     Example,
-    GenerationTask,
-    ModelSpec,
     Reference,
     RejectReason,
     Strategy,
@@ -216,11 +214,8 @@ def test_a_near_copy_of_the_formatting_example_is_a_copy_of_reference():
         "options": {"A": "A hammer", "B": "A spoon", "C": "A towel", "D": "A pillow"},
         "answer": "A",
     }
-    task = GenerationTask(
-        task_id="t-near", request_id="r-near", chain=0, step=0, strategy="random", instruction="x",
-        references=[Reference(example_id=None, data=seed)], num_examples=2, target_count=10,
-        example_schema=example_schema(seed), model=ModelSpec(),
-    )
+    task = make_task("t-near", request_id="r-near", target=10, seed=seed, instruction="x", num_examples=2,
+                     example_schema=example_schema(seed), label_field=None, label_space=None)
     curation = RequestCuration.for_task(task)
     result = curation.curate(Candidate(task=task, endpoint="default", model="m", raw_output=json.dumps({"examples": [near_copy, fresh]})))
     assert [e.data for e in result.examples] == [fresh]

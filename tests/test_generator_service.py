@@ -27,9 +27,10 @@ from datacreator.bus.codec import decode
 from datacreator.bus.readback import read_to_end
 from datacreator.bus.runtime import ServiceRunner, make_producer
 from datacreator.config import Settings
-from datacreator.contracts import Candidate, CreationRequest, DeadLetter, GenerationTask, ModelSpec, Reference, RequestState, Strategy
+from datacreator.contracts import Candidate, CreationRequest, DeadLetter, GenerationTask, ModelSpec, RequestState, Strategy
 from datacreator.services.app import ServiceGroup
 from datacreator.services.generator import GeneratorHandler
+from tests.helpers import make_task
 from tests.test_poison import FAST_GROUPS
 
 pytestmark = pytest.mark.slow
@@ -55,12 +56,10 @@ def _settings(bus_settings: Settings, alias: str, endpoint: dict[str, Any], **ch
 def _tasks(alias: str, count: int) -> list[GenerationTask]:
     run = uuid.uuid4().hex[:6]
     return [
-        GenerationTask(
-            task_id=f"{run}-task-{i}", request_id=f"{run}-req-{i % 6}", chain=i, step=0, strategy=Strategy.none,
-            instruction="Write short train reviews labelled positive or negative.", references=[Reference(data=SEED)],
-            num_examples=2, target_count=2 * count, example_schema={"type": "object"},
-            model=ModelSpec(endpoint=alias, max_tokens=256),
-        )
+        make_task(f"{run}-task-{i}", request_id=f"{run}-req-{i % 6}", target=2 * count, seed=SEED, chain=i,
+                  strategy=Strategy.none, instruction="Write short train reviews labelled positive or negative.",
+                  num_examples=2, example_schema={"type": "object"}, label_field=None, label_space=None,
+                  model=ModelSpec(endpoint=alias, max_tokens=256))
         for i in range(count)
     ]
 

@@ -18,6 +18,7 @@ from datacreator.logic.prompt import build_messages, response_format
 from datacreator.logic.schema import batch_schema, example_schema, ordered_like
 from datacreator.logic.strategies import derive_rng
 from datacreator.simulator.generate import Faults, write_examples
+from tests.helpers import make_task
 
 MCQ = {"question": "Where do fish live?", "options": {"A": "trees", "B": "water", "C": "sky", "D": "sand"}, "answer": "B"}
 NEWS = {"headline": "Vaccine trial ends early", "topic": "health"}
@@ -236,11 +237,9 @@ def test_label_aware_self_reference_picks_an_example_of_the_planned_label() -> N
 
 def planned_task(labels: list, seed_example: dict = MCQ, field: str = "answer", space: list | None = None) -> GenerationTask:
     space = space or ["A", "B", "C", "D"]
-    return GenerationTask(task_id="t1", request_id="req-l", chain=0, step=0, strategy=Strategy.random,
-                          instruction="Write multiple-choice questions.", references=[{"data": seed_example}],
-                          num_examples=len(labels), target_count=100,
-                          example_schema=example_schema(seed_example, field, space), label_field=field,
-                          label_space=space, planned_labels=labels, model={})
+    return make_task("t1", request_id="req-l", seed=seed_example, instruction="Write multiple-choice questions.",
+                     num_examples=len(labels), example_schema=example_schema(seed_example, field, space), label_field=field,
+                     label_space=space, planned_labels=labels)
 
 
 def test_per_position_schema_pins_each_label_and_puts_it_first() -> None:

@@ -20,12 +20,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from datacreator.config import EndpointConfig, Settings
-from datacreator.contracts import GenerationTask, ModelSpec, Reference
+from datacreator.contracts import GenerationTask, ModelSpec
 from datacreator.llm.client import CallResult, LLMClient, LLMPool, circuit_gauge
 from datacreator.logic.retry import CircuitBreaker, CircuitState, RetryPolicy
 from datacreator.ratelimit import LocalRateLimiter, NoopRateLimiter, RedisRateLimiter
 from datacreator.simulator import SimulatorServer
 from datacreator.simulator.server import bind_socket, uvicorn_config
+from tests import helpers
 
 SECRET = "sk-test-9f8e7d6c5b4a39281706"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -39,21 +40,9 @@ SCHEMA = {
 
 
 def make_task(n: int = 3, max_tokens: int = 256) -> GenerationTask:
-    return GenerationTask(
-        task_id=uuid.uuid4().hex,
-        request_id="req-client",
-        chain=0,
-        step=0,
-        strategy="random",
-        instruction="Write short restaurant reviews with their sentiment.",
-        references=[Reference(data=EXAMPLE)],
-        num_examples=n,
-        target_count=100,
-        example_schema=SCHEMA,
-        label_field="label",
-        label_space=["positive", "negative"],
-        model=ModelSpec(max_tokens=max_tokens),
-    )
+    return helpers.make_task(uuid.uuid4().hex, request_id="req-client", seed=EXAMPLE, num_examples=n,
+                             instruction="Write short restaurant reviews with their sentiment.", example_schema=SCHEMA,
+                             label_field="label", label_space=["positive", "negative"], model=ModelSpec(max_tokens=max_tokens))
 
 
 def endpoint(base_url: str, **overrides: Any) -> EndpointConfig:

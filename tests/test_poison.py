@@ -27,8 +27,6 @@ from datacreator.contracts import (
     DeadLetter,
     Example,
     GenerationTask,
-    ModelSpec,
-    Reference,
     RequestState,
     RequestStatus,
     Strategy,
@@ -38,6 +36,7 @@ from datacreator.contracts import (
 from datacreator.services.app import ServiceGroup, build_handler
 from datacreator.services.sink import SinkHandler
 from datacreator.stack import LLMTarget, endpoint_json
+from tests.helpers import make_task
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +51,8 @@ def partition_of(key: str, partitions: int) -> int:
 
 
 def sample_task(request_id: str = "sample") -> GenerationTask:
-    return GenerationTask(
-        task_id=f"{request_id}-t0", request_id=request_id, chain=0, step=0, strategy=Strategy.random,
-        instruction="Write restaurant reviews.", references=[Reference(data=SEED)], num_examples=2, target_count=4,
-        example_schema={"type": "object"}, model=ModelSpec(),
-    )
+    return make_task(f"{request_id}-t0", request_id=request_id, target=4, seed=SEED, instruction="Write restaurant reviews.",
+                     num_examples=2, example_schema={"type": "object"}, label_field=None, label_space=None)
 
 
 def sample_messages() -> dict[str, dict[str, Any]]:

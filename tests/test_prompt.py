@@ -8,7 +8,7 @@ import math
 import jsonschema
 import pytest
 
-from datacreator.contracts import GenerationTask, ModelSpec, Reference, Usage
+from datacreator.contracts import GenerationTask, Reference, Usage
 from datacreator.logic.cost import call_cost_usd
 from datacreator.logic.prompt import (
     SYSTEM_PROMPT,
@@ -18,6 +18,7 @@ from datacreator.logic.prompt import (
     response_format,
 )
 from datacreator.simulator.generate import Prompt, estimate_tokens, prompt_chars
+from tests import helpers
 
 MCQ = {"question": "Where do fish live?", "options": {"A": "trees", "B": "water", "C": "sky"}, "answer": "B"}
 MCQ_SCHEMA = {
@@ -38,21 +39,9 @@ MCQ_SCHEMA = {
 
 
 def make_task(references: list[dict] | None = None, n: int = 5, label_space: list | None = None, label_field: str | None = None) -> GenerationTask:
-    return GenerationTask(
-        task_id="task-1",
-        request_id="req-1",
-        chain=0,
-        step=0,
-        strategy="random",
-        instruction="  Write multiple-choice questions about nature.  ",
-        references=[Reference(data=d) for d in (references or [MCQ])],
-        num_examples=n,
-        target_count=100,
-        example_schema=MCQ_SCHEMA,
-        label_field=label_field,
-        label_space=label_space,
-        model=ModelSpec(),
-    )
+    return helpers.make_task("task-1", request_id="req-1", references=[Reference(data=d) for d in (references or [MCQ])],
+                             instruction="  Write multiple-choice questions about nature.  ", num_examples=n,
+                             example_schema=MCQ_SCHEMA, label_field=label_field, label_space=label_space)
 
 
 def test_messages_have_system_and_user_parts():

@@ -10,23 +10,21 @@ import time
 import uuid
 
 from datacreator.config import EndpointConfig
-from datacreator.contracts import GenerationTask, ModelSpec, Reference
+from datacreator.contracts import GenerationTask, ModelSpec
 from datacreator.llm.client import LLMClient
 from datacreator.logic.retry import RetryPolicy
 from datacreator.ratelimit import FailoverRateLimiter, LocalRateLimiter, RedisRateLimiter, max_in_window
 from tests.fixtures.redis_keys import REDIS_URL
 from tests.fixtures.tcp_proxy import TcpProxy
+from tests.helpers import make_task
 
 DEAD_REDIS_URL = "redis://127.0.0.1:6390/0"
 
 
 def task() -> GenerationTask:
-    return GenerationTask(
-        task_id=uuid.uuid4().hex, request_id="guards", chain=0, step=0, strategy="random",
-        instruction="Write short questions.", references=[Reference(data={"q": "Why?", "a": "B"})],
-        num_examples=1, target_count=10, example_schema={"type": "object"}, label_field="a", label_space=["A", "B"],
-        model=ModelSpec(max_tokens=64),
-    )
+    return make_task(uuid.uuid4().hex, request_id="guards", target=10, seed={"q": "Why?", "a": "B"},
+                     instruction="Write short questions.", num_examples=1, example_schema={"type": "object"},
+                     label_field="a", label_space=["A", "B"], model=ModelSpec(max_tokens=64))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 
 from datacreator.simulator import MODEL_NAME, SimulatorConfig, SimulatorServer, create_app
 from datacreator.simulator.latency import longtail
+from tests.helpers import make_task
 
 LABELS = ["A", "B", "C", "D"]
 MC_EXAMPLE = {
@@ -168,16 +169,12 @@ def test_example_mode_keeps_value_types(simulator: SimulatorServer) -> None:
     ],
 )
 def test_answers_to_the_project_prompt_pass_its_validation(simulator: SimulatorServer, mode: str, example: dict[str, Any], label_space: list[str] | None) -> None:
-    from datacreator.contracts import GenerationTask, ModelSpec, Reference, Strategy
     from datacreator.logic.prompt import build_messages, response_format
     from datacreator.logic.schema import example_schema, get_path, infer_label
 
     field, space = ("label", label_space) if label_space else infer_label(example)
-    task = GenerationTask(
-        task_id="t", request_id="r", chain=0, step=0, strategy=Strategy.random, instruction="Create new examples.",
-        references=[Reference(data=example)], num_examples=4, target_count=100,
-        example_schema=example_schema(example, field, space), label_field=field, label_space=space, model=ModelSpec(),
-    )
+    task = make_task("t", request_id="r", seed=example, instruction="Create new examples.", num_examples=4,
+                     example_schema=example_schema(example, field, space), label_field=field, label_space=space)
     payload: dict[str, Any] = {"model": "any", "messages": build_messages(task)}
     if (fmt := response_format(task, mode)) is not None:
         payload["response_format"] = fmt
@@ -242,6 +239,7 @@ async def test_rpm_limit_admits_exactly_rpm_requests(make_simulator: Any) -> Non
     assert remaining == list(range(rpm))
     assert sim.stats.max_admitted_in_window(60.0) == rpm
     assert sim.stats.status(200) == rpm and sim.stats.status(429) == extra
+    assert len(sim.stats.refused_at) == extra and min(sim.stats.refused_at) >= min(sim.stats.admitted_at)  # benchmarks.limit_change
     assert sim.stats.requests == rpm + extra
 
 

@@ -256,8 +256,13 @@ async def _status(args: argparse.Namespace) -> int:
 
 async def _cancel(args: argparse.Namespace) -> int:
     from datacreator import client
+    from datacreator.export import find_request
 
-    await client.cancel(Settings(), args.request_id, args.reason)
+    settings = Settings()
+    # A request just submitted has no status until a planner takes it: it is then on the requests topic.
+    if await client.latest_status(settings, args.request_id) is None and await find_request(settings, args.request_id) is None:
+        raise UsageError(f"no request {args.request_id!r} on the bus (no status and no request for it)")
+    await client.cancel(settings, args.request_id, args.reason)
     print(f"cancel sent for {args.request_id}")
     return 0
 

@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Attempts at processing one message before it goes to the DLQ.")
     shutdown_timeout_s: float = 20.0
     log_level: str = "INFO"
+    final_state_ttl_s: float = Field(
+        600.0, ge=0, description="How long a service keeps a request's state (plan, latest status, dedup and written-id "
+        "sets) after its final status, for late messages; the ids of released requests are still remembered as closed.",
+    )
 
     # Generator
     generator_replicas: int = Field(

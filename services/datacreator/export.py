@@ -232,6 +232,10 @@ async def find_request(settings: Settings, request_id: str) -> CreationRequest |
     return found
 
 
+class UnknownRequest(LookupError):
+    """Nothing on the bus names the request: no status, no request and no example."""
+
+
 async def export_request(
     settings: Settings,
     request_id: str,
@@ -245,6 +249,8 @@ async def export_request(
     status = await latest_status(settings, request_id)
     examples = await collect_examples(settings, request_id)
     request = await find_request(settings, request_id)
+    if status is None and request is None and not examples:
+        raise UnknownRequest(f"no request {request_id!r} on the bus (no status, request or examples for it)")
     if status is None:
         log.warning("request %s has no status: exporting the %d examples found", request_id, len(examples))
     elif not status.state.final:
@@ -275,5 +281,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    await export_command(Settings(), args.request_id, args.fmt, args.out, split=args.split, seed=args.seed)
+    from datacreator.cli import UsageError
+
+    try:
+        await export_command(Settings(), args.request_id, args.fmt, args.out, split=args.split, seed=args.seed)
+    except UnknownRequest as exc:
+        raise UsageError(str(exc)) from None
     return 0

@@ -15,7 +15,8 @@ from aiokafka.errors import KafkaError
 from datacreator.bus.clients import make_consumer, refresh_metadata
 from datacreator.bus.codec import M, PoisonMessage, decode
 from datacreator.config import Settings
-from datacreator.contracts import RequestStatus
+from datacreator.contracts import RequestState, RequestStatus
+from datacreator.logic.retention import ReleaseClock
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,43 @@ async def read_models(
 
 
 class StatusWatcher:
-    """Keeps the latest RequestStatus of every request, following the status topic."""
+    """Keeps the latest RequestStatus of every request, following the status topic.
 
-    def __init__(self, settings: Settings, on_status: Callable[[RequestStatus], None] | None = None) -> None:
+    With `release_after_s` (services) a final status is dropped that long after the request ended;
+    the request is then still known as closed (`is_closed`, `released_state`). Without it (clients,
+    `top`) every status is kept.
+    """
+
+    def __init__(self, settings: Settings, on_status: Callable[[RequestStatus], None] | None = None,
+                 release_after_s: float | None = None) -> None:
         self.settings = settings
         self.latest: dict[str, RequestStatus] = {}
         self._on_status = on_status
+        self._clock = ReleaseClock(release_after_s) if release_after_s is not None else None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
     def is_closed(self, request_id: str) -> bool:
         status = self.latest.get(request_id)
-        return status is not None and status.state.final
+        return (status is not None and status.state.final) or self.released_state(request_id) is not None
+
+    def released_state(self, request_id: str) -> RequestState | None:
+        """The final state of a request whose status was dropped after its hold."""
+        return self._clock.released(request_id) if self._clock is not None else None
+
+    def release_due(self, now: float | None = None) -> int:
+        """Drop the statuses whose hold has passed; how many went."""
+        if self._clock is None:
+            return 0
+        gone = self._clock.due(time.time() if now is None else now)
+        for request_id in gone:
+            self.latest.pop(request_id, None)
+        return len(gone)
+
+    def release_after(self, seconds: float) -> StatusWatcher:
+        """Drop final statuses `seconds` after their request ended (services; see the class)."""
+        self._clock = ReleaseClock(seconds)
+        return self
 
     async def start(self) -> StatusWatcher:
         self._task = asyncio.create_task(self._follow(), name="status-watcher")
@@ -129,6 +155,7 @@ class StatusWatcher:
                     for records in batches.values():
                         for record in records:
                             self._apply(record)
+                    self.release_due()
             except asyncio.CancelledError:
                 raise
             except KafkaError as exc:
@@ -149,6 +176,26 @@ class StatusWatcher:
             self._changed.set()
             if self._on_status is not None:
                 self._on_status(status)
+        if self._clock is not None:
+            self._hold(status, time.time())
+
+    def _hold(self, status: RequestStatus, now: float) -> None:
+        """Start the hold of a request that ended; a status of one already released is not kept."""
+        assert self._clock is not None
+        request_id = status.request_id
+        if self._clock.released(request_id) is not None:
+            self.latest.pop(request_id, None)  # a late status after the release changes nothing
+            return
+        kept = self.latest.get(request_id)
+        if kept is None or not kept.state.final:
+            return
+        ended = kept.finished_at or kept.updated_at
+        if self._clock.past_hold(ended, now):
+            # Read back long after the end (a restart): remember it closed, keep no status.
+            self.latest.pop(request_id, None)
+            self._clock.release(request_id, kept.state)
+        else:
+            self._clock.ended(request_id, ended, kept.state)
 
 
 async def follow_topics(settings: Settings, topics: list[str], poll_timeout_ms: int = 500) -> AsyncIterator[ConsumerRecord]:

@@ -37,6 +37,7 @@ class CuratorHandler(BaseHandler):
         )
         self._held: set[int] = set()  # candidate partitions whose published examples are loaded
         self.status = StatusWatcher(settings, on_status=self._forget_if_final)
+        self.status.release_after(settings.final_state_ttl_s)  # ended requests' statuses go after their hold
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
@@ -68,6 +69,8 @@ class CuratorHandler(BaseHandler):
     async def handle(self, candidate: Candidate, delivery: Delivery) -> list[Output]:
         topics = self.settings.topics
         request_id = candidate.task.request_id
+        if (released := self.status.released_state(request_id)) is not None:
+            return self._closed(candidate, released)  # ended long ago: its status is no longer held
         status = self.status.latest.get(request_id)
         if status is not None and status.state.final and (
             status.state != RequestState.COMPLETED or request_id not in self.state.requests

@@ -39,7 +39,7 @@ class GeneratorHandler(BaseHandler):
         self.settings = settings
         self.inputs = {settings.topics.tasks: GenerationTask}
         self.pool = pool
-        self.status = StatusWatcher(settings)
+        self.status = StatusWatcher(settings).release_after(settings.final_state_ttl_s)
         self._answered = _RecentIds()
         self._calling: set[str] = set()
 

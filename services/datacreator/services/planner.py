@@ -30,6 +30,7 @@ from datacreator.contracts import (
 )
 from datacreator.logic.embeddings import Embedder, shared_embedder
 from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
+from datacreator.logic.retention import ReleaseClock
 from datacreator.logic.strategies import needs_embeddings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class PlannerHandler(BaseHandler):
         self.partition_of: dict[str, int] = {}
         self._last_status: dict[str, float] = {}
         self._dirty: set[str] = set()
+        self._ended = ReleaseClock(settings.final_state_ttl_s)  # ended plans go after their hold
+        self._releaser: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -60,12 +63,17 @@ class PlannerHandler(BaseHandler):
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         self._ticker = asyncio.create_task(self._flush_statuses(), name="planner-status")
+        self._releaser = asyncio.create_task(self._release_loop(), name="planner-release")
 
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self._releaser is not None:
+            self._releaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._releaser
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -85,6 +93,7 @@ class PlannerHandler(BaseHandler):
                 # A crash may have come between the snapshot and its tasks: send them again (same
                 # ids, so a task that did go out is answered once and its outcome applied once).
                 resent += [Output(self.settings.topics.tasks, request_id, task) for task in plan.in_flight_tasks()]
+        self._hold_restored(list(latest))
         if latest:
             log.info("planner: resumed %d requests from partitions %s", len(latest), numbers)
         if resent:
@@ -96,6 +105,7 @@ class PlannerHandler(BaseHandler):
             if partition in partitions:
                 self.plans.pop(request_id, None)
                 self._dirty.discard(request_id)
+                self._last_status.pop(request_id, None)
                 del self.partition_of[request_id]
         self._update_gauges()
 
@@ -113,7 +123,7 @@ class PlannerHandler(BaseHandler):
         if self.inputs.get(delivery.topic) is not RequestMessage:
             return []
         request_id = request_id_of(delivery.value, delivery.key)
-        if request_id is None or request_id in self.plans:
+        if request_id is None or request_id in self.plans or self._ended.released(request_id) is not None:
             return []
         return [self._rejected(request_id, str(error), time.time())]
 
@@ -141,6 +151,8 @@ class PlannerHandler(BaseHandler):
         now = time.time()
         if message.request_id in self.plans:
             return []  # a redelivery: the request is under way or done already
+        if self._ended.released(message.request_id) is not None:
+            return []  # the same, for a request that ended and was let go
         active = sum(1 for p in self.plans.values() if not p.state.final)
         try:
             validated, reason = validate_request(message, set(self.settings.endpoints) | {"default"}, self.limits), None
@@ -176,6 +188,7 @@ class PlannerHandler(BaseHandler):
             self._last_status[request_id] = now
             self._dirty.discard(request_id)
             if force_status and plan.state.final:
+                self._ended.ended(request_id, now, plan.state)
                 metrics.requests_total.labels(plan.state.value).inc()
                 self._update_gauges()
         else:
@@ -207,6 +220,32 @@ class PlannerHandler(BaseHandler):
                     self._last_status[rid] = now
                 with contextlib.suppress(Exception):
                     await self.ctx.publish(outputs)
+
+    def _hold_restored(self, request_ids: list[str]) -> None:
+        """Ended requests read back start their hold from when they ended; those past it go at once."""
+        now = time.time()
+        for request_id in request_ids:
+            plan = self.plans.get(request_id)
+            if plan is not None and plan.state.final:
+                self._ended.ended(request_id, plan.status(now).finished_at or now, plan.state)
+        self.release_due(now)
+
+    async def _release_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.status_interval_s)
+            self.release_due(time.time())
+
+    def release_due(self, now: float) -> int:
+        """Drop the plans of requests whose hold after their end has passed; how many went."""
+        gone = self._ended.due(now)
+        for request_id in gone:
+            self.plans.pop(request_id, None)
+            self.partition_of.pop(request_id, None)
+            self._last_status.pop(request_id, None)
+            self._dirty.discard(request_id)
+        if gone:
+            self._update_gauges()
+        return len(gone)
 
     def _update_gauges(self) -> None:
         counts: dict[str, int] = {state.value: 0 for state in RequestState}

@@ -11,15 +11,23 @@ partitions, cuts a torn last line and rebuilds the set of ids already written, s
 (or the same example published twice upstream) is not written twice.
 
 Replicas must share one directory: a partition's files move with the partition.
+
+Memory: a request's ids and open file are held while it writes; `final_state_ttl_s` after its last
+example they are let go (the sink reads no statuses, so the hold runs from the last row, not from
+the final status). A request that writes again is read back from its files first, so a release never
+lets a duplicate through; it only costs a read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -65,63 +73,88 @@ class _Shard:
 
 
 @dataclass
+class _RequestFiles:
+    seen: set[str]
+    shard: _Shard
+    touched: float  # time.monotonic() of its last row (or of its read-back)
+
+
+@dataclass
 class PartitionFiles:
-    """Everything the sink wrote for one partition: ids already written, and the open shards."""
+    """Everything the sink wrote for one partition: per request, the ids already written and its open shard.
+
+    `append` runs in a worker thread and `release_idle` in another; the lock keeps them apart.
+    """
 
     directory: Path
     partition: int
     shard_rows: int
     fsync: bool = True
-    seen: set[str] = field(default_factory=set)
-    shards: dict[str, _Shard] = field(default_factory=dict)  # request dir name -> current shard
+    release_after_s: float | None = None
+    requests: dict[str, _RequestFiles] = field(default_factory=dict)  # request dir name ->
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def load(self) -> None:
-        """Read back this partition's files: repair a torn last line, collect ids and shard positions."""
-        self.seen.clear()
-        self.shards.clear()
-        if not self.directory.is_dir():
-            return
-        for request_dir in sorted(p for p in self.directory.iterdir() if p.is_dir()):
-            for path in sorted(request_dir.glob(f"part-{self.partition}-*.jsonl")):
-                match = _SHARD.match(path.name)
-                if match is None or int(match.group(1)) != self.partition:
+        """Read back this partition's files: repair torn last lines; hold the ids of requests written lately."""
+        with self._lock:
+            self._close_all()
+            self.requests.clear()
+            if not self.directory.is_dir():
+                return
+            recent = None if self.release_after_s is None else time.time() - self.release_after_s
+            for request_dir in sorted(p for p in self.directory.iterdir() if p.is_dir()):
+                shards = self._shards_of(request_dir)
+                if not shards:
                     continue
-                rows = self._read_shard(path)
-                seq = int(match.group(2))
-                current = self.shards.get(request_dir.name)
-                if current is None or seq > current.seq:
-                    self.shards[request_dir.name] = _Shard(seq, rows)
+                newest = shards[-1][1]
+                if recent is not None and newest.stat().st_mtime < recent:
+                    _cut_torn_line(newest)  # idle for long: read back only if it writes again
+                    continue
+                self.requests[request_dir.name] = self._read_request(shards)
 
-    def _read_shard(self, path: Path) -> int:
-        data = path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            # The process died in the middle of a write: that row was never committed, it comes again.
-            log.warning("sink: cutting a torn line of %d bytes at the end of %s", len(data) - keep, path)
-            with open(path, "r+b") as out:
-                out.truncate(keep)
-                out.flush()
-                os.fsync(out.fileno())
-            data = data[:keep]
+    def _shards_of(self, request_dir: Path) -> list[tuple[int, Path]]:
+        found = []
+        for path in request_dir.glob(f"part-{self.partition}-*.jsonl"):
+            match = _SHARD.match(path.name)
+            if match is not None and int(match.group(1)) == self.partition:
+                found.append((int(match.group(2)), path))
+        return sorted(found)
+
+    def _read_request(self, shards: list[tuple[int, Path]]) -> _RequestFiles:
+        seen: set[str] = set()
+        rows = 0
+        for _, path in shards:
+            rows = self._read_shard(path, seen)
+        seq = shards[-1][0] if shards else 0
+        return _RequestFiles(seen, _Shard(seq, rows if shards else 0), time.monotonic())
+
+    def _read_shard(self, path: Path, seen: set[str]) -> int:
+        data = _cut_torn_line(path, path.read_bytes())
         rows = 0
         for line in data.splitlines():
             if not line.strip():
                 continue
             rows += 1
             try:
-                self.seen.add(orjson.loads(line)["example_id"])
+                seen.add(orjson.loads(line)["example_id"])
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 log.warning("sink: unreadable row in %s", path)
         return rows
 
     def append(self, example: Example) -> bool:
         """Write one example unless it was written before; True when written."""
-        if example.example_id in self.seen:
-            return False
+        with self._lock:
+            return self._append(example)
+
+    def _append(self, example: Example) -> bool:
         name = request_dir_name(example.request_id)
-        shard = self.shards.get(name)
-        if shard is None:
-            shard = self.shards[name] = _Shard(0, 0)
+        entry = self.requests.get(name)
+        if entry is None:  # new, or let go while idle: what it wrote is on disk
+            entry = self.requests[name] = self._read_request(self._shards_of(self.directory / name))
+        entry.touched = time.monotonic()
+        if example.example_id in entry.seen:
+            return False
+        shard = entry.shard
         if shard.rows >= self.shard_rows:
             self._close(shard)
             shard.seq += 1
@@ -142,17 +175,59 @@ class PartitionFiles:
         if self.fsync:
             os.fsync(shard.handle.fileno())
         shard.rows += 1
-        self.seen.add(example.example_id)
+        entry.seen.add(example.example_id)
         return True
+
+    def release_idle(self, now: float | None = None) -> int:
+        """Let go of the requests that wrote nothing for `release_after_s`; how many went."""
+        if self.release_after_s is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            idle = [name for name, entry in self.requests.items() if now - entry.touched >= self.release_after_s]
+            for name in idle:
+                self._close(self.requests.pop(name).shard)
+        return len(idle)
+
+    def held(self) -> int:
+        """Example ids held in memory."""
+        return sum(len(entry.seen) for entry in self.requests.values())
 
     def _close(self, shard: _Shard) -> None:
         if shard.handle is not None:
             shard.handle.close()
             shard.handle = None
 
+    def _close_all(self) -> None:
+        for entry in self.requests.values():
+            self._close(entry.shard)
+
     def close(self) -> None:
-        for shard in self.shards.values():
-            self._close(shard)
+        with self._lock:
+            self._close_all()
+
+
+def _cut_torn_line(path: Path, data: bytes | None = None) -> bytes:
+    """The file's bytes up to its last newline; a torn tail (a write cut by a crash) is cut off the file."""
+    if data is None:
+        with open(path, "rb") as probe:
+            probe.seek(0, os.SEEK_END)
+            if probe.tell() == 0:
+                return b""
+            probe.seek(-1, os.SEEK_END)
+            if probe.read(1) == b"\n":
+                return b""  # whole lines only; the caller does not need them
+        data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        # The process died in the middle of a write: that row was never committed, it comes again.
+        log.warning("sink: cutting a torn line of %d bytes at the end of %s", len(data) - keep, path)
+        with open(path, "r+b") as out:
+            out.truncate(keep)
+            out.flush()
+            os.fsync(out.fileno())
+        data = data[:keep]
+    return data
 
 
 class SinkHandler(BaseHandler):
@@ -182,17 +257,36 @@ class SinkHandler(BaseHandler):
         self.fsync = settings.sink_fsync if fsync is None else bool(fsync)
         self.written = 0
         self.duplicates = 0
+        self.release_after_s = settings.final_state_ttl_s
         self._partitions: dict[int, PartitionFiles] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         self.directory.mkdir(parents=True, exist_ok=True)
         log.info("sink: writing %s to %s (%d rows per file)", self.topics[0], self.directory.resolve(), self.shard_rows)
+        self._sweeper = asyncio.create_task(self._release_idle(), name="sink-release")
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         for files in self._partitions.values():
             files.close()
         self._partitions.clear()
+
+    def held_requests(self) -> int:
+        return sum(len(files.requests) for files in self._partitions.values())
+
+    async def release_idle(self) -> int:
+        """Let go of idle requests on every partition; how many went."""
+        return sum([await asyncio.to_thread(files.release_idle) for files in list(self._partitions.values())])
+
+    async def _release_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(max(self.release_after_s / 4, 0.1), 30.0))
+            await self.release_idle()
 
     async def on_assigned(self, partitions: set[int]) -> None:
         for partition in partitions:
@@ -207,7 +301,7 @@ class SinkHandler(BaseHandler):
     async def _open(self, partition: int) -> PartitionFiles:
         files = self._partitions.get(partition)
         if files is None:
-            files = PartitionFiles(self.directory, partition, self.shard_rows, self.fsync)
+            files = PartitionFiles(self.directory, partition, self.shard_rows, self.fsync, self.release_after_s)
             await asyncio.to_thread(files.load)
             self._partitions[partition] = files
         return files

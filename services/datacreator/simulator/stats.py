@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from datacreator.ratelimit.window import max_in_window
@@ -25,6 +26,7 @@ class SimulatorStats:
             self.responses: dict[int, int] = {}
             self.timeouts_held = 0
             self.admitted_at: list[float] = []
+            self.refused_at: list[float] = []  # monotonic times of the 429 answers, as admitted_at
             self.admitted_tokens: list[int] = []
             self.prompt_tokens = 0
             self.completion_tokens = 0
@@ -39,6 +41,8 @@ class SimulatorStats:
     def answered(self, status: int) -> None:
         with self._lock:
             self.responses[status] = self.responses.get(status, 0) + 1
+            if status == 429:
+                self.refused_at.append(time.monotonic())
 
     def admitted(self, at: float, cost: int) -> None:
         with self._lock:
@@ -90,6 +94,7 @@ class SimulatorStats:
                 "admitted": len(self.admitted_at),
                 "admitted_at": list(self.admitted_at),
                 "admitted_tokens": list(self.admitted_tokens),
+                "refused_at": list(self.refused_at),
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "faults": dict(self.faults),
