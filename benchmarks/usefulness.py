@@ -189,6 +189,59 @@ def create(request: dict[str, Any], out: Path, llm: str = "embedded", timeout_s:
     return meta
 
 
+def verify_rows(request: dict[str, Any], rows: list[dict[str, Any]], llm: str = "embedded", per_call: int = 5) -> dict[str, Any]:
+    """The label check of `verify`, run on rows already created: the product's own verification call
+    (`datacreator.llm.verify.verify_answer`: same prompt, schema, parsing and accounting), `per_call`
+    rows per call as in a request (one call's examples), on the endpoint `llm`.
+
+    Returns the verifier's label per row (None where it gave none) and what the calls cost, so that
+    one pass scores both modes: `relabel` (every row, the verifier's label) and `reject` (only the
+    rows whose label the verifier agrees with)."""
+    import asyncio
+
+    import orjson
+
+    from benchmarks.common import make_task
+    from datacreator.config import Settings
+    from datacreator.contracts import ModelSpec, VerifyMode
+    from datacreator.llm.client import LLMPool
+    from datacreator.llm.verify import verify_answer
+    from datacreator.stack import endpoint_json, start_llm, stop_llm
+
+    async def run() -> dict[str, Any]:
+        target = await start_llm(llm)
+        try:
+            settings = Settings().with_updates(endpoints_json=endpoint_json(target, max_concurrency=1), endpoints_file=None)
+            pool = LLMPool(settings, redis_url="")
+            task = make_task("verify", seed=request["formatting_example"], request_id=request["request_id"],
+                             instruction=request["instruction"], label_field=request["label_field"],
+                             label_space=request.get("label_space"), verify=VerifyMode.relabel, model=ModelSpec())
+            labels: list[Any] = []
+            calls, prompt, completion, started = 0, 0, 0, time.monotonic()
+            for start in range(0, len(rows), per_call):
+                batch = rows[start:start + per_call]
+                checked = await verify_answer(pool, task, orjson.dumps({"examples": batch}).decode())
+                got = list(checked.labels) if checked is not None else []
+                labels.extend((got + [None] * len(batch))[:len(batch)])
+                if checked is not None and checked.usage is not None:
+                    calls += checked.calls
+                    prompt += checked.usage.prompt_tokens
+                    completion += checked.usage.completion_tokens
+            return {"labels": labels, "calls": calls, "prompt_tokens": prompt, "completion_tokens": completion,
+                    "wall_s": round(time.monotonic() - started, 1)}
+        finally:
+            await stop_llm(target)
+
+    return asyncio.run(run())
+
+
+def apply_verification(rows: list[dict[str, Any]], labels: list[Any], label_field: str = "label") -> dict[str, list[dict[str, Any]]]:
+    """The rows as `verify: relabel` and `verify: reject` would keep them (an unverified row is kept as it is)."""
+    relabel = [{**r, label_field: v} if v is not None else r for r, v in zip(rows, labels)]
+    reject = [r for r, v in zip(rows, labels) if v is None or v == r.get(label_field)]
+    return {"relabel": relabel, "reject": reject}
+
+
 def distinct_2(texts: Sequence[str]) -> float:
     """Distinct bigrams over all bigrams of the texts (lower-cased words)."""
     grams = [tuple(words[i:i + 2]) for t in texts for words in [t.lower().split()] for i in range(len(words) - 1)]
@@ -325,12 +378,45 @@ def format_result(result: dict[str, Any]) -> str:
     for name, s in result["classifiers"].items():
         lines.append(f"| {name} | {s['created_accuracy']:.3f} | {s['created_macro_f1']:.3f} | {s['human_accuracy']:.3f} "
                      f"| {s['human_macro_f1']:.3f} | {s['ratio']} |")
+    verified = result.get("verified")
+    if verified:
+        lines += ["", f"label check (the product's verification call): {verified['agreed']} of {verified['checked']} labels agreed; "
+                  f"{verified['calls']} calls, {verified['prompt_tokens']} + {verified['completion_tokens']} tokens, {verified['wall_s']} s"]
+        for mode in ("relabel", "reject"):
+            for name, sc in verified[mode]["classifiers"].items():
+                lines.append(f"  verify {mode} (N={verified[mode]['n']}), {name}: created {sc['created_accuracy']:.3f} / human "
+                             f"{sc['human_accuracy']:.3f} = {sc['ratio']}")
     for name, c in result.get("curve", {}).items():
         lines += ["", f"learning curve, {name}: created " + ", ".join(f"{k}: {v:.3f}" for k, v in c["created"].items())
                   + " | human " + ", ".join(f"{k}: {v:.3f}" for k, v in c["human"].items())
                   + f" | {result['n']} created rows are worth "
                   + (f"{c['human_equivalent_n']} human rows" if c["human_equivalent_n"] is not None else f"more than {max(c['human'])} human rows")]
     return "\n".join(lines)
+
+
+def _verified(created: Path, args: argparse.Namespace, human: tuple[Any, Any], scorers: dict[str, Scorer]) -> dict[str, Any]:
+    """Scores of the created rows as `verify: relabel` and `verify: reject` keep them."""
+    rows = load_rows(str(created))
+    saved = created.with_suffix(".verify.json")
+    if saved.exists():
+        checks = json.loads(saved.read_text())
+    else:
+        request_path = created.with_suffix(".request.json")
+        if not request_path.exists():
+            raise FileNotFoundError(f"--verify-rows needs the request next to the rows: {request_path}")
+        checks = verify_rows(json.loads(request_path.read_text()), rows, llm=args.llm)
+        saved.write_text(json.dumps(checks, indent=1) + "\n")
+    labels = checks["labels"]
+    checked = [(r.get(args.label_field), v) for r, v in zip(rows, labels) if v is not None]
+    out: dict[str, Any] = {
+        "checked": len(checked), "agreed": sum(a == b for a, b in checked),
+        "calls": checks["calls"], "prompt_tokens": checks["prompt_tokens"], "completion_tokens": checks["completion_tokens"],
+        "wall_s": checks["wall_s"],
+    }
+    for mode, kept in apply_verification(rows, labels, args.label_field).items():
+        xy = texts_and_labels(kept, args.text_fields, args.label_field)
+        out[mode] = usefulness(xy, *human, scorers, draws=args.draws, seed=args.seed)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-embeddings", action="store_true")
     parser.add_argument("--json", dest="as_json", action="store_true")
+    parser.add_argument("--verify-rows", action="store_true",
+                        help="also label the created rows blind with the product's verification call (on --llm; kept in "
+                             "CREATED.verify.json, reused when present) and score them as verify relabel and reject would keep them")
     parser.add_argument("--no-curve", action="store_true", help="skip the learning curve (N/4..N created, N/8..4N human)")
     args = parser.parse_args(argv)
     if args.create == args.score_only:
@@ -392,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         result = usefulness(*sides, scorers, draws=args.draws, seed=args.seed)
         if not args.no_curve:
             result["curve"] = learning_curve(*sides, scorers, draws=args.draws, seed=args.seed)
+        if args.verify_rows:
+            result["verified"] = _verified(Path(args.created), args, sides[1:], scorers)
     except (FileNotFoundError, ValueError) as exc:
         print(f"usefulness: {exc}", file=sys.stderr)
         return 2

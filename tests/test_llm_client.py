@@ -182,6 +182,18 @@ async def test_ok_call_returns_text_usage_and_cost(make_simulator):
     assert counter("llm_cost_usd_total", endpoint=name) == pytest.approx(expected)
 
 
+async def test_calls_queued_for_a_slot_keep_their_whole_deadline_for_the_endpoint(make_simulator):
+    """One call in flight (as for the embedded server) and four calls at once: the fourth waits ~3 s
+    for a slot, longer than its 2.5 s deadline; the deadline counts the endpoint's time only."""
+    sim: SimulatorServer = make_simulator(latency_s=1.0)
+    cfg = endpoint(sim.base_url, max_concurrency=1, total_timeout_s=2.5, read_timeout_s=2.0)
+    async with LLMClient(alias(), cfg, NoopRateLimiter()) as client:
+        results = await asyncio.gather(*(client.complete(make_task(n=2)) for _ in range(4)))
+    assert [r.outcome for r in results] == ["ok"] * 4, [r.error for r in results]
+    assert all(r.attempts == 1 for r in results)
+    assert sim.stats.requests == 4
+
+
 async def test_429_waits_for_retry_after(make_simulator):
     sim = make_simulator(rpm=1, rate_window_s=1.0)
     name = alias()
@@ -294,7 +306,7 @@ async def test_api_key_is_sent_and_never_leaks(make_simulator, scripted, caplog)
 
 
 async def test_local_limiter_keeps_the_simulator_free_of_429(make_simulator):
-    window = 1.0
+    window = 2.0  # see the two-replica test below: transit time under load is part of a short window
     sim = make_simulator(rpm=5, rate_window_s=window)
     client = LLMClient(alias(), endpoint(sim.base_url, max_concurrency=8), LocalRateLimiter(5, None, window_s=window))
     try:
@@ -308,7 +320,9 @@ async def test_local_limiter_keeps_the_simulator_free_of_429(make_simulator):
 
 
 async def test_two_replicas_share_one_limit_through_redis(make_simulator):
-    window = 1.0
+    # A 2 s window: admission (in the client) and arrival (at the simulator) are apart by the
+    # request's transit, which on a loaded 2-core machine reached a large share of a 1 s window.
+    window = 2.0
     sim = make_simulator(rpm=6, tpm=4000, rate_window_s=window)
     prefix = f"test:client:{uuid.uuid4().hex}"
     limiters = [RedisRateLimiter(REDIS_URL, prefix, 6, 4000, window_s=window) for _ in range(2)]

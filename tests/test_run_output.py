@@ -73,3 +73,15 @@ def test_sigterm_stops_the_run_cleanly_keeping_its_rows_and_leaving_no_process(t
     rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert rows and all(set(r) == set(MCQ) for r in rows)  # the file was closed on whole lines
     assert not [pid for pid in children if _alive(pid)], "the run left processes behind"
+
+
+def test_one_call_in_flight_on_the_embedded_server_unless_told_otherwise():
+    import argparse
+
+    from datacreator.cli import _concurrency
+
+    assert _concurrency(argparse.Namespace(llm="embedded", concurrency=None)) == {"max_concurrency": 1}
+    assert _concurrency(argparse.Namespace(llm="embedded", concurrency=4)) == {"max_concurrency": 4}
+    assert _concurrency(argparse.Namespace(llm="simulator", concurrency=None)) == {"max_concurrency": 8}
+    assert _concurrency(argparse.Namespace(llm="embedded")) == {"max_concurrency": 1}  # `up`
+    assert _concurrency(argparse.Namespace(llm="https://api.example.com/v1")) == {}  # `up`: the endpoint's default

@@ -167,3 +167,27 @@ def test_second_packaged_human_set_has_ten_conditions_and_a_bounded_share_each()
     assert all(r["text"] and not r["text"].startswith('"') for r in data)
     assert load_human_set("drugreview-condition") == data  # the bound is seeded
     assert HUMAN_SETS["drugreview-condition"]["test_size"] < len(data) - 140  # N = 140 human rows remain to train on
+
+
+def test_verify_rows_labels_every_row_through_the_products_verification_call_on_the_simulator():
+    from benchmarks.usefulness import apply_verification, verify_rows
+
+    request = {"request_id": "verify-rows", "instruction": "Short news headlines by topic.", "label_field": "topic",
+               "label_space": sorted(TOPICS), "formatting_example": {"text": "The striker scored twice", "topic": "sports"}}
+    data = rows(12, seed=4)
+    checks = verify_rows(request, data, llm="simulator", per_call=5)
+    assert len(checks["labels"]) == 12 and checks["calls"] == 3  # 5 + 5 + 2 rows
+    assert all(v in TOPICS for v in checks["labels"])
+    assert checks["prompt_tokens"] > 0 and checks["completion_tokens"] > 0
+    kept = apply_verification(data, checks["labels"], "topic")
+    assert [r["topic"] for r in kept["relabel"]] == checks["labels"]
+    assert len(kept["reject"]) == sum(r["topic"] == v for r, v in zip(data, checks["labels"]))
+
+
+def test_apply_verification_keeps_unverified_rows_as_they_are():
+    from benchmarks.usefulness import apply_verification
+
+    data = [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": "x"}]
+    kept = apply_verification(data, ["x", "x", None])
+    assert kept["relabel"] == [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}, {"text": "c", "label": "x"}]
+    assert kept["reject"] == [data[0], data[2]]

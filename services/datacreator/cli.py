@@ -125,6 +125,21 @@ def _llm_options(args: argparse.Namespace) -> dict[str, object]:
     return {}
 
 
+def _concurrency(args: argparse.Namespace) -> dict[str, int]:
+    """LLM calls in flight: --concurrency, else 1 for the embedded server (`run` and `up`), 8 for
+    `run` elsewhere, and the endpoint's own default for `up` elsewhere.
+
+    The embedded llama.cpp server runs one completion at a time: more calls in flight only queue
+    inside it, where their read timeouts run (8 at once on a loaded machine timed out, opened the
+    circuit and stalled a request at 35 of 140), while queued here they wait without a deadline."""
+    given = getattr(args, "concurrency", None)
+    if given:
+        return {"max_concurrency": int(given)}
+    if getattr(args, "llm", None) == "embedded":
+        return {"max_concurrency": 1}
+    return {"max_concurrency": 8} if hasattr(args, "concurrency") else {}
+
+
 def _endpoints(args: argparse.Namespace, target: object, settings: Settings) -> str:
     """The endpoints JSON of `run`/`up`: the `default` built from --llm, merged with what
     DATACREATOR_ENDPOINTS_FILE / _JSON say (they may add endpoints, prices, limits), then the price flags."""
@@ -132,7 +147,7 @@ def _endpoints(args: argparse.Namespace, target: object, settings: Settings) -> 
 
     from datacreator.stack import endpoint_json
 
-    options = {**_llm_options(args), **({"max_concurrency": args.concurrency} if getattr(args, "concurrency", None) else {})}
+    options = {**_llm_options(args), **_concurrency(args)}
     config: dict[str, dict[str, object]] = json.loads(endpoint_json(target, **options))
     given: dict[str, dict[str, object]] = {}
     if settings.endpoints_file:
@@ -374,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="examples.jsonl")
     run.add_argument("--with-metadata", action="store_true", help="write whole Example messages, not only the data")
     run.add_argument("--examples-per-call", type=int)
-    run.add_argument("--concurrency", type=int, default=8, help="LLM calls in flight at once")
+    run.add_argument("--concurrency", type=int, help="LLM calls in flight at once (default: 1 on the embedded LLM, which answers one at a time; 8 elsewhere)")
     run.add_argument("--quiet", action="store_true")
     run.add_argument("--view-linger", type=float, default=0.0, metavar="S",
                      help="with --view: keep the page up S seconds after the request ends")

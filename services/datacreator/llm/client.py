@@ -144,7 +144,7 @@ class LLMClient:
         last = _Attempt("connection", error="no attempt made")
         throttled = 0
         try:
-            async with asyncio.timeout(self.cfg.total_timeout_s):
+            async with asyncio.timeout(self.cfg.total_timeout_s) as deadline:
                 while True:
                     if not self.breaker.allow():
                         metrics.llm_calls.labels(self.alias, "circuit_open").inc()
@@ -152,7 +152,7 @@ class LLMClient:
                         last = _Attempt("circuit_open", error=f"circuit open for endpoint {self.alias}; next probe in {wait:.1f}s")
                         break
                     attempts += 1
-                    last = await self._attempt(task, model, messages, estimate, fmt)
+                    last = await self._attempt(task, model, messages, estimate, fmt, deadline)
                     throttled += last.outcome == "429"
                     if last.outcome == "ok":
                         if billed and last.usage is not None:
@@ -211,13 +211,24 @@ class LLMClient:
         return orjson.dumps(body)
 
     async def _attempt(
-        self, task: GenerationTask, model: str, messages: list[dict[str, str]], estimate: int, fmt: FormatFn | None = None
+        self, task: GenerationTask, model: str, messages: list[dict[str, str]], estimate: int, fmt: FormatFn | None = None,
+        deadline: asyncio.Timeout | None = None,
     ) -> _Attempt:
         body = self._body(task, model, messages, fmt)
         recorded = False
+        # The deadline is the endpoint's: waiting here for a free slot or for the rate limit is not
+        # its time, so the deadline is paused meanwhile. Without the pause, calls queued behind a
+        # one-at-a-time server (the embedded one) ran out of time before they were sent.
+        loop = asyncio.get_running_loop()
+        when = deadline.when() if deadline is not None else None
+        remaining = when - loop.time() if when is not None else None
+        if deadline is not None and remaining is not None:
+            deadline.reschedule(None)
         try:
             async with self._slots:
                 reservation = await self.limiter.acquire(estimate)
+                if deadline is not None and remaining is not None:
+                    deadline.reschedule(loop.time() + remaining)
                 metrics.ratelimit_wait_seconds.labels(self.alias).observe(reservation.waited_s)
                 metrics.llm_in_flight.labels(self.alias).inc()
                 sent = time.monotonic()
