@@ -14,6 +14,7 @@ import logging
 import random
 import signal
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ class UndeliverableOutput(Exception):
 class Output:
     topic: str
     key: str | None
-    value: BaseModel
+    value: BaseModel | None  # None: a tombstone (deletes the key from a compacted topic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,8 @@ class Context(Protocol):
     settings: Settings
 
     async def publish(self, outputs: Iterable[Output]) -> None: ...
+
+    def key_lock(self, key: str | None) -> asyncio.Lock: ...
 
     def dead_letter(
         self, delivery: Delivery, reason: Exception | str, *, attempts: int = 1, error_type: str | None = None
@@ -241,6 +244,20 @@ class ServiceRunner:
         self._decoders = {topic: decoder(model) for topic, model in handler.inputs.items()}
         self._next_topic_check = 0.0
         self._fatal: Exception | None = None
+        self._key_locks: weakref.WeakValueDictionary[str | None, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def key_lock(self, key: str | None) -> asyncio.Lock:
+        """The lock an ordered handler's records of one key are handled and published under.
+
+        A request's inputs arrive on several topics (the planner's requests and outcomes), each
+        partition with its own worker: without it, a cancel and an outcome of one request are
+        handled at once and their snapshots land in either order, and compaction keeps the
+        later offset, not the later state. Writers outside the workers (status tickers) take it too.
+        """
+        lock = self._key_locks.get(key)
+        if lock is None:
+            lock = self._key_locks[key] = asyncio.Lock()
+        return lock
 
     # -- what handlers may call -------------------------------------------------------------
 
@@ -372,13 +389,15 @@ class ServiceRunner:
         started = time.perf_counter()
         delivery = _delivery_of(record)
         try:
-            outputs = await self._handle_with_retries(record, delivery)
-            try:
-                await self.publish(outputs)
-            except UndeliverableOutput as exc:
-                metrics.processing_errors.labels(name, tp.topic).inc()
-                log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
-                await self.publish([self._failed(delivery, exc)])
+            lock = self.key_lock(delivery.key) if self.handler.ordered else contextlib.nullcontext()
+            async with lock:  # handled and acknowledged before the next record of its key
+                outputs = await self._handle_with_retries(record, delivery)
+                try:
+                    await self.publish(outputs)
+                except UndeliverableOutput as exc:
+                    metrics.processing_errors.labels(name, tp.topic).inc()
+                    log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
+                    await self.publish([self._failed(delivery, exc)])
             track.finish(record.offset)
         except asyncio.CancelledError:
             raise
@@ -618,7 +637,9 @@ def _delivery_of(record: ConsumerRecord) -> Delivery:
     return Delivery(record.topic, record.partition, record.offset, decode_key(record.key), record.value)
 
 
-def _encode_output(output: Output) -> bytes:
+def _encode_output(output: Output) -> bytes | None:
+    if output.value is None:
+        return None
     try:
         return encode(output.value)
     except Exception as exc:  # orjson's depth limit, a pydantic serialization error, a recursion
@@ -627,9 +648,9 @@ def _encode_output(output: Output) -> bytes:
         ) from exc
 
 
-def _refused(output: Output, value: bytes, exc: BaseException) -> UndeliverableOutput:
+def _refused(output: Output, value: bytes | None, exc: BaseException) -> UndeliverableOutput:
     return UndeliverableOutput(
-        f"the broker refused the {type(output.value).__name__} of {len(value)} bytes for {output.topic}: "
+        f"the broker refused the {type(output.value).__name__} of {len(value or b'')} bytes for {output.topic}: "
         f"{type(exc).__name__}: {exc}"
     )
 
