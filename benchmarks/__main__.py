@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "usefulness": ("benchmarks.usefulness", "created vs human training data on human test rows"),
     "parsing": ("benchmarks.parsing", "salvage of truncated answers, the old parser against the new"),
     "embedded_speed": ("benchmarks.embedded_speed", "llama.cpp server settings for the embedded model, side by side"),
+    "restore": ("benchmarks.restore", "curator state rebuilt from the examples topic after a rebalance"),
 }
 
 
