@@ -29,15 +29,18 @@ from datacreator.consumer import ExampleStream
 from datacreator.contracts import (
     CancelRequest,
     CreationRequest,
+    Example,
     GenerationTask,
     PlannerSnapshot,
     RequestState,
     RequestStatus,
+    Strategy,
     TaskOutcome,
 )
+from datacreator.logic.dedup import example_id
 from datacreator.services import planner as planner_module
 from datacreator.services.planner import PlannerHandler
-from tests.helpers import MCQ, MCQ_INSTRUCTION
+from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -375,3 +378,67 @@ async def test_a_request_whose_snapshot_would_outgrow_a_record_is_rejected_with_
     assert by_topic(outputs, SETTINGS.topics.status)[0].state is RequestState.RUNNING
     (snapshot,) = by_topic(outputs, SETTINGS.topics.planner_state)
     assert len(encode(snapshot)) < SETTINGS.max_message_bytes
+
+
+# -- the curator's restore -----------------------------------------------------------------------
+
+
+def _published(rid: str, n: int) -> list[Example]:
+    return [Example(example_id=example_id(rid, item(i)), request_id=rid, data=item(i), strategy=Strategy.random,
+                    reference_ids=[None], task_id=f"{rid}-t{i // 5}", chain=0, step=i // 5, model="m") for i in range(n)]
+
+
+async def test_the_curator_restores_in_batches_and_keeps_partitions_that_stay(bus_settings, monkeypatch):
+    """Real broker. The curator restored one example at a time (a dedup `add` each, ~8 s per 100k
+    on the event loop, see docs/benchmarks.md) and re-read the whole examples topic at every
+    rebalance. Now the index is built in slices, and a partition given back unchanged keeps its
+    state; one that someone published on meanwhile is read again."""
+    from datacreator.logic import dedup
+    from datacreator.services import curator as curator_module
+    from datacreator.services.curator import CuratorHandler
+
+    t = bus_settings.topics
+    rid = "req-restore"
+    examples = _published(rid, 1500)
+    await produce(bus_settings, t.examples, [(rid, e) for e in examples])
+    partition = (await _records(bus_settings, t.examples))[0].partition
+    adds = {"add": 0, "add_many": 0}
+    for name in adds:
+        original = getattr(dedup.DedupIndex, name, None)
+        if original is None:
+            continue
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            adds[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(dedup.DedupIndex, name, counted)
+    reads: list[list[int]] = []
+
+    def counting(s: Settings, topic: str, partitions: Iterable[int] | None = None) -> AsyncIterator[ConsumerRecord]:
+        reads.append(sorted(partitions or []))
+        return read_to_end(s, topic, partitions)
+
+    monkeypatch.setattr(curator_module, "read_to_end", counting, raising=False)
+
+    handler = CuratorHandler(bus_settings)
+    handler.ctx = None  # type: ignore[assignment]  # nothing is published by a restore
+    await handler.on_assigned({0, 1, 2})
+    task = make_task("t-new", request_id=rid, target=10_000)
+    outputs = await handler.handle(candidate(task, [item(3), item(5000)]), runtime.Delivery(t.candidates, partition, 0, rid))
+    (outcome,) = [o.value for o in outputs if o.topic == t.outcomes]
+    assert outcome.rejected == {"duplicate": 1} and len(outcome.accepted) == 1  # the restored state is whole
+    assert adds["add"] <= 1 and 1 <= adds["add_many"] <= 3, adds  # 1500 restored in slices of 1000, not one by one
+    curation = handler.state.requests[rid]
+    assert curation.accepted_count == 1501
+
+    await handler.on_revoked({0, 1, 2})
+    assert handler.state.requests == {}
+    await handler.on_assigned({0, 1, 2})
+    assert handler.state.requests[rid] is curation and reads == [[0, 1, 2]]  # kept, not read again
+
+    await handler.on_revoked({0, 1, 2})
+    await produce(bus_settings, t.examples, [(rid, e) for e in _published(rid, 1502)[1500:]])  # another curator's
+    await handler.on_assigned({0, 1, 2})
+    assert reads[1:] == [[partition]]
+    assert handler.state.requests.get(rid) is None and handler.state.has_pending(rid)  # indexed with the next task
