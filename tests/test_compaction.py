@@ -20,7 +20,7 @@ from aiokafka.consumer.fetcher import ConsumerRecord
 
 from datacreator import client
 from datacreator.bus import runtime
-from datacreator.bus.clients import make_producer
+from datacreator.bus.clients import make_consumer, make_producer
 from datacreator.bus.codec import decode, encode, encode_key
 from datacreator.bus.readback import StatusWatcher, read_to_end
 from datacreator.bus.runtime import ServiceRunner
@@ -442,3 +442,89 @@ async def test_the_curator_restores_in_batches_and_keeps_partitions_that_stay(bu
     await handler.on_assigned({0, 1, 2})
     assert reads[1:] == [[partition]]
     assert handler.state.requests.get(rid) is None and handler.state.has_pending(rid)  # indexed with the next task
+
+
+# -- offsets lost below the committed one --------------------------------------------------------
+
+
+class KafkaOffsetsConsumer:
+    """What Apache Kafka answers where Tansu does not: commit metadata is kept (Tansu returns an
+    empty string), and `offsets_for_times` gives the first offset whose record time is at or after
+    the time asked, None when there is none (Tansu answers offset 0 to every such request)."""
+
+    metadata: dict[Any, str] = {}  # the group's commit metadata, by partition
+
+    def __init__(self, inner: Any, settings: Settings) -> None:
+        self.inner, self.settings = inner, settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def commit(self, offsets: Any = None) -> None:
+        for tp, meta in (offsets or {}).items():
+            self.metadata[tp] = getattr(meta, "metadata", "")
+        await self.inner.commit(offsets)
+
+    async def offsets_for_times(self, timestamps: dict[Any, int]) -> dict[Any, Any]:
+        from aiokafka.structs import OffsetAndTimestamp
+
+        out: dict[Any, Any] = {}
+        for tp, since in timestamps.items():
+            found = [r async for r in read_to_end(self.settings, tp.topic, [tp.partition]) if r.timestamp >= since]
+            out[tp] = OffsetAndTimestamp(found[0].offset, found[0].timestamp) if found else None
+        return out
+
+
+async def test_offsets_lost_below_the_commit_resume_from_the_last_committed_records_time(bus_settings, monkeypatch):
+    """Real broker, Kafka's offset answers from `KafkaOffsetsConsumer`. An unclean leader election
+    left partition 0 ending at 10 while offset 15 was committed (records 10-14 are gone); records
+    10 and 11 written since are new. The runner read the partition from offset 0 again, answering
+    (and, for a generator, paying for) every record a second time; it now resumes at the first
+    record not older than the last one committed, less a minute for the producers' clocks."""
+    from aiokafka import TopicPartition
+    from aiokafka.structs import OffsetAndMetadata
+
+    from tests.test_delivery import EchoHandler, Note, Payload, _committed
+
+    settings = bus_settings.with_updates(kafka_session_timeout_ms=3000, kafka_heartbeat_interval_ms=500)
+    t = settings.topics
+    tp = TopicPartition(t.requests, 0)
+    now_ms = int(time.time() * 1000)
+    stamps = [now_ms - 7_200_000 + 100_000 * i for i in range(10)]  # 100 s apart
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for i, stamp in enumerate(stamps):
+            await producer.send_and_wait(t.requests, encode(Note(request_id=f"old-{i}")), key=f"old-{i}".encode(),
+                                         partition=0, timestamp_ms=stamp)
+        runner = ServiceRunner(settings, EchoHandler(settings))
+        committer = KafkaOffsetsConsumer(make_consumer(settings, group_id=runner.group_id), settings)
+        await committer.start()
+        committer.assign([tp])
+        await committer.commit({tp: OffsetAndMetadata(15, f"ts={stamps[9]}")})
+        await committer.stop()
+        for i in range(2):
+            await producer.send_and_wait(t.requests, encode(Note(request_id=f"new-{i}")), key=f"new-{i}".encode(), partition=0)
+    finally:
+        await producer.stop()
+
+    real_make_consumer = runtime.make_consumer
+    monkeypatch.setattr(runtime, "make_consumer", lambda s, **o: KafkaOffsetsConsumer(real_make_consumer(s, **o), s))
+
+    async def with_metadata(consumer: Any, partition: Any) -> Any:
+        offset = await consumer.committed(partition)
+        return None if offset is None else OffsetAndMetadata(offset, KafkaOffsetsConsumer.metadata.get(partition, ""))
+
+    monkeypatch.setattr(runtime, "committed_metadata", with_metadata)
+    running = asyncio.create_task(runner.run())
+    try:
+        async def resumed() -> bool:  # the stale 15 replaced by the end of what is there
+            assert not running.done(), running.exception()
+            return await _committed(settings, runner.group_id, tp) == 12
+
+        await _wait_for(resumed, "committed at 12")
+    finally:
+        runner.request_stop()
+        await asyncio.wait_for(running, 30)
+    answered = sorted(decode(Payload, r.value).request_id for r in await _records(settings, t.examples))
+    assert answered == ["new-0", "new-1", "old-9"]  # old-9 again (at least once), not old-0..old-8

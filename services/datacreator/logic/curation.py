@@ -57,7 +57,7 @@ class Restored(NamedTuple):
 
 @dataclass(slots=True)
 class CurationResult:
-    examples: list[Published] = field(default_factory=list)  # new examples to publish
+    examples: list[Example] = field(default_factory=list)  # new examples to publish
     rejections: list[Rejection] = field(default_factory=list)
     outcome: TaskOutcome | None = None
     redelivered: int = 0  # items accepted earlier from this same task, listed again but not republished
