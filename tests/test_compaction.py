@@ -528,3 +528,31 @@ async def test_offsets_lost_below_the_commit_resume_from_the_last_committed_reco
         await asyncio.wait_for(running, 30)
     answered = sorted(decode(Payload, r.value).request_id for r in await _records(settings, t.examples))
     assert answered == ["new-0", "new-1", "old-9"]  # old-9 again (at least once), not old-0..old-8
+
+
+async def test_the_status_ticker_waits_for_a_request_being_written_and_repeats_its_version():
+    """No broker: the planner's ticker beside a step under way. It published a held-back status
+    whatever the request's workers were doing, so a RUNNING could land after the step's COMPLETED;
+    it now skips a request whose key lock is held, and its status carries the snapshot's version."""
+    from tests.test_handlers import SETTINGS, FakeContext, by_topic, delivery
+
+    class LockingContext(FakeContext):
+        def __init__(self) -> None:
+            super().__init__()
+            self.locks: dict[str | None, asyncio.Lock] = {}
+
+        def key_lock(self, key: str | None) -> asyncio.Lock:
+            return self.locks.setdefault(key, asyncio.Lock())
+
+    planner = PlannerHandler(SETTINGS.with_updates(status_interval_s=3600))
+    ctx = planner.ctx = LockingContext()
+    request = _request("req-tick")
+    outputs = await planner.handle(request, delivery(SETTINGS.topics.requests, request))
+    (snapshot,) = by_topic(outputs, SETTINGS.topics.planner_state)
+    planner._dirty.add(request.request_id)
+    async with ctx.key_lock(request.request_id):  # a step of the request is being handled
+        await planner._flush_once()
+        assert ctx.published == []
+    await planner._flush_once()
+    (status,) = by_topic(ctx.published, SETTINGS.topics.status)
+    assert status.version == snapshot.version == 1 and status.state is RequestState.RUNNING
