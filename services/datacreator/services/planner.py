@@ -137,9 +137,10 @@ class PlannerHandler(BaseHandler):
                 del self.partition_of[request_id]
         self._update_gauges()
         key_lock = getattr(getattr(self, "ctx", None), "key_lock", None)
-        for request_id in lost if key_lock is not None else ():
-            async with key_lock(request_id):  # a status the ticker is writing lands before the next owner's
-                pass
+        if key_lock is not None:
+            for request_id in lost:
+                async with key_lock(request_id):  # a status the ticker is writing lands before the next owner's
+                    pass
         # Parked, not dropped: with eager rebalancing every partition is revoked, and most come back.
         ends = await end_offsets(self.settings, self.settings.topics.planner_state, partitions)
         if ends is not None:
