@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "parsing": ("benchmarks.parsing", "salvage of truncated answers, the old parser against the new"),
     "soak": ("benchmarks.soak", "memory over 1,000 small requests: RSS and held state per 100"),
     "embedded_speed": ("benchmarks.embedded_speed", "llama.cpp server settings for the embedded model, side by side"),
+    "restore": ("benchmarks.restore", "curator state rebuilt from the examples topic after a rebalance"),
 }
 
 

@@ -145,3 +145,65 @@ async def test_sync_iterator(bus_settings):
         return out
 
     assert len(set(await asyncio.to_thread(first_two))) == 2
+
+
+# -- what a consumer group commits: only what the caller has finished ----------------------------
+
+FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 200}
+
+
+async def _first_of_group(settings, rid: str, group: str, count: int = 1) -> list[str]:
+    async with ExampleStream(settings, rid, group_id=group, consumer_options=FAST_GROUP) as stream:
+        return await asyncio.wait_for(take_ids(stream, count), 25)
+
+
+async def test_a_group_stream_does_not_commit_the_example_the_callers_loop_raised_on(bus_settings):
+    """Real broker. The caller's loop raised on the third example; closing the stream committed up
+    to it, so the group's next reader started at the fourth and the third was never trained on."""
+    rid = "req-raise"
+    examples = [make_example(rid, n) for n in range(6)]
+    await publish(bus_settings, bus_settings.topics.examples, [(rid, e) for e in examples])
+    group = f"trainer-raise-{bus_settings.topics.examples}"
+    with pytest.raises(RuntimeError, match="training step failed"):
+        async with ExampleStream(bus_settings, rid, group_id=group, consumer_options=FAST_GROUP) as stream:
+            n = 0
+            async for _example in stream:
+                n += 1
+                if n == 2:
+                    await stream.commit()  # the second is being worked on: only the first is committed
+                if n == 3:
+                    raise RuntimeError("training step failed")
+    assert await _first_of_group(bus_settings, rid, group, 4) == [e.example_id for e in examples[2:]]
+
+    # An explicit ack counts the example being worked on as finished.
+    more = [make_example(rid, n) for n in range(100, 102)]
+    await publish(bus_settings, bus_settings.topics.examples, [(rid, e) for e in more])
+    with pytest.raises(RuntimeError):
+        async with ExampleStream(bus_settings, rid, group_id=group, consumer_options=FAST_GROUP) as stream:
+            async for example in stream:
+                if example.example_id == more[0].example_id:
+                    stream.ack()
+                    raise RuntimeError("after the ack")
+    assert await _first_of_group(bus_settings, rid, group) == [more[1].example_id]
+
+
+async def test_the_sync_iterator_commits_neither_its_buffer_nor_the_example_it_was_left_with(bus_settings):
+    """Real broker. iter_examples buffers up to 1,000 examples ahead of the caller; in a group the
+    stream committed everything it had handed to the buffer, so a reader that stopped after two
+    skipped the rest for the group. Now only the examples the caller moved past are committed."""
+    rid = "req-buffer"
+    examples = [make_example(rid, n) for n in range(30)]
+    await publish(bus_settings, bus_settings.topics.examples, [(rid, e) for e in examples])
+    group = f"trainer-buffer-{bus_settings.topics.examples}"
+
+    def first_two() -> list[str]:
+        got = []
+        for example in iter_examples(bus_settings, rid, group_id=group, consumer_options=FAST_GROUP):
+            got.append(example.example_id)
+            if len(got) == 2:
+                break
+        return got
+
+    assert await asyncio.to_thread(first_two) == [e.example_id for e in examples[:2]]
+    rest = await _first_of_group(bus_settings, rid, group, 29)
+    assert rest == [e.example_id for e in examples[1:]]

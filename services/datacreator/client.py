@@ -56,12 +56,12 @@ async def wait_for_status(
     """Follow the status topic until a status of the request passes `check`; `awaited` names it in the timeout."""
     watcher = await StatusWatcher(settings).start()
     deadline = time.monotonic() + timeout_s if timeout_s else None
-    seen: float = -1.0
+    seen: RequestStatus | None = None
     try:
         while True:
             status = watcher.latest.get(request_id)
-            if status is not None and status.updated_at != seen:
-                seen = status.updated_at
+            if status is not None and status is not seen:
+                seen = status
                 if on_status is not None:
                     on_status(status)
                 if check(status):
@@ -91,11 +91,11 @@ async def read_messages(settings: Settings, topic: str, model: type[M], request_
 
 
 async def latest_statuses(settings: Settings, request_id: str | None = None) -> dict[str, RequestStatus]:
-    """The latest status of every request (or of one) on the status topic, as of now."""
+    """The latest status of every request (or of one) on the status topic, as of now: by
+    `RequestStatus.supersedes`, not the last record (compaction keeps the highest offset)."""
     latest: dict[str, RequestStatus] = {}
     async for status in read_messages(settings, settings.topics.status, RequestStatus, request_id):
-        previous = latest.get(status.request_id)
-        if previous is None or status.updated_at >= previous.updated_at:
+        if status.supersedes(latest.get(status.request_id)):
             latest[status.request_id] = status
     return latest
 

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     status_interval_s: float = Field(0.5, gt=0, description="Least time between two status messages of one request.")
     stall_calls: int = Field(30, ge=1, description="Calls in a row with no new accepted example before a request FAILS as stalled.")
     max_active_requests: int = Field(100, ge=1)
+    snapshot_retention_s: float = Field(
+        3600.0, ge=0, description="How long a finished request's planner snapshot is kept before a tombstone deletes it (late outcomes still count until then).",
+    )
     # Operator caps on one request, enforced when it is validated (REJECTED with the cap named).
     max_target_count: int | None = Field(None, ge=1, description="Most examples one request may ask for.")
     max_tokens_per_call: int | None = Field(None, ge=16, description="Largest model.max_tokens a request may ask for.")

@@ -6,6 +6,10 @@
 Delivery upstream is at-least-once, so the same example can be on the topic twice; the
 iterator yields each example id once per request. With `stop_at_completion` it ends once the
 request's status is final and every example published before that has been read.
+
+In a consumer group, only what the caller has finished is committed: an example counts as
+finished when the caller asks for the next one, calls `ack()`, or leaves the `async with` block
+without an error. An example whose loop body raised is read again by the group's next reader.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -31,6 +36,30 @@ from datacreator.contracts import Example, RequestStatus
 log = logging.getLogger(__name__)
 
 
+class _Finished:
+    """Per partition, the offset up to which every record read has been finished by the caller.
+
+    Records are finished out of order (the sync iterator's buffer, skipped records between two
+    examples): the position moves over the longest finished prefix only."""
+
+    def __init__(self) -> None:
+        self.positions: dict[int, int] = {}
+        self._order: dict[int, deque[int]] = {}
+        self._done: dict[int, set[int]] = {}
+
+    def read(self, partition: int, offset: int) -> None:
+        self._order.setdefault(partition, deque()).append(offset)
+
+    def finish(self, partition: int, offset: int) -> None:
+        done = self._done.setdefault(partition, set())
+        done.add(offset)
+        order = self._order.get(partition)
+        while order and order[0] in done:
+            first = order.popleft()
+            done.discard(first)
+            self.positions[partition] = first + 1
+
+
 class ExampleStream:
     """Distinct examples from the examples topic, as an async iterator (and async context manager).
 
@@ -39,7 +68,8 @@ class ExampleStream:
     - `from_offsets`: {partition: offset} to resume from, e.g. a saved `positions()`.
     - `stop_at_completion`: end once the request is final and all of its examples were read.
     - `group_id`: read as a member of this consumer group (partitions shared between members,
-      positions committed by `commit()` and on close) instead of reading every partition.
+      positions committed by `commit()` and on close) instead of reading every partition. What is
+      committed is what the caller has finished: see `ack`.
     - `consumer_options`: extra AIOKafkaConsumer arguments (e.g. `session_timeout_ms`).
     """
 
@@ -74,6 +104,9 @@ class ExampleStream:
         self.duplicates_dropped = 0
         self._seen: dict[str, set[str]] = {}
         self._positions: dict[int, int] = {}
+        self._finished = _Finished()
+        self._outstanding: tuple[int, int] | None = None  # (partition, offset) of the example handed out last
+        self._finish_on_next = True  # False: the owner acks by location (the sync iterator's buffer)
         self._consumer: AIOKafkaConsumer | None = None
         self._watcher: StatusWatcher | None = None
         self._iterator: AsyncIterator[Example] | None = None
@@ -84,7 +117,9 @@ class ExampleStream:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None and self._finish_on_next:
+            self.ack()  # left the block normally: done with the one it was given
         await self.close()
 
     async def start(self) -> None:
@@ -144,19 +179,30 @@ class ExampleStream:
 
     # -- positions --------------------------------------------------------------------------
 
-    def positions(self) -> dict[int, int]:
-        """{partition: next offset} after the examples handed out so far; resume with `from_offsets`."""
-        return dict(self._positions)
+    def positions(self, finished_only: bool = False) -> dict[int, int]:
+        """{partition: next offset} after the examples handed out so far (with `finished_only`,
+        after those the caller has finished); resume with `from_offsets`."""
+        return dict(self._finished.positions if finished_only else self._positions)
+
+    def ack(self) -> None:
+        """The caller is done with the example handed out last (it is also, by asking for the next)."""
+        if self._outstanding is not None:
+            self._finished.finish(*self._outstanding)
+            self._outstanding = None
+
+    def _finish_at(self, partition: int, offset: int) -> None:
+        self._finished.finish(partition, offset)
 
     async def commit(self) -> None:
-        """Commit the group's positions up to what was handed out (consumer-group streams only)."""
+        """Commit the group's positions up to what the caller has finished (consumer-group streams
+        only): the example being worked on is not, unless `ack()` was called for it."""
         if self._consumer is None or self.group_id is None:
             return
         await self._commit(self._consumer)
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         assigned = {tp.partition for tp in consumer.assignment()}
-        offsets = {TopicPartition(self.topic, p): o for p, o in self._positions.items() if p in assigned}
+        offsets = {TopicPartition(self.topic, p): o for p, o in self._finished.positions.items() if p in assigned}
         if offsets:
             await consumer.commit(offsets)
 
@@ -172,6 +218,13 @@ class ExampleStream:
 
     def _accept(self, record: ConsumerRecord) -> Example | None:
         self._positions[record.partition] = record.offset + 1
+        self._finished.read(record.partition, record.offset)
+        example = self._example(record)
+        if example is None:  # nothing for the caller: finished as soon as read
+            self._finished.finish(record.partition, record.offset)
+        return example
+
+    def _example(self, record: ConsumerRecord) -> Example | None:
         try:
             example = decode(Example, record.value)
         except PoisonMessage as exc:
@@ -199,7 +252,10 @@ class ExampleStream:
                     for record in batches[tp]:
                         example = self._accept(record)
                         if example is not None:
+                            self._outstanding = (record.partition, record.offset)
                             yield example
+                            if self._finish_on_next:  # the caller asked for the next one
+                                self.ack()
                 if not self.stop_at_completion:
                     continue
                 assert self._watcher is not None and self.request_id is not None
@@ -259,23 +315,30 @@ _DONE = object()
 def iter_examples(settings: Settings, request_id: str | None = None, *, buffer: int = 1000, **options: Any) -> Iterator[Example]:
     """`stream_examples` for synchronous code: the stream runs on an event loop in a background thread.
 
-    Closing the iterator (or leaving a `for` loop early) stops the thread.
+    Closing the iterator (or leaving a `for` loop early) stops the thread. In a consumer group,
+    an example is finished (and committed) once the caller asks for the next one: the examples
+    waiting in the buffer, and the one the caller's loop raised on or left with, are not.
     """
     items: queue.Queue[Any] = queue.Queue(maxsize=buffer)
     stop = threading.Event()
+    streams: list[ExampleStream] = []
 
     async def pump() -> None:
         async with stream_examples(settings, request_id, **options) as stream:
+            stream._finish_on_next = False  # buffered is not finished: the reading thread says when
+            streams.append(stream)
             async for example in stream:
+                location = stream._outstanding
                 while True:  # never block the loop: the consumer's heartbeats run on it
                     if stop.is_set():
-                        return
+                        break
                     try:
-                        items.put_nowait(example)
+                        items.put_nowait((example, location))
                         break
                     except queue.Full:
                         await asyncio.sleep(0.02)
                 if stop.is_set():
+                    await asyncio.sleep(0)  # the reading thread's last acks, queued before it stopped, run first
                     return
 
     loop = asyncio.new_event_loop()
@@ -302,6 +365,11 @@ def iter_examples(settings: Settings, request_id: str | None = None, *, buffer: 
             except queue.Full:
                 continue
 
+    def finished(location: tuple[int, int] | None) -> None:
+        if location is not None and streams:
+            with contextlib.suppress(RuntimeError):  # the loop has already finished
+                loop.call_soon_threadsafe(streams[0]._finish_at, *location)
+
     thread = threading.Thread(target=run, name="datacreator-examples", daemon=True)
     thread.start()
     try:
@@ -311,7 +379,9 @@ def iter_examples(settings: Settings, request_id: str | None = None, *, buffer: 
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            example, location = item
+            yield example
+            finished(location)  # the caller asked for the next one
     finally:
         stop.set()
         with contextlib.suppress(RuntimeError):  # the loop has already finished

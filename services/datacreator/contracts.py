@@ -339,8 +339,15 @@ class TaskOutcome(_Message):
 
 
 class RequestStatus(_Message):
+    """The latest state of a request. The topic is compacted, and compaction keeps a key's record
+    of highest offset, not its newest: readers keep the status for which `supersedes` holds."""
+
     request_id: str
     state: RequestState
+    version: int = Field(
+        0, ge=0,
+        description="Monotonic per request (the planner's write count, carried in its snapshots): readers keep the highest; 0 from writers without one.",
+    )
     target_count: int = 0
     accepted: int = 0
     rejected: dict[str, int] = Field(default_factory=dict)
@@ -373,9 +380,23 @@ class RequestStatus(_Message):
     verify_disagreements: dict[str, int] = Field(default_factory=dict, description="Of those, the ones it labelled otherwise, by created label.")
     verify_unverified: int = 0
 
+    def supersedes(self, previous: RequestStatus | None) -> bool:
+        """Whether this status replaces `previous` of the same request.
 
-# ---------------------------------------------------------------------------------------------
-# datacreator.dlq
+        A final status is never replaced by a non-final one (a retried RUNNING that lands after
+        COMPLETED); otherwise the higher version wins, and `updated_at` decides between equal
+        versions (ticker statuses repeat their snapshot's version; records without one are 0).
+        Offsets and clocks are not used to order: a record retried by a producer lands late, and
+        a planner that took the request over on another host has another clock.
+        """
+        if previous is None:
+            return True
+        if previous.state.final and not self.state.final:
+            return False
+        if self.version != previous.version:
+            return self.version > previous.version
+        return self.updated_at >= previous.updated_at
+
 
 
 class DeadLetter(_Message):
@@ -400,6 +421,10 @@ class PlannerSnapshot(_Message):
 
     request_id: str
     plan: JsonObject
+    version: int = Field(
+        0, ge=0,
+        description="Monotonic per request: a restore keeps the highest, whatever the order the records landed in.",
+    )
     created_at: float = Field(default_factory=now)
 
 

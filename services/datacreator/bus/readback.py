@@ -70,6 +70,29 @@ async def read_to_end(
         await consumer.stop()
 
 
+async def end_offsets(
+    settings: Settings, topic: str, partitions: Iterable[int], timeout_s: float = 5.0
+) -> dict[int, int] | None:
+    """{partition: end offset} of some partitions, or None when the broker cannot say in time."""
+    numbers = sorted(partitions)
+    if not numbers:
+        return {}
+    consumer = make_consumer(settings)
+    try:
+        async def ends() -> dict[int, int]:
+            await consumer.start()
+            found = await consumer.end_offsets([TopicPartition(topic, p) for p in numbers])
+            return {tp.partition: offset for tp, offset in found.items()}
+
+        return await asyncio.wait_for(ends(), timeout_s)
+    except (TimeoutError, KafkaError) as exc:
+        log.warning("end offsets of %s %s: %s", topic, numbers, type(exc).__name__)
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
 async def read_models(
     settings: Settings, topic: str, model: type[M], partitions: Iterable[int] | None = None
 ) -> AsyncIterator[tuple[int, M]]:
@@ -170,8 +193,7 @@ class StatusWatcher:
             status = decode(RequestStatus, record.value)
         except PoisonMessage:
             return
-        previous = self.latest.get(status.request_id)
-        if previous is None or status.updated_at >= previous.updated_at:
+        if status.supersedes(self.latest.get(status.request_id)):
             self.latest[status.request_id] = status
             self._changed.set()
             if self._on_status is not None:

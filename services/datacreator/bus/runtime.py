@@ -14,6 +14,7 @@ import logging
 import random
 import signal
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ DLQ_VALUE_LIMIT = 10_000
 COMMIT_TIMEOUT_S = 10.0
 TOPIC_CHECK_INTERVAL_S = 2.0
 CLOSE_TIMEOUT_S = 5.0
+# After a partition lost records below the committed offset, reading resumes this much before the
+# time of the last record committed: record times come from the producers' clocks.
+LOST_OFFSETS_CLOCK_MARGIN_MS = 60_000
 # Produce errors that the same record meets on every try (Kafka's size limits, a bad topic name):
 # retrying them would hold the partition for ever.
 NON_RETRIABLE_PRODUCE = (
@@ -70,7 +74,7 @@ class UndeliverableOutput(Exception):
 class Output:
     topic: str
     key: str | None
-    value: BaseModel
+    value: BaseModel | None  # None: a tombstone (deletes the key from a compacted topic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,8 @@ class Context(Protocol):
     settings: Settings
 
     async def publish(self, outputs: Iterable[Output]) -> None: ...
+
+    def key_lock(self, key: str | None) -> asyncio.Lock: ...
 
     def dead_letter(
         self, delivery: Delivery, reason: Exception | str, *, attempts: int = 1, error_type: str | None = None
@@ -179,7 +185,7 @@ class BaseHandler:
 class _PartitionTrack:
     """Offsets of one partition in arrival order; commits the longest finished prefix."""
 
-    __slots__ = ("order", "finished", "committed", "queue", "worker")
+    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()
@@ -187,9 +193,13 @@ class _PartitionTrack:
         self.committed: int | None = None  # next offset to read, as last committed
         self.queue: asyncio.Queue[ConsumerRecord] | None = None
         self.worker: asyncio.Task[None] | None = None
+        self.stamps: dict[int, int] = {}  # offset -> record timestamp (ms), until committable
+        self.stamp: int | None = None  # timestamp of the last record of the committable prefix
 
-    def add(self, offset: int) -> None:
+    def add(self, offset: int, timestamp: int | None = None) -> None:
         self.order.append(offset)
+        if timestamp is not None and timestamp >= 0:
+            self.stamps[offset] = timestamp
 
     def finish(self, offset: int) -> None:
         self.finished.add(offset)
@@ -200,6 +210,7 @@ class _PartitionTrack:
             offset = self.order.popleft()
             self.finished.discard(offset)
             position = offset + 1
+            self.stamp = self.stamps.pop(offset, self.stamp)
         return position
 
     @property
@@ -241,6 +252,20 @@ class ServiceRunner:
         self._decoders = {topic: decoder(model) for topic, model in handler.inputs.items()}
         self._next_topic_check = 0.0
         self._fatal: Exception | None = None
+        self._key_locks: weakref.WeakValueDictionary[str | None, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def key_lock(self, key: str | None) -> asyncio.Lock:
+        """The lock an ordered handler's records of one key are handled and published under.
+
+        A request's inputs arrive on several topics (the planner's requests and outcomes), each
+        partition with its own worker: without it, a cancel and an outcome of one request are
+        handled at once and their snapshots land in either order, and compaction keeps the
+        later offset, not the later state. Writers outside the workers (status tickers) take it too.
+        """
+        lock = self._key_locks.get(key)
+        if lock is None:
+            lock = self._key_locks[key] = asyncio.Lock()
+        return lock
 
     # -- what handlers may call -------------------------------------------------------------
 
@@ -348,7 +373,7 @@ class ServiceRunner:
             raise self._fatal
 
     def _dispatch(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
-        track.add(record.offset)
+        track.add(record.offset, getattr(record, "timestamp", None))
         self._in_flight += 1
         metrics.in_flight.labels(self.handler.name).set(self._in_flight)
         if self.handler.ordered:
@@ -372,13 +397,15 @@ class ServiceRunner:
         started = time.perf_counter()
         delivery = _delivery_of(record)
         try:
-            outputs = await self._handle_with_retries(record, delivery)
-            try:
-                await self.publish(outputs)
-            except UndeliverableOutput as exc:
-                metrics.processing_errors.labels(name, tp.topic).inc()
-                log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
-                await self.publish([self._failed(delivery, exc)])
+            lock = self.key_lock(delivery.key) if self.handler.ordered else contextlib.nullcontext()
+            async with lock:  # handled and acknowledged before the next record of its key
+                outputs = await self._handle_with_retries(record, delivery)
+                try:
+                    await self.publish(outputs)
+                except UndeliverableOutput as exc:
+                    metrics.processing_errors.labels(name, tp.topic).inc()
+                    log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
+                    await self.publish([self._failed(delivery, exc)])
             track.finish(record.offset)
         except asyncio.CancelledError:
             raise
@@ -496,7 +523,9 @@ class ServiceRunner:
                     continue
                 position = track.committable()
                 if position is not None and position != track.committed:
-                    offsets[tp] = OffsetAndMetadata(position, "")
+                    # The last record's time travels with the offset: a partition that loses records
+                    # below it (unclean leader election) resumes from that time, not from its start.
+                    offsets[tp] = OffsetAndMetadata(position, "" if track.stamp is None else f"ts={track.stamp}")
             if offsets:
                 try:
                     await asyncio.wait_for(self._consumer.commit(offsets), COMMIT_TIMEOUT_S)
@@ -564,20 +593,36 @@ class ServiceRunner:
 
     async def _skip_lost_offsets(self, assigned: set[TopicPartition]) -> None:
         """A committed offset past the end of its partition was committed to a log the broker has
-        since lost (the commit can land after the topic was created again): read from the start."""
+        since lost part of (an unclean leader election) or all of (the topic was created again and
+        an old commit landed after): resume at the first record not older than the last one
+        committed, or at the earliest offset the partition still has, never at 0 blindly."""
         assert self._consumer is not None
         if not assigned:
             return
         try:
             ends = await asyncio.wait_for(self._consumer.end_offsets(list(assigned)), COMMIT_TIMEOUT_S)
             for tp in assigned:
-                committed = await asyncio.wait_for(self._consumer.committed(tp), COMMIT_TIMEOUT_S)
-                if committed is not None and committed > ends.get(tp, committed):
-                    log.warning("%s: %s[%d] has offset %d committed but ends at %d: the broker lost its records; "
-                                "reading it from the start", self.handler.name, tp.topic, tp.partition, committed, ends[tp])
-                    self._consumer.seek(tp, 0)
+                committed = await asyncio.wait_for(committed_metadata(self._consumer, tp), COMMIT_TIMEOUT_S)
+                if committed is not None and committed.offset > ends.get(tp, committed.offset):
+                    target, why = await self._resume_offset(tp, committed, ends[tp])
+                    log.warning("%s: %s[%d] has offset %d committed but ends at %d: the broker lost records; "
+                                "reading it from %d (%s)", self.handler.name, tp.topic, tp.partition,
+                                committed.offset, ends[tp], target, why)
+                    self._consumer.seek(tp, target)
         except (TimeoutError, KafkaError) as exc:
             log.warning("%s: cannot compare committed and end offsets (%s)", self.handler.name, type(exc).__name__)
+
+    async def _resume_offset(self, tp: TopicPartition, committed: OffsetAndMetadata, end: int) -> tuple[int, str]:
+        assert self._consumer is not None
+        begin = (await asyncio.wait_for(self._consumer.beginning_offsets([tp]), COMMIT_TIMEOUT_S))[tp]
+        stamp = _stamp_of(committed.metadata)
+        if stamp is None:
+            return begin, "no record time committed: its earliest offset"
+        since = max(stamp - LOST_OFFSETS_CLOCK_MARGIN_MS, 0)
+        found = (await asyncio.wait_for(self._consumer.offsets_for_times({tp: since}), COMMIT_TIMEOUT_S)).get(tp)
+        if found is None:
+            return end, f"no record since {since} ms: only new ones"
+        return max(found.offset, begin), f"the first record since {since} ms"
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         self.state.ready = False
@@ -614,11 +659,27 @@ class ServiceRunner:
         self.state.ready = True
 
 
+async def committed_metadata(consumer: AIOKafkaConsumer, tp: TopicPartition) -> OffsetAndMetadata | None:
+    """The group's committed offset of a partition with its metadata (`committed()` drops the
+    metadata; aiokafka has no public call for it: the coordinator, which `committed()` uses, is)."""
+    found = (await consumer._coordinator.fetch_committed_offsets([tp])).get(tp)
+    return None if found is None or found.offset < 0 else found
+
+
+def _stamp_of(metadata: str | None) -> int | None:
+    if metadata and metadata.startswith("ts="):
+        with contextlib.suppress(ValueError):
+            return int(metadata[3:])
+    return None
+
+
 def _delivery_of(record: ConsumerRecord) -> Delivery:
     return Delivery(record.topic, record.partition, record.offset, decode_key(record.key), record.value)
 
 
-def _encode_output(output: Output) -> bytes:
+def _encode_output(output: Output) -> bytes | None:
+    if output.value is None:
+        return None
     try:
         return encode(output.value)
     except Exception as exc:  # orjson's depth limit, a pydantic serialization error, a recursion
@@ -627,9 +688,9 @@ def _encode_output(output: Output) -> bytes:
         ) from exc
 
 
-def _refused(output: Output, value: bytes, exc: BaseException) -> UndeliverableOutput:
+def _refused(output: Output, value: bytes | None, exc: BaseException) -> UndeliverableOutput:
     return UndeliverableOutput(
-        f"the broker refused the {type(output.value).__name__} of {len(value)} bytes for {output.topic}: "
+        f"the broker refused the {type(output.value).__name__} of {len(value or b'')} bytes for {output.topic}: "
         f"{type(exc).__name__}: {exc}"
     )
 

@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from datacreator.contracts import (
     AcceptedRef,
@@ -29,6 +29,30 @@ from datacreator.logic.parsing import parse_examples
 from datacreator.logic.schema import ordered_like
 from datacreator.logic.validation import ExampleValidator
 from datacreator.logic.verify import LabelChecks
+
+RESTORE_SLICE = 1_000
+
+
+class Published(Protocol):
+    """What a restore reads of an example already published (an `Example`, or `Restored`)."""
+
+    @property
+    def example_id(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def data(self) -> Any: ...
+
+
+class Restored(NamedTuple):
+    """The part of a published example a restore needs, read without validating the rest."""
+
+    example_id: str
+    request_id: str
+    task_id: str
+    data: Any
 
 
 @dataclass(slots=True)
@@ -122,20 +146,25 @@ class RequestCuration:
         """Take back an example already published (read from the examples topic)."""
         self.restore_many([example])
 
-    def restore_many(self, examples: Iterable[Example]) -> None:
+    def restore_many(self, examples: Iterable[Published]) -> None:
         fresh = [
             e for e in examples
             if e.request_id == self.request_id and _id_key(e.example_id) not in self._accepted_by
         ]
         if not fresh:
             return
-        for example, fp in zip(fresh, self.dedup.fingerprints([e.data for e in fresh])):
-            key = _id_key(example.example_id)
-            if key in self._accepted_by:  # the same example twice in one batch
-                continue
-            self.dedup.add(fp)
-            self._accepted_by[key] = sys.intern(example.task_id)
-            self.accepted_count += 1
+        # In slices: a numpy pass holds the GIL, and a restore runs beside the event loop.
+        for start in range(0, len(fresh), RESTORE_SLICE):
+            part = fresh[start:start + RESTORE_SLICE]
+            prints = []
+            for example, fp in zip(part, self.dedup.fingerprints([e.data for e in part])):
+                key = _id_key(example.example_id)
+                if key in self._accepted_by:  # the same example twice in one batch
+                    continue
+                prints.append(fp)
+                self._accepted_by[key] = sys.intern(example.task_id)
+                self.accepted_count += 1
+            self.dedup.add_many(prints)
 
     # -- curation -----------------------------------------------------------------------------
 
@@ -258,7 +287,7 @@ class CuratorState:
         self.embedder_factory = embedder_factory
         self.requests: dict[str, RequestCuration] = {}
         self.partition_of: dict[str, int] = {}
-        self._pending: dict[str, list[Example]] = {}
+        self._pending: dict[str, list[Published]] = {}
 
     def for_task(self, task: GenerationTask, dedup: DedupSpec | None = None, partition: int | None = None) -> RequestCuration:
         curation = self.requests.get(task.request_id)
@@ -284,6 +313,36 @@ class CuratorState:
             curation.restore(example)
         else:
             self._pending.setdefault(example.request_id, []).append(example)
+
+    def restore_batch(self, request_id: str, examples: list[Published], partition: int | None = None) -> None:
+        """`restore` for many examples of one request (their dedup index is built in one pass)."""
+        if partition is not None:
+            self.partition_of[request_id] = partition
+        curation = self.requests.get(request_id)
+        if curation is not None:
+            curation.restore_many(examples)
+        else:
+            self._pending.setdefault(request_id, []).extend(examples)
+
+    def has_pending(self, request_id: str) -> bool:
+        """Whether restored examples of the request wait for its first task to be indexed."""
+        return request_id in self._pending
+
+    def detach(self, partitions: set[int]) -> dict[str, tuple[int, RequestCuration | None, list[Published]]]:
+        """Take the requests of some partitions out (to `attach` again if the partitions come back)."""
+        out: dict[str, tuple[int, RequestCuration | None, list[Published]]] = {}
+        for request_id, partition in list(self.partition_of.items()):
+            if partition in partitions:
+                out[request_id] = (partition, self.requests.pop(request_id, None), self._pending.pop(request_id, []))
+                del self.partition_of[request_id]
+        return out
+
+    def attach(self, request_id: str, partition: int, curation: RequestCuration | None, pending: list[Published]) -> None:
+        self.partition_of[request_id] = partition
+        if curation is not None:
+            self.requests[request_id] = curation
+        if pending:
+            self._pending.setdefault(request_id, []).extend(pending)
 
     def curate(self, candidate: Candidate, partition: int | None = None) -> CurationResult:
         return self.for_task(candidate.task, partition=partition).curate(candidate)

@@ -249,6 +249,47 @@ class DedupIndex:
                 self._vectors = np.zeros((max(16, row + 1), fp.vector.shape[0]), dtype=np.float32)
             self._vectors = _append_row(self._vectors, row, fp.vector)
 
+    def add_many(self, prints: Sequence[Fingerprint]) -> None:
+        """`add` for many fingerprints at once (a restore): band keys in one numpy pass, rows appended together."""
+        fresh: list[Fingerprint] = []
+        seen: set[bytes] = set()
+        for fp in prints:
+            if fp.digest not in self._exact and fp.digest not in seen:
+                seen.add(fp.digest)
+                fresh.append(fp)
+        if not fresh:
+            return
+        if self._hasher is None or (self.semantic_threshold is not None and any(fp.vector is not None for fp in fresh)):
+            for fp in fresh:
+                self.add(fp)
+            return
+        empty = self._hasher.signatures([""])[0]
+        signatures = np.stack([fp.signature if fp.signature is not None else empty for fp in fresh])
+        first = self._count
+        self._count += len(fresh)
+        self._exact.update(fp.digest for fp in fresh)
+        if self._signatures.shape[0] < self._count:
+            grown = np.zeros((max(16, self._count * 3 // 2 + 1), self._signatures.shape[1]), dtype=self._signatures.dtype)
+            grown[:first] = self._signatures[:first]
+            self._signatures = grown
+        self._signatures[first:self._count] = signatures
+        live = np.flatnonzero(signatures[:, 0] != _EMPTY_ROW)
+        if not len(live):
+            return
+        bands = signatures[live, : self._bands * self._rows].astype(np.uint64).reshape(len(live), self._bands, self._rows)
+        with np.errstate(over="ignore"):
+            keys = ((bands * self._band_mix).sum(axis=2, dtype=np.uint64) + self._band_salt) >> np.uint64(4)
+        buckets = self._buckets
+        for row, row_keys in zip((first + live).tolist(), keys.tolist()):
+            for band in row_keys:
+                hit = buckets.get(band)
+                if hit is None:
+                    buckets[band] = row
+                elif isinstance(hit, list):
+                    hit.append(row)
+                else:
+                    buckets[band] = [hit, row]
+
     def _band_keys(self, signature: np.ndarray) -> list[int]:
         bands = signature[: self._bands * self._rows].astype(np.uint64).reshape(self._bands, self._rows)
         with np.errstate(over="ignore"):

@@ -356,3 +356,45 @@ class ExampleValidator:
                 return Verdict(RejectReason.label_out_of_space, f"{self.label_field}: {value!r} is not one of this example's {self._options_key}")
         return None
 
+
+
+# A created example can be longer than the formatting example it imitates: its size is reckoned
+# at this many times the seed's, plus what an accepted reference carries besides the data.
+EXAMPLE_GROWTH = 2
+REFERENCE_OVERHEAD_BYTES = 120
+SNAPSHOT_HEADROOM = 0.9
+
+
+def snapshot_size_problem(
+    request: Any, example_schema: Any, *, max_bytes: int, pool_size: int, tree_level_nodes: int
+) -> str | None:
+    """Why the planner's snapshot of `request` could outgrow a record the broker accepts, or None.
+
+    The snapshot is one record on a compacted topic (Kafka's default limit is ~1 MB). What grows
+    with the request: each chain keeps its reference, its last good one and the candidates of its
+    latest call (examples_per_call), and a call in flight carries its reference; the tree keeps a
+    level of nodes and the next one; reference_pool=all_accepted keeps a pool. Everything else
+    (the request itself, its schema) is there once.
+    """
+    seed = len(orjson.dumps(request.formatting_example))
+    example = EXAMPLE_GROWTH * seed + REFERENCE_OVERHEAD_BYTES
+    fixed = len(orjson.dumps(request.model_dump(mode="json"))) + len(orjson.dumps(example_schema))
+    if request.strategy == "tree":
+        kept = 2 * tree_level_nodes + request.chains
+    else:
+        kept = request.chains * (request.examples_per_call + 3)
+    if request.reference_pool == "all_accepted":
+        kept += pool_size
+    estimate = fixed + kept * example
+    limit = int(max_bytes * SNAPSHOT_HEADROOM)
+    if estimate <= limit:
+        return None
+    what = (f"{2 * tree_level_nodes} tree nodes + {request.chains} calls in flight" if request.strategy == "tree"
+            else f"chains {request.chains} x (examples_per_call {request.examples_per_call} + 3)")
+    if request.reference_pool == "all_accepted":
+        what += f" + a pool of {pool_size}"
+    return (
+        f"the planner's snapshot of this request could reach {estimate} bytes ({what} examples of about "
+        f"{example} bytes each), over {limit} bytes ({SNAPSHOT_HEADROOM:.0%} of max_message_bytes {max_bytes}, "
+        "the broker's record limit): lower chains or examples_per_call, or use a smaller formatting example"
+    )

@@ -3,22 +3,47 @@
 One request's candidates, examples and outcomes share a partition number (all keyed by request_id,
 same partition count), so its dedup state lives in one curator, and after a rebalance or a crash
 that curator rebuilds it by reading back the examples already published on its partitions.
+
+The read back is decoded and restored in batches, off the event loop, and a partition that a
+rebalance gives back to the same member keeps its state when no example was published on it
+meanwhile (the examples partition still ends where it ended when it was revoked).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
+
+import orjson
 
 from datacreator import metrics
-from datacreator.bus.readback import StatusWatcher, read_models
+from datacreator.bus.readback import StatusWatcher, end_offsets, read_to_end
 from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
-from datacreator.contracts import Candidate, Example, Rejection, RejectReason, RequestState, RequestStatus, TaskOutcome
-from datacreator.logic.curation import CuratorState
+from datacreator.contracts import Candidate, Rejection, RejectReason, RequestState, RequestStatus, TaskOutcome
+from datacreator.logic.curation import CuratorState, Published, RequestCuration, Restored
 from datacreator.logic.embeddings import Embedder, shared_embedder
 
 log = logging.getLogger(__name__)
+
+RESTORE_BATCH = 5_000  # records decoded (and restored) per step off the event loop
+
+
+def _decode_examples(values: list[tuple[int, bytes | None]]) -> list[tuple[int, Restored]]:
+    """(partition, example) of records of the examples topic, the curator's own output: only the
+    fields a restore needs are read (a full validation costs more than the restore itself); a
+    record that does not have them is skipped, as the DLQ already has it."""
+    out: list[tuple[int, Restored]] = []
+    for partition, value in values:
+        try:
+            raw: Any = orjson.loads(value) if value is not None else None
+            example = Restored(raw["example_id"], raw["request_id"], raw["task_id"], raw["data"])
+        except (orjson.JSONDecodeError, TypeError, KeyError):
+            continue
+        if isinstance(example.example_id, str) and isinstance(example.request_id, str) and isinstance(example.task_id, str):
+            out.append((partition, example))
+    return out
 
 
 class CuratorHandler(BaseHandler):
@@ -36,6 +61,9 @@ class CuratorHandler(BaseHandler):
             embedder_factory=shared_embedder,
         )
         self._held: set[int] = set()  # candidate partitions whose published examples are loaded
+        # partitions given up in a rebalance, until the next assignment says whether they stay:
+        # partition -> (end offset of its examples partition then, {request id: (curation, pending examples)})
+        self._parked: dict[int, tuple[int, dict[str, tuple[RequestCuration | None, list[Published]]]]] = {}
         self.status = StatusWatcher(settings, on_status=self._forget_if_final)
         self.status.release_after(settings.final_state_ttl_s)  # ended requests' statuses go after their hold
 
@@ -47,24 +75,71 @@ class CuratorHandler(BaseHandler):
         await self.status.stop()
 
     async def on_assigned(self, partitions: set[int]) -> None:
-        numbers = sorted(partitions - self._held)
+        kept = await self._unpark(partitions)
+        numbers = sorted(partitions - self._held - kept)
+        self._held.update(kept)
         if not numbers:
+            self._update_gauges()
             return
         self._held.update(numbers)
         count = 0
-        async for partition, example in read_models(self.settings, self.settings.topics.examples, Example, numbers):
-            if self.status.is_closed(example.request_id):
-                continue  # an ended request needs no dedup state
-            self.state.restore(example, partition)
-            count += 1
+        batch: list[tuple[int, bytes | None]] = []
+        async for record in read_to_end(self.settings, self.settings.topics.examples, numbers):
+            batch.append((record.partition, record.value))
+            if len(batch) >= RESTORE_BATCH:
+                count += await self._restore(batch)
+                batch = []
+        count += await self._restore(batch)
         if count:
             log.info("curator: restored %d published examples from partitions %s", count, numbers)
         self._update_gauges()
 
+    async def _restore(self, batch: list[tuple[int, bytes | None]]) -> int:
+        if not batch:
+            return 0
+        decoded = await asyncio.to_thread(_decode_examples, batch)
+        by_request: dict[str, tuple[int, list[Published]]] = {}
+        for partition, example in decoded:
+            if self.status.is_closed(example.request_id):
+                continue  # an ended request needs no dedup state
+            by_request.setdefault(example.request_id, (partition, []))[1].append(example)
+        for request_id, (partition, examples) in by_request.items():
+            if request_id in self.state.requests:
+                await asyncio.to_thread(self.state.restore_batch, request_id, examples, partition)
+            else:  # indexed with its first task (the dedup settings come with it)
+                self.state.restore_batch(request_id, examples, partition)
+        return sum(len(examples) for _, examples in by_request.values())
+
     async def on_revoked(self, partitions: set[int]) -> None:
         self._held -= partitions
-        self.state.forget_partitions(partitions)
+        detached = self.state.detach(partitions)
         self._update_gauges()
+        # Parked, not dropped: with eager rebalancing every partition is revoked, and most come back.
+        ends = await end_offsets(self.settings, self.settings.topics.examples, partitions)
+        if ends is None:
+            return
+        for partition in partitions & set(ends):
+            self._parked[partition] = (ends[partition], {})
+        for request_id, (partition, curation, pending) in detached.items():
+            if partition in self._parked:
+                self._parked[partition][1][request_id] = (curation, pending)
+
+    async def _unpark(self, partitions: set[int]) -> set[int]:
+        """The parked partitions assigned again that no one published an example on meanwhile:
+        their state is taken back as it was."""
+        parked, self._parked = self._parked, {}
+        back = {p: v for p, v in parked.items() if p in partitions}
+        ends = await end_offsets(self.settings, self.settings.topics.examples, back) if back else {}
+        kept: set[int] = set()
+        for partition, (end, requests) in back.items():
+            if ends is not None and ends.get(partition) == end:
+                kept.add(partition)
+                for request_id, (curation, pending) in requests.items():
+                    if not self.status.is_closed(request_id):
+                        self.state.attach(request_id, partition, curation, pending)
+        if kept:
+            log.info("curator: kept the state of partitions %s across the rebalance", sorted(kept))
+        return kept
 
     async def handle(self, candidate: Candidate, delivery: Delivery) -> list[Output]:
         topics = self.settings.topics
@@ -77,7 +152,8 @@ class CuratorHandler(BaseHandler):
         ):
             return self._closed(candidate, status.state)
         # Large answers (parsing, validation, semantic-dedup embeddings) are curated off the event loop.
-        if len(candidate.raw_output or "") > 16_384 or candidate.task.dedup.semantic_threshold is not None:
+        if (len(candidate.raw_output or "") > 16_384 or candidate.task.dedup.semantic_threshold is not None
+                or self.state.has_pending(request_id)):  # the first task after a restore indexes what was restored
             result = await asyncio.to_thread(self.state.curate, candidate, delivery.partition)
         else:
             result = self.state.curate(candidate, delivery.partition)

@@ -5,6 +5,12 @@ range assignor gives the same partition numbers of both topics to one member, so
 a request reaches the same planner. After each step the planner writes a snapshot of the request's
 plan to a compacted topic before the input offset is committed; a planner that takes over the
 partitions (after a crash or a rebalance) restores those snapshots and carries on where it was.
+
+Compaction keeps a key's record of highest offset, so every write of one request (snapshot and
+status) happens under the runner's lock of its key (`Context.key_lock`): one step at a time,
+acknowledged before the next, so the highest offset is always the newest state. Each write
+carries the request's next version, and readers keep the highest version, never the last record.
+A finished request's snapshot is deleted with a tombstone after `snapshot_retention_s`.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ import logging
 import time
 
 from datacreator import metrics
-from datacreator.bus.codec import PoisonMessage, request_id_of
-from datacreator.bus.readback import read_models
+from datacreator.bus.codec import PoisonMessage, decode, request_id_of
+from datacreator.bus.readback import end_offsets, read_to_end
 from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
 from datacreator.contracts import (
@@ -32,6 +38,7 @@ from datacreator.logic.embeddings import Embedder, shared_embedder
 from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
 from datacreator.logic.retention import ReleaseClock
 from datacreator.logic.strategies import needs_embeddings
+from datacreator.logic.validation import snapshot_size_problem
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,12 @@ class PlannerHandler(BaseHandler):
         self._ended = ReleaseClock(settings.final_state_ttl_s)  # ended plans go after their hold
         self._releaser: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self.versions: dict[str, int] = {}  # request id -> version of its last snapshot written
+        self._finished_at: dict[str, float] = {}  # final requests -> when they became final
+        self._retired: set[str] = set()  # requests whose snapshot was deleted: a redelivery starts nothing
+        # partitions given up in a rebalance, kept until the next assignment says whether they stay:
+        # partition -> (end offset of its planner-state partition then, {request id: plan})
+        self._parked: dict[int, tuple[int, dict[str, RequestPlan]]] = {}
 
     @property
     def embedder(self) -> Embedder:
@@ -78,17 +91,20 @@ class PlannerHandler(BaseHandler):
     # -- partitions -------------------------------------------------------------------------
 
     async def on_assigned(self, partitions: set[int]) -> None:
-        held = set(self.partition_of.values())
+        kept = await self._unpark(partitions)
+        held = set(self.partition_of.values()) | kept
         numbers = sorted(partitions - held)
         if not numbers:
+            self._update_gauges()
             return
-        latest: dict[str, tuple[int, PlannerSnapshot]] = {}
-        async for partition, snapshot in read_models(self.settings, self.settings.topics.planner_state, PlannerSnapshot, numbers):
-            latest[snapshot.request_id] = (partition, snapshot)
+        latest = await self._read_snapshots(numbers)
         resent: list[Output] = []
         for request_id, (partition, snapshot) in latest.items():
             plan = self.plans[request_id] = RequestPlan.restore(snapshot.plan)
             self.partition_of[request_id] = partition
+            self.versions[request_id] = snapshot.version
+            if plan.state.final:
+                self._finished_at[request_id] = float(snapshot.plan.get("finished_at") or time.time())
             if not plan.state.final:
                 # A crash may have come between the snapshot and its tasks: send them again (same
                 # ids, so a task that did go out is answered once and its outcome applied once).
@@ -100,14 +116,75 @@ class PlannerHandler(BaseHandler):
             await self.ctx.publish(resent)
         self._update_gauges()
 
+    async def _read_snapshots(self, numbers: list[int]) -> dict[str, tuple[int, PlannerSnapshot]]:
+        """The snapshot of highest version of each request on some partitions; a request whose
+        last record is a tombstone is left out. Records are read as they are, all of them:
+        before compaction both an old and a new snapshot of a request are there."""
+        latest: dict[str, tuple[int, PlannerSnapshot]] = {}
+        async for record in read_to_end(self.settings, self.settings.topics.planner_state, numbers):
+            key = record.key.decode("utf-8", "replace") if record.key is not None else None
+            if record.value is None:
+                if key is not None:
+                    latest.pop(key, None)
+                    self._retired.add(key)
+                continue
+            try:
+                snapshot = decode(PlannerSnapshot, record.value)
+            except PoisonMessage:
+                continue
+            previous = latest.get(snapshot.request_id)
+            if previous is None or snapshot.version >= previous[1].version:
+                latest[snapshot.request_id] = (record.partition, snapshot)
+        return latest
+
     async def on_revoked(self, partitions: set[int]) -> None:
+        lost: dict[str, tuple[int, RequestPlan | None]] = {}
         for request_id, partition in list(self.partition_of.items()):
             if partition in partitions:
-                self.plans.pop(request_id, None)
+                lost[request_id] = (partition, self.plans.pop(request_id, None))
                 self._dirty.discard(request_id)
                 self._last_status.pop(request_id, None)
                 del self.partition_of[request_id]
         self._update_gauges()
+        key_lock = getattr(getattr(self, "ctx", None), "key_lock", None)
+        if key_lock is not None:
+            for request_id in lost:
+                async with key_lock(request_id):  # a status the ticker is writing lands before the next owner's
+                    pass
+        # Parked, not dropped: with eager rebalancing every partition is revoked, and most come back.
+        ends = await end_offsets(self.settings, self.settings.topics.planner_state, partitions)
+        if ends is not None:
+            for partition in partitions & set(ends):
+                self._parked[partition] = (ends[partition], {})
+        for request_id, (partition, plan) in lost.items():
+            if plan is not None and partition in self._parked:
+                self._parked[partition][1][request_id] = plan
+            else:
+                self._drop_meta(request_id)
+
+    async def _unpark(self, partitions: set[int]) -> set[int]:
+        """Take back the parked plans of partitions assigned again that no one wrote to meanwhile
+        (the planner-state partition ends where it ended when it was revoked); the partitions kept."""
+        parked, self._parked = self._parked, {}
+        back = {p: v for p, v in parked.items() if p in partitions}
+        for partition, (_, plans) in parked.items():
+            if partition not in back:
+                for request_id in plans:
+                    self._drop_meta(request_id)
+        ends = await end_offsets(self.settings, self.settings.topics.planner_state, back) if back else {}
+        kept: set[int] = set()
+        for partition, (end, plans) in back.items():
+            if ends is not None and ends.get(partition) == end:
+                kept.add(partition)
+                for request_id, plan in plans.items():
+                    self.plans[request_id] = plan
+                    self.partition_of[request_id] = partition
+            else:
+                for request_id in plans:
+                    self._drop_meta(request_id)
+        if kept:
+            log.info("planner: kept the state of partitions %s across the rebalance", sorted(kept))
+        return kept
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -149,7 +226,7 @@ class PlannerHandler(BaseHandler):
 
     async def _on_create(self, message: CreationRequest, delivery: Delivery) -> list[Output]:
         now = time.time()
-        if message.request_id in self.plans:
+        if message.request_id in self.plans or message.request_id in self._retired:
             return []  # a redelivery: the request is under way or done already
         if self._ended.released(message.request_id) is not None:
             return []  # the same, for a request that ended and was let go
@@ -160,6 +237,10 @@ class PlannerHandler(BaseHandler):
             validated, reason = None, str(exc)
         if reason is None and active >= self.settings.max_active_requests:
             reason = f"too many active requests ({active}); the limit is {self.settings.max_active_requests}"
+        if reason is None:
+            assert validated is not None
+            reason = snapshot_size_problem(message, validated.example_schema, max_bytes=self.settings.max_message_bytes,
+                                           pool_size=self.limits.pool_size, tree_level_nodes=self.limits.max_tree_level_nodes)
         if reason is not None:
             return [self._rejected(message.request_id, reason, now, message)]
         assert validated is not None
@@ -182,9 +263,15 @@ class PlannerHandler(BaseHandler):
         outputs = [Output(topics.tasks, request_id, task) for task in tasks]
         for _ in tasks:
             metrics.tasks_planned.labels(plan.request.strategy.value).inc()
-        outputs.append(Output(topics.planner_state, request_id, PlannerSnapshot(request_id=request_id, plan=plan.snapshot())))
+        # Called under the key's lock (the runner's, for the input being handled): versions follow
+        # the order the writes are acknowledged in.
+        version = self.versions[request_id] = self.versions.get(request_id, 0) + 1
+        if plan.state.final:
+            self._finished_at.setdefault(request_id, now)
+        snapshot = PlannerSnapshot(request_id=request_id, plan=plan.snapshot(), version=version)
+        outputs.append(Output(topics.planner_state, request_id, snapshot))
         if force_status or now - self._last_status.get(request_id, 0.0) >= self.settings.status_interval_s:
-            outputs.append(Output(topics.status, request_id, plan.status(now)))
+            outputs.append(Output(topics.status, request_id, self._status(plan, now)))
             self._last_status[request_id] = now
             self._dirty.discard(request_id)
             if force_status and plan.state.final:
@@ -207,19 +294,65 @@ class PlannerHandler(BaseHandler):
         )
         return Output(self.settings.topics.status, request_id, status)
 
+    def _status(self, plan: RequestPlan, now: float) -> RequestStatus:
+        status = plan.status(now)
+        status.version = self.versions.get(plan.request_id, 0)
+        return status
+
     async def _flush_statuses(self) -> None:
-        """Statuses held back by the rate bound are published here, so the last one is never lost."""
+        """Statuses held back by the rate bound are published here, so the last one is never lost;
+        and finished requests' snapshots are deleted once they are older than the retention."""
         while True:
             await asyncio.sleep(self.settings.status_interval_s)
-            now = time.time()
-            pending = [rid for rid in list(self._dirty) if rid in self.plans]
-            self._dirty.clear()
-            if pending:
-                outputs = [Output(self.settings.topics.status, rid, self.plans[rid].status(now)) for rid in pending]
-                for rid in pending:
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        now = time.time()
+        retention = self.settings.snapshot_retention_s
+        expired = [rid for rid, at in self._finished_at.items() if rid in self.plans and now - at >= retention]
+        pending = [rid for rid in self._dirty if rid in self.plans]
+        held: list[asyncio.Lock] = []
+        outputs: list[Output] = []
+        try:
+            for rid in dict.fromkeys(pending + expired):
+                lock = self.ctx.key_lock(rid)
+                if lock.locked():
+                    continue  # a step of it is being handled or written: it writes the status
+                await lock.acquire()  # free: taken at once
+                held.append(lock)
+                plan = self.plans.get(rid)
+                if plan is None:
+                    continue
+                if rid in self._dirty:
+                    self._dirty.discard(rid)
                     self._last_status[rid] = now
+                    outputs.append(Output(self.settings.topics.status, rid, self._status(plan, now)))
+                if rid in expired:
+                    outputs.append(Output(self.settings.topics.planner_state, rid, None))
+            if outputs:
                 with contextlib.suppress(Exception):
                     await self.ctx.publish(outputs)
+                    for output in outputs:
+                        if output.value is None:
+                            self._forget(output.key or "")
+        finally:
+            for lock in held:
+                lock.release()
+
+    def _drop_meta(self, request_id: str) -> None:
+        self.versions.pop(request_id, None)
+        self._finished_at.pop(request_id, None)
+
+    def _forget(self, request_id: str) -> None:
+        """A finished request past its retention: its snapshot is deleted, the planner lets it go."""
+        self.plans.pop(request_id, None)
+        self.partition_of.pop(request_id, None)
+        self.versions.pop(request_id, None)
+        self._finished_at.pop(request_id, None)
+        self._retired.add(request_id)
+        self._last_status.pop(request_id, None)
+        self._dirty.discard(request_id)
+        self._update_gauges()
 
     def _hold_restored(self, request_ids: list[str]) -> None:
         """Ended requests read back start their hold from when they ended; those past it go at once."""

@@ -96,7 +96,7 @@ class RequestIndex:
         self.changed_at = time.time()
 
     def set_status(self, status: RequestStatus) -> None:
-        if self.status is not None and status.updated_at < self.status.updated_at:
+        if not status.supersedes(self.status):
             return
         self.status = status
         if not self.progress or self.progress[-1][1] != status.accepted:
