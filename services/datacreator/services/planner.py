@@ -62,7 +62,6 @@ class PlannerHandler(BaseHandler):
         self._ticker: asyncio.Task[None] | None = None
         self.versions: dict[str, int] = {}  # request id -> version of its last snapshot written
         self._finished_at: dict[str, float] = {}  # final requests -> when they became final
-        self._retired: set[str] = set()  # requests whose snapshot was deleted: a redelivery starts nothing
         # partitions given up in a rebalance, kept until the next assignment says whether they stay:
         # partition -> (end offset of its planner-state partition then, {request id: plan})
         self._parked: dict[int, tuple[int, dict[str, RequestPlan]]] = {}
@@ -126,7 +125,7 @@ class PlannerHandler(BaseHandler):
             if record.value is None:
                 if key is not None:
                     latest.pop(key, None)
-                    self._retired.add(key)
+                    self._ended.release(key, RequestState.COMPLETED)  # deleted: a redelivery starts nothing
                 continue
             try:
                 snapshot = decode(PlannerSnapshot, record.value)
@@ -226,7 +225,7 @@ class PlannerHandler(BaseHandler):
 
     async def _on_create(self, message: CreationRequest, delivery: Delivery) -> list[Output]:
         now = time.time()
-        if message.request_id in self.plans or message.request_id in self._retired:
+        if message.request_id in self.plans:
             return []  # a redelivery: the request is under way or done already
         if self._ended.released(message.request_id) is not None:
             return []  # the same, for a request that ended and was let go
@@ -308,7 +307,9 @@ class PlannerHandler(BaseHandler):
 
     async def _flush_once(self) -> None:
         now = time.time()
-        retention = self.settings.snapshot_retention_s
+        # One release for a finished plan: its snapshot's tombstone and the plan going from memory
+        # happen together, at the earlier of the two holds.
+        retention = min(self.settings.snapshot_retention_s, self.settings.final_state_ttl_s)
         expired = [rid for rid, at in self._finished_at.items() if rid in self.plans and now - at >= retention]
         pending = [rid for rid in self._dirty if rid in self.plans]
         held: list[asyncio.Lock] = []
@@ -344,12 +345,13 @@ class PlannerHandler(BaseHandler):
         self._finished_at.pop(request_id, None)
 
     def _forget(self, request_id: str) -> None:
-        """A finished request past its retention: its snapshot is deleted, the planner lets it go."""
-        self.plans.pop(request_id, None)
+        """A finished request past its retention: its snapshot is deleted, the planner lets it go
+        (and remembers its id, a bounded number of them, so that a redelivery starts nothing)."""
+        plan = self.plans.pop(request_id, None)
+        self._ended.release(request_id, plan.state if plan is not None else RequestState.COMPLETED)
         self.partition_of.pop(request_id, None)
         self.versions.pop(request_id, None)
         self._finished_at.pop(request_id, None)
-        self._retired.add(request_id)
         self._last_status.pop(request_id, None)
         self._dirty.discard(request_id)
         self._update_gauges()
@@ -372,6 +374,8 @@ class PlannerHandler(BaseHandler):
         """Drop the plans of requests whose hold after their end has passed; how many went."""
         gone = self._ended.due(now)
         for request_id in gone:
+            if request_id in self._finished_at and request_id in self.plans:
+                continue  # its tombstone is written first (_flush_once), then it is forgotten
             self.plans.pop(request_id, None)
             self.partition_of.pop(request_id, None)
             self._last_status.pop(request_id, None)
