@@ -3,12 +3,20 @@
 One request's candidates, examples and outcomes share a partition number (all keyed by request_id,
 same partition count), so its dedup state lives in one curator, and after a rebalance or a crash
 that curator rebuilds it by reading back the examples already published on its partitions.
+
+A candidate's examples are acknowledged before its outcome is sent: the planner counts what the
+outcome says, so an outcome must never land while its examples may still be lost. Whenever the
+state may be ahead of the topic (outputs that could not be published) it is rebuilt from the
+topic before the next candidate of that request, and so is a COMPLETED request's whose state was
+dropped: a redelivered candidate then republishes what is missing, and only that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
+from typing import Any
 
 from datacreator import metrics
 from datacreator.bus.readback import StatusWatcher, read_models
@@ -19,6 +27,8 @@ from datacreator.logic.curation import CuratorState
 from datacreator.logic.embeddings import Embedder, shared_embedder
 
 log = logging.getLogger(__name__)
+
+REOPENED_KEPT = 16
 
 
 class CuratorHandler(BaseHandler):
@@ -36,6 +46,10 @@ class CuratorHandler(BaseHandler):
             embedder_factory=shared_embedder,
         )
         self._held: set[int] = set()  # candidate partitions whose published examples are loaded
+        # Requests whose state must be read back from the topic before their next candidate: a
+        # publish of theirs failed, or they ended COMPLETED and a candidate came back for them.
+        self._stale: dict[str, int] = {}  # request id -> its partition
+        self._reopened: OrderedDict[str, None] = OrderedDict()  # COMPLETED requests read back, newest last
         self.status = StatusWatcher(settings, on_status=self._forget_if_final)
 
     async def start(self, ctx: Context) -> None:
@@ -49,13 +63,20 @@ class CuratorHandler(BaseHandler):
         numbers = sorted(partitions - self._held)
         if not numbers:
             return
-        self._held.update(numbers)
         count = 0
-        async for partition, example in read_models(self.settings, self.settings.topics.examples, Example, numbers):
-            if self.status.is_closed(example.request_id):
-                continue  # an ended request needs no dedup state
-            self.state.restore(example, partition)
-            count += 1
+        try:
+            # complete=True: a read that stops short fails the take-over (the runner retries it);
+            # a partial state would let a request past its target and accept near-duplicates.
+            async for partition, example in read_models(self.settings, self.settings.topics.examples, Example, numbers,
+                                                        complete=True):
+                if self.status.is_closed(example.request_id):
+                    continue  # an ended request needs no dedup state (a COMPLETED one is read back on demand)
+                self.state.restore(example, partition)
+                count += 1
+        except BaseException:
+            self.state.forget_partitions(set(numbers))
+            raise
+        self._held.update(numbers)
         if count:
             log.info("curator: restored %d published examples from partitions %s", count, numbers)
         self._update_gauges()
@@ -63,36 +84,85 @@ class CuratorHandler(BaseHandler):
     async def on_revoked(self, partitions: set[int]) -> None:
         self._held -= partitions
         self.state.forget_partitions(partitions)
+        for request_id in [r for r in self._reopened if r not in self.state.requests]:
+            del self._reopened[request_id]
+        for request_id in [r for r, p in self._stale.items() if p in partitions]:
+            del self._stale[request_id]
         self._update_gauges()
 
     async def handle(self, candidate: Candidate, delivery: Delivery) -> list[Output]:
         topics = self.settings.topics
         request_id = candidate.task.request_id
         status = self.status.latest.get(request_id)
-        if status is not None and status.state.final and (
-            status.state != RequestState.COMPLETED or request_id not in self.state.requests
-        ):
+        if status is not None and status.state.final and status.state != RequestState.COMPLETED:
             return self._closed(candidate, status.state)
+        if request_id in self._stale or (status is not None and status.state.final and request_id not in self.state.requests):
+            # Curated again against what the topic holds: any example of this candidate that
+            # never landed is accepted again (same id) and published; what did land is not.
+            await self._read_back(request_id, delivery.partition, reopened=status is not None and status.state.final)
         # Large answers (parsing, validation, semantic-dedup embeddings) are curated off the event loop.
         if len(candidate.raw_output or "") > 16_384 or candidate.task.dedup.semantic_threshold is not None:
             result = await asyncio.to_thread(self.state.curate, candidate, delivery.partition)
         else:
             result = self.state.curate(candidate, delivery.partition)
+        assert result.outcome is not None
+        # Stage 1: the outcome is sent once the examples are acknowledged (see Output.stage).
         outputs = [Output(topics.examples, request_id, e) for e in result.examples]
         outputs += [Output(topics.rejected, request_id, r) for r in result.rejections]
-        outputs.append(Output(topics.outcomes, request_id, result.outcome))
+        outputs.append(Output(topics.outcomes, request_id, result.outcome, stage=1))
         metrics.examples_accepted.inc(len(result.examples))
         for rejection in result.rejections:
             metrics.examples_rejected.labels(rejection.reason.value).inc()
-        metrics.observe_verification(result.outcome.verification if result.outcome else None)  # label checks
+        metrics.observe_verification(result.outcome.verification)  # label checks
         self._update_gauges()
         return outputs
 
+    def on_dead_letter(self, message: Any, delivery: Delivery, reason: Exception) -> list[Output]:
+        """A candidate that could not be curated still answers its task, as a failed call: the
+        planner would otherwise wait for that outcome for ever."""
+        task = message.task
+        if task.request_id in self.state.requests:
+            # Its examples may be counted here and not be on the topic: read them back first.
+            self.state.forget(task.request_id)
+            self._stale[task.request_id] = delivery.partition
+        outcome = TaskOutcome(task_id=task.task_id, request_id=task.request_id, chain=task.chain, step=task.step,
+                              references=task.references, usage=message.usage, cost_usd=message.cost_usd,
+                              latency_s=message.latency_s, attempts=message.attempts, throttled=message.throttled,
+                              error=f"the curator could not process the candidate: {type(reason).__name__}: {str(reason)[:500]}",
+                              model=message.model)
+        return [Output(self.settings.topics.outcomes, task.request_id, outcome)]
+
+    async def _read_back(self, request_id: str, partition: int, reopened: bool) -> None:
+        self.state.forget(request_id)
+        examples = [example async for _, example in read_models(
+            self.settings, self.settings.topics.examples, Example, [partition], complete=True)
+            if example.request_id == request_id]
+        for example in examples:
+            self.state.restore(example, partition)
+        self._stale.pop(request_id, None)
+        if reopened:
+            self._keep_reopened(request_id)
+        log.info("curator: read back %d published examples of %s", len(examples), request_id)
+
     def _forget_if_final(self, status: RequestStatus) -> None:
-        """A request that has ended needs no dedup state; late candidates are answered from its status."""
-        if status.state.final:
+        """A request that has ended needs no dedup state; late candidates are answered from its
+        status, but those of a COMPLETED one are still curated (a few such states are kept)."""
+        if not status.state.final or status.request_id in self._reopened:
+            return
+        if status.state == RequestState.COMPLETED and status.request_id in self.state.requests \
+                and status.request_id not in self._stale:
+            self._keep_reopened(status.request_id)
+        else:
             self.state.forget(status.request_id)
-            self._update_gauges()
+        self._update_gauges()
+
+    def _keep_reopened(self, request_id: str) -> None:
+        # Late candidates of a COMPLETED request come in bursts (the calls in flight when it ended):
+        # keep a few of those states rather than read the partition back for each.
+        self._reopened[request_id] = None
+        self._reopened.move_to_end(request_id)
+        while len(self._reopened) > REOPENED_KEPT:
+            self.state.forget(self._reopened.popitem(last=False)[0])
 
     def _closed(self, candidate: Candidate, state: RequestState) -> list[Output]:
         task = candidate.task
