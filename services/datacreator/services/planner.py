@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 
@@ -50,6 +51,8 @@ class PlannerHandler(BaseHandler):
         self._last_status: dict[str, float] = {}
         self._dirty: set[str] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self._deadlines: asyncio.Task[None] | None = None
+        self._overdue: set[str] = set()  # requests with a deadline step queued on their partition
 
     @property
     def embedder(self) -> Embedder:
@@ -60,12 +63,14 @@ class PlannerHandler(BaseHandler):
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         self._ticker = asyncio.create_task(self._flush_statuses(), name="planner-status")
+        self._deadlines = asyncio.create_task(self._watch_deadlines(), name="planner-deadlines")
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        for task in (self._ticker, self._deadlines):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -75,7 +80,10 @@ class PlannerHandler(BaseHandler):
         if not numbers:
             return
         latest: dict[str, tuple[int, PlannerSnapshot]] = {}
-        async for partition, snapshot in read_models(self.settings, self.settings.topics.planner_state, PlannerSnapshot, numbers):
+        # complete=True: a read that stops short fails the take-over (the runner retries it); a
+        # missing snapshot would drop its request's outcomes and leave it RUNNING for ever.
+        async for partition, snapshot in read_models(self.settings, self.settings.topics.planner_state, PlannerSnapshot,
+                                                     numbers, complete=True):
             latest[snapshot.request_id] = (partition, snapshot)
         resent: list[Output] = []
         for request_id, (partition, snapshot) in latest.items():
@@ -181,6 +189,35 @@ class PlannerHandler(BaseHandler):
         else:
             self._dirty.add(request_id)
         return outputs
+
+    async def _watch_deadlines(self) -> None:
+        """Requests with a task past its deadline get a step on their partition's worker (one
+        writer per request, as for its messages), which issues those tasks again."""
+        interval = min(max(self.limits.task_deadline_s / 4, 0.1), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for request_id, plan in list(self.plans.items()):
+                partition = self.partition_of.get(request_id)
+                if request_id in self._overdue or partition is None or not plan.overdue(now):
+                    continue
+                job = functools.partial(self._on_deadline, request_id)
+                if self.ctx.submit(self.settings.topics.outcomes, partition, job):
+                    self._overdue.add(request_id)
+
+    async def _on_deadline(self, request_id: str) -> list[Output]:
+        self._overdue.discard(request_id)
+        plan = self.plans.get(request_id)
+        now = time.time()
+        if plan is None or not plan.overdue(now):
+            return []
+        was = plan.state
+        again = plan.reissue_overdue(now)
+        if again:
+            log.warning("planner: %s: %d tasks without an outcome past %g s; issued again", request_id, len(again),
+                        self.limits.task_deadline_s)
+        tasks = again + (await self._next_tasks(plan, now) if not plan.finished else [])
+        return self._step_outputs(plan, tasks, now, force_status=plan.state != was)
 
     def _rejected(self, request_id: str, reason: str, now: float, request: CreationRequest | None = None) -> Output:
         metrics.requests_total.labels(RequestState.REJECTED.value).inc()
