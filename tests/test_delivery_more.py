@@ -493,3 +493,31 @@ def test_a_task_reissued_keeps_its_id_and_an_outcome_of_either_issue_answers_it(
     plan.on_outcome(outcome, 11.0 if not late else 25.0)
     plan.on_outcome(outcome, 12.0)  # the other issue's outcome: applied once
     assert plan.counts.llm_calls == 1 and plan.in_flight == 0
+
+
+@pytest.mark.parametrize("error", ["ReadOnlyError", "OutOfMemoryError", "ClusterDownError"])
+async def test_a_redis_that_answers_with_an_error_makes_the_limiter_admit_locally(redis_prefix, error: str):
+    """Real Redis, its answers replaced by the errors a replica, a full Redis or a cluster give
+    (`READONLY`, `OOM`, `CLUSTERDOWN`): these are not connection errors, and once escaped
+    LLMClient.complete, failing the task. Every Redis error now means "unavailable": the
+    limiter falls back to its local share and the call is admitted."""
+    import redis.exceptions
+
+    from datacreator.llm.client import METRICS_HOOKS
+    from datacreator.ratelimit import FailoverRateLimiter, RateLimiterUnavailable, RedisRateLimiter
+    from tests.fixtures.redis_keys import REDIS_URL
+
+    shared = RedisRateLimiter(REDIS_URL, redis_prefix, rpm=8, tpm=None, window_s=0.5, alias=f"answers-{error}",
+                              op_timeout_s=0.3, hooks=METRICS_HOOKS)
+
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise getattr(redis.exceptions, error)(f"{error} from the server")
+
+    shared._acquire_script = refuse  # type: ignore[assignment]
+    limiter = FailoverRateLimiter(shared, initial_replicas=1, probe_interval_s=60)
+    try:
+        with pytest.raises(RateLimiterUnavailable):
+            await shared.acquire(1)
+        assert (await asyncio.wait_for(limiter.acquire(1), 10)).source == "local" and limiter.in_fallback
+    finally:
+        await limiter.aclose()
