@@ -234,6 +234,8 @@ async def test_a_task_whose_outcome_never_comes_is_issued_again_then_fails_the_r
     assert len({x.task_id for x in tasks}) == 1 and len({x.created_at for x in tasks}) == 2  # one task, issued twice
     final = [s for s in await _read(settings, t.status, RequestStatus) if s.state.final][-1]
     assert final.state == RequestState.FAILED and final.failed_calls == 1 and "no outcome after 2 issues" in final.error
+    (given_up,) = await _read(settings, t.outcomes, TaskOutcome)  # on the topic: the status is its fold
+    assert given_up.task_id == tasks[0].task_id and given_up.attempts == 0
 
 
 class SizeLimitedProducer:
@@ -486,13 +488,18 @@ def test_a_task_reissued_keeps_its_id_and_an_outcome_of_either_issue_answers_it(
     plan = RequestPlan.start(CreationRequest(request_id="r", instruction=MCQ_INSTRUCTION, formatting_example=MCQ,
                                              target_count=2, examples_per_call=2, chains=1), 0.0, limits)
     (task,) = plan.next_tasks(0.0)
-    assert plan.reissue_overdue(5.0) == []
-    (again,) = plan.reissue_overdue(10.0)
-    assert again.task_id == task.task_id and again.created_at == 10.0 != task.created_at
+    assert plan.reissue_overdue(5.0) == ([], [])
+    (again,), none = plan.reissue_overdue(10.0)
+    assert again.task_id == task.task_id and again.created_at == 10.0 != task.created_at and none == []
     outcome = TaskOutcome(task_id=task.task_id, request_id="r", chain=0, step=0, references=task.references)
-    plan.on_outcome(outcome, 11.0 if not late else 25.0)
-    plan.on_outcome(outcome, 12.0)  # the other issue's outcome: applied once
-    assert plan.counts.llm_calls == 1 and plan.in_flight == 0
+    if late:  # the third issue, then no more: a failed outcome, applied like any other
+        assert len(plan.reissue_overdue(20.0)[0]) == 1
+        tasks, (outcome,) = plan.reissue_overdue(30.0)
+        assert tasks == [] and outcome.task_id == task.task_id and outcome.error
+    plan.on_outcome(outcome, 31.0)
+    plan.on_outcome(outcome, 32.0)  # the other issue's outcome: applied once
+    assert plan.counts.llm_calls == (0 if late else 1) and plan.counts.failed_calls == (1 if late else 0)
+    assert plan.in_flight == 0
 
 
 @pytest.mark.parametrize("error", ["ReadOnlyError", "OutOfMemoryError", "ClusterDownError"])

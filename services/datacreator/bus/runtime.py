@@ -679,8 +679,8 @@ class ServiceRunner:
         await self._skip_lost_offsets(assigned)
         self.state.assigned |= assigned
         self._paused = False
-        self.state.ready = True
         await self._take_over(assigned)
+        self.state.ready = not self._retries  # ready once every partition's state is whole
 
     async def _take_over(self, assigned: set[TopicPartition]) -> None:
         """Let the handler rebuild its state for some partitions, then start handing out their records.
@@ -728,6 +728,7 @@ class ServiceRunner:
                     if not self._paused:
                         self._consumer.resume(tp)
             log.info("%s: took over partitions %s", self.handler.name, sorted(tp.partition for tp in assigned))
+            self.state.ready = self._retries == {asyncio.current_task()}
             return
 
 

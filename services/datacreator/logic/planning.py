@@ -497,31 +497,33 @@ class RequestPlan:
         deadline = self._s.limits.task_deadline_s
         return not self.finished and any(now - e.issued_at >= deadline for e in self._s.in_flight.values())
 
-    def reissue_overdue(self, now: float) -> list[GenerationTask]:
+    def reissue_overdue(self, now: float) -> tuple[list[GenerationTask], list[TaskOutcome]]:
         """The tasks in flight past their deadline, issued again with the same ids (an outcome of
         any issue answers the task, once). An outcome can be lost on the way (a generator stopped
         mid-call, a curator that could not answer): without this its request would stay RUNNING
-        for ever. A task issued `max_task_issues` times without an outcome is folded in as a failed
-        call, which frees its chain and counts toward the stall limit."""
+        for ever. For a task issued `max_task_issues` times without an outcome, a failed outcome
+        instead: published like any other (the status stays the fold of the outcomes topic), it
+        frees the task's chain and counts toward the stall limit when it is applied."""
         s = self._s
         deadline, most = s.limits.task_deadline_s, s.limits.max_task_issues
         again: list[GenerationTask] = []
-        for entry in list(s.in_flight.values()):
-            if self.finished:
-                break
+        given_up: list[TaskOutcome] = []
+        if self.finished:
+            return again, given_up
+        for entry in s.in_flight.values():
             if now - entry.issued_at < deadline:
                 continue
+            entry.issued_at = now  # the task's created_at: a generator tells this issue from a redelivery
             if entry.issues >= most:
-                self.on_outcome(TaskOutcome(
+                given_up.append(TaskOutcome(
                     task_id=entry.task_id, request_id=self.request_id, chain=entry.chain, step=entry.step,
                     references=entry.references, attempts=0,
-                    error=f"no outcome after {entry.issues} issues of the task, {deadline:g} s each"), now)
+                    error=f"no outcome after {entry.issues} issues of the task, {deadline:g} s each"))
                 continue
             entry.issues += 1
-            entry.issued_at = now  # the task's created_at: a generator tells this issue from a redelivery
             again.append(self._task(entry))
         s.updated_at = now
-        return again
+        return again, given_up
 
     def cancel(self, reason: str, now: float) -> None:
         if not self.finished:

@@ -211,13 +211,13 @@ class PlannerHandler(BaseHandler):
         now = time.time()
         if plan is None or not plan.overdue(now):
             return []
-        was = plan.state
-        again = plan.reissue_overdue(now)
-        if again:
-            log.warning("planner: %s: %d tasks without an outcome past %g s; issued again", request_id, len(again),
-                        self.limits.task_deadline_s)
-        tasks = again + (await self._next_tasks(plan, now) if not plan.finished else [])
-        return self._step_outputs(plan, tasks, now, force_status=plan.state != was)
+        again, given_up = plan.reissue_overdue(now)
+        if again or given_up:
+            log.warning("planner: %s: %d tasks without an outcome past %g s; %d issued again, %d given up", request_id,
+                        len(again) + len(given_up), self.limits.task_deadline_s, len(again), len(given_up))
+        outputs = self._step_outputs(plan, again, now, force_status=False)
+        # Applied when read back from the outcomes topic, like a generator's failed call.
+        return outputs + [Output(self.settings.topics.outcomes, request_id, outcome) for outcome in given_up]
 
     def _rejected(self, request_id: str, reason: str, now: float, request: CreationRequest | None = None) -> Output:
         metrics.requests_total.labels(RequestState.REJECTED.value).inc()
