@@ -23,10 +23,16 @@ log = logging.getLogger(__name__)
 READ_STALL_S = 10.0
 
 
+class IncompleteRead(RuntimeError):
+    """A read for a state rebuild stopped before the end: the state would be partial."""
+
+
 async def read_to_end(
-    settings: Settings, topic: str, partitions: Iterable[int] | None = None
+    settings: Settings, topic: str, partitions: Iterable[int] | None = None, *, complete: bool = False
 ) -> AsyncIterator[ConsumerRecord]:
-    """Every record of some partitions of a topic, from the beginning to the end as of now."""
+    """Every record of some partitions of a topic, from the beginning to the end as of now.
+
+    `complete`: raise IncompleteRead where the read would stop early (see READ_STALL_S)."""
     consumer = make_consumer(settings)
     try:
         await consumer.start()  # inside the try: a failed start must still close the consumer
@@ -56,6 +62,9 @@ async def read_to_end(
                 log.warning("read_to_end %s: partitions %s end beyond what the broker returns; stopping at %s",
                             topic, sorted(tp.partition for tp in remaining),
                             {tp.partition: await consumer.position(tp) for tp in remaining})
+                if complete:
+                    raise IncompleteRead(f"{topic} partitions {sorted(tp.partition for tp in remaining)} "
+                                         f"returned nothing for {READ_STALL_S:g} s before their end")
                 return
             for tp, records in batches.items():
                 for record in records:
@@ -94,11 +103,11 @@ async def end_offsets(
 
 
 async def read_models(
-    settings: Settings, topic: str, model: type[M], partitions: Iterable[int] | None = None
+    settings: Settings, topic: str, model: type[M], partitions: Iterable[int] | None = None, *, complete: bool = False
 ) -> AsyncIterator[tuple[int, M]]:
     """(partition, message) of every `model` message of some partitions, as `read_to_end`;
     an unreadable record is skipped (it went to the DLQ when it was first consumed)."""
-    async for record in read_to_end(settings, topic, partitions):
+    async for record in read_to_end(settings, topic, partitions, complete=complete):
         try:
             yield record.partition, decode(model, record.value)
         except PoisonMessage:

@@ -72,9 +72,14 @@ class UndeliverableOutput(Exception):
 
 @dataclass(slots=True)
 class Output:
+    """One message to produce. Outputs of a later `stage` are sent only once every output of the
+    earlier stages is acknowledged: Kafka orders nothing between topics (or partitions), so an
+    output that announces others (an outcome counting its examples) must wait for them."""
+
     topic: str
     key: str | None
     value: BaseModel | None  # None: a tombstone (deletes the key from a compacted topic)
+    stage: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +129,7 @@ class Context(Protocol):
     async def publish(self, outputs: Iterable[Output]) -> None: ...
 
     def key_lock(self, key: str | None) -> asyncio.Lock: ...
+    def submit(self, topic: str, partition: int, job: Callable[[], Awaitable[list[Output]]]) -> bool: ...
 
     def dead_letter(
         self, delivery: Delivery, reason: Exception | str, *, attempts: int = 1, error_type: str | None = None
@@ -151,6 +157,8 @@ class Handler(Protocol):
 
     def on_poison(self, delivery: Delivery, error: PoisonMessage) -> list[Output]: ...
 
+    def on_dead_letter(self, message: Any, delivery: Delivery, reason: Exception) -> list[Output]: ...
+
     async def on_assigned(self, partitions: set[int]) -> None: ...
 
     async def on_revoked(self, partitions: set[int]) -> None: ...
@@ -175,6 +183,11 @@ class BaseHandler:
         """Outputs besides the dead letter for a message that does not decode (none by default)."""
         return []
 
+    def on_dead_letter(self, message: Any, delivery: Delivery, reason: Exception) -> list[Output]:
+        """Outputs besides the dead letter for a decoded message the service could not process
+        (none by default): where a message is owed an answer, the answer that says it failed."""
+        return []
+
     async def on_assigned(self, partitions: set[int]) -> None:
         return None
 
@@ -191,7 +204,7 @@ class _PartitionTrack:
         self.order: deque[int] = deque()
         self.finished: set[int] = set()
         self.committed: int | None = None  # next offset to read, as last committed
-        self.queue: asyncio.Queue[ConsumerRecord] | None = None
+        self.queue: asyncio.Queue[Any] | None = None
         self.worker: asyncio.Task[None] | None = None
         self.stamps: dict[int, int] = {}  # offset -> record timestamp (ms), until committable
         self.stamp: int | None = None  # timestamp of the last record of the committable prefix
@@ -244,6 +257,7 @@ class ServiceRunner:
         self._tracks: dict[TopicPartition, _PartitionTrack] = {}
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retries: set[asyncio.Task[None]] = set()  # partitions whose take-over is tried again
         self._stopping = asyncio.Event()
         self._paused = False
         self._consumer: AIOKafkaConsumer | None = None
@@ -273,29 +287,20 @@ class ServiceRunner:
         """Produce and wait for every acknowledgement; retries while the broker is away.
 
         Every output is encoded before any is sent, so one that cannot be encoded sends nothing;
-        that, and a record the broker refuses for good, raise UndeliverableOutput.
+        that, and a record the broker refuses for good, raise UndeliverableOutput. Stages go out
+        one after the other (see Output.stage); a retry sends again only the stages not yet
+        acknowledged.
         """
         assert self._producer is not None
         encoded = [(o, _encode_output(o), encode_key(o.key)) for o in outputs]
         if not encoded:
             return
+        stages = [[e for e in encoded if e[0].stage == n] for n in sorted({e[0].stage for e in encoded})]
         delay = 0.2
-        while True:
+        while stages:
             try:
-                futures = []
-                for output, value, key in encoded:
-                    try:
-                        futures.append(await self._producer.send(output.topic, value, key=key))
-                    except NON_RETRIABLE_PRODUCE as exc:
-                        raise _refused(output, value, exc) from exc
-                results = await asyncio.gather(*futures, return_exceptions=True)
-                for (output, value, _), result in zip(encoded, results):
-                    if isinstance(result, NON_RETRIABLE_PRODUCE):
-                        raise _refused(output, value, result) from result
-                for result in results:
-                    if isinstance(result, BaseException):
-                        raise result
-                break
+                await self._send_acknowledged(stages[0])
+                stages.pop(0)
             except KafkaError as exc:
                 if self._stopping.is_set() and delay > 5:
                     raise
@@ -304,6 +309,35 @@ class ServiceRunner:
                 delay = min(delay * 2, 10.0)
         for output, _, _ in encoded:
             metrics.messages_produced.labels(self.handler.name, output.topic).inc()
+
+    async def _send_acknowledged(self, encoded: list[tuple[Output, bytes, bytes | None]]) -> None:
+        assert self._producer is not None
+        futures = []
+        for output, value, key in encoded:
+            try:
+                futures.append(await self._producer.send(output.topic, value, key=key))
+            except NON_RETRIABLE_PRODUCE as exc:
+                raise _refused(output, value, exc) from exc
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for (output, value, _), result in zip(encoded, results):
+            if isinstance(result, NON_RETRIABLE_PRODUCE):
+                raise _refused(output, value, result) from result
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def submit(self, topic: str, partition: int, job: Callable[[], Awaitable[list[Output]]]) -> bool:
+        """Run `job` on the worker of one partition of an ordered handler, between its records, and
+        publish what it returns; False when this member does not hold that partition. A handler's
+        own timers go through here, so one request's state has one writer at a time."""
+        tp = TopicPartition(topic, partition)
+        track = self._tracks.get(tp)
+        if track is None or not self.handler.ordered or self._stopping.is_set():
+            return False
+        self._ensure_worker(tp, track)
+        assert track.queue is not None
+        track.queue.put_nowait(job)
+        return True
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -353,6 +387,7 @@ class ServiceRunner:
         finally:
             self.state.ready = False
             metrics.service_up.labels(name).set(0)
+            await self._cancel_retries()
             await self._drain(self.settings.shutdown_timeout_s)
             for _ in range(50):  # asyncio.wait_for in 3.11 can swallow a cancellation: ask again
                 committer.cancel()
@@ -377,20 +412,35 @@ class ServiceRunner:
         self._in_flight += 1
         metrics.in_flight.labels(self.handler.name).set(self._in_flight)
         if self.handler.ordered:
-            if track.queue is None:
-                track.queue = asyncio.Queue()
-                track.worker = asyncio.create_task(self._partition_worker(tp, track))
+            self._ensure_worker(tp, track)
+            assert track.queue is not None
             track.queue.put_nowait(record)
         else:
             task = asyncio.create_task(self._process(tp, track, record))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _ensure_worker(self, tp: TopicPartition, track: _PartitionTrack) -> None:
+        if track.queue is None:
+            track.queue = asyncio.Queue()
+            track.worker = asyncio.create_task(self._partition_worker(tp, track))
+
     async def _partition_worker(self, tp: TopicPartition, track: _PartitionTrack) -> None:
         assert track.queue is not None
         while True:
-            record = await track.queue.get()
-            await self._process(tp, track, record)
+            item = await track.queue.get()
+            if callable(item):
+                await self._run_job(tp, item)
+            else:
+                await self._process(tp, track, item)
+
+    async def _run_job(self, tp: TopicPartition, job: Callable[[], Awaitable[list[Output]]]) -> None:
+        try:
+            await self.publish(await job())
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a timer's step is taken again at its next tick
+            log.exception("%s: a job on %s[%d] failed", self.handler.name, tp.topic, tp.partition)
 
     async def _process(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
         name = self.handler.name
@@ -399,13 +449,17 @@ class ServiceRunner:
         try:
             lock = self.key_lock(delivery.key) if self.handler.ordered else contextlib.nullcontext()
             async with lock:  # handled and acknowledged before the next record of its key
-                outputs = await self._handle_with_retries(record, delivery)
+                outputs, message = await self._handle(record, delivery)
                 try:
                     await self.publish(outputs)
                 except UndeliverableOutput as exc:
                     metrics.processing_errors.labels(name, tp.topic).inc()
                     log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
-                    await self.publish([self._failed(delivery, exc)])
+                    answers = self._give_up(message, delivery, exc)
+                    try:
+                        await self.publish(answers)
+                    except UndeliverableOutput:  # the handler's answer cannot go either: the letter alone
+                        await self.publish(answers[:1])
             track.finish(record.offset)
         except asyncio.CancelledError:
             raise
@@ -417,8 +471,11 @@ class ServiceRunner:
             metrics.processing_seconds.labels(name, tp.topic).observe(time.perf_counter() - started)
 
     async def _handle_with_retries(self, record: ConsumerRecord, delivery: Delivery | None = None) -> list[Output]:
+        return (await self._handle(record, delivery or _delivery_of(record)))[0]
+
+    async def _handle(self, record: ConsumerRecord, delivery: Delivery) -> tuple[list[Output], Any]:
+        """The outputs for one record, and the message it decoded to (None when it did not)."""
         name = self.handler.name
-        delivery = delivery or _delivery_of(record)
         try:
             message = self._decoders[record.topic](record.value, self.settings.max_message_bytes)
         except PoisonMessage as exc:
@@ -427,19 +484,20 @@ class ServiceRunner:
                 outputs += self.handler.on_poison(delivery, exc)
             except Exception:  # the dead letter still goes out: the partition must keep moving
                 log.exception("%s: on_poison failed for %s[%d]@%d", name, record.topic, record.partition, record.offset)
-            return outputs
+            return outputs, None
         request_id = request_id_in(message)
         if request_id is not None and delivery.key != request_id:
             # Partitions follow the key: a message keyed otherwise reaches a member that may not
             # hold its request (and, for the planner, could act on another request's behalf).
+            # Nothing else is answered for it: its request is not this member's to answer.
             return [self._failed(delivery, PoisonMessage(
-                f"key {delivery.key!r} is not the message's request_id {request_id!r}"))]
+                f"key {delivery.key!r} is not the message's request_id {request_id!r}"))], None
         attempts = self.settings.max_attempts
         for attempt in range(1, attempts + 1):
             try:
-                return await self.handler.handle(message, delivery)
-            except PoisonMessage as exc:
-                return [self._failed(delivery, exc, attempt)]
+                return await self.handler.handle(message, delivery), message
+            except (PoisonMessage, UndeliverableOutput) as exc:  # the same on every attempt
+                return self._give_up(message, delivery, exc, attempt), message
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -447,11 +505,22 @@ class ServiceRunner:
                 if attempt == attempts:
                     log.error("%s: %s[%d]@%d failed %d times, to the DLQ: %s", name, record.topic,
                               record.partition, record.offset, attempt, type(exc).__name__)
-                    return [self._failed(delivery, exc, attempt)]
+                    return self._give_up(message, delivery, exc, attempt), message
                 log.warning("%s: attempt %d at %s[%d]@%d failed: %r", name, attempt, record.topic,
                             record.partition, record.offset, exc)
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0) * (0.5 + random.random()))
         raise AssertionError("unreachable")
+
+    def _give_up(self, message: Any, delivery: Delivery, exc: Exception, attempts: int = 1) -> list[Output]:
+        """The dead letter, plus what the handler answers for a message it could not process."""
+        outputs = [self._failed(delivery, exc, attempts)]
+        if message is not None:
+            try:
+                outputs += self.handler.on_dead_letter(message, delivery, exc)
+            except Exception:  # the dead letter still goes out: the partition must keep moving
+                log.exception("%s: on_dead_letter failed for %s[%d]@%d", self.handler.name, delivery.topic,
+                              delivery.partition, delivery.offset)
+        return outputs
 
     def _failed(self, delivery: Delivery, exc: Exception, attempts: int = 1) -> Output:
         """A message the service could not process: counted (alerts watch it) and dead-lettered."""
@@ -571,6 +640,12 @@ class ServiceRunner:
 
     # -- rebalancing ------------------------------------------------------------------------
 
+    async def _cancel_retries(self) -> None:
+        for retry in list(self._retries):
+            retry.cancel()
+        if self._retries:
+            await asyncio.wait(set(self._retries))
+
     async def _restart_partition(self, tp: TopicPartition, position: int) -> None:
         """The consumer's position fell below what was committed: the broker lost the partition's
         data and the consumer was reset to its new start. Handle it as the partition given up and
@@ -582,14 +657,11 @@ class ServiceRunner:
         if old is not None:
             if old.worker is not None:
                 old.worker.cancel()
-            self._in_flight -= old.queue.qsize() if old.queue is not None else 0
+            self._in_flight -= _queued_records(old)
         self._tracks.pop(tp, None)
         self._consumer.seek(tp, position)  # records fetched meanwhile went to the old track: read them again
         await self.handler.on_revoked({tp.partition})
-        try:
-            await self.handler.on_assigned({tp.partition})
-        finally:
-            self._tracks[tp] = _PartitionTrack()
+        await self._take_over({tp})
 
     async def _skip_lost_offsets(self, assigned: set[TopicPartition]) -> None:
         """A committed offset past the end of its partition was committed to a log the broker has
@@ -626,6 +698,7 @@ class ServiceRunner:
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         self.state.ready = False
+        await self._cancel_retries()
         if not revoked:
             return
         await self._drain(self.settings.shutdown_timeout_s, revoked)
@@ -634,7 +707,7 @@ class ServiceRunner:
         for tp in revoked:
             track = self._tracks.pop(tp, None)
             if track is not None:
-                self._in_flight -= track.queue.qsize() if track.queue is not None else 0
+                self._in_flight -= _queued_records(track)
             self.state.assigned.discard(tp)
         self._forget_lag(revoked)
         await self.handler.on_revoked({tp.partition for tp in revoked})
@@ -648,15 +721,65 @@ class ServiceRunner:
         if self._fatal is not None:
             return
         await self._skip_lost_offsets(assigned)
-        # Tracks only after the handler has rebuilt its state: no record is handled before that.
+        self.state.assigned |= assigned
+        self._paused = False
+        await self._take_over(assigned)
+        self.state.ready = not self._retries  # ready once every partition's state is whole
+
+    async def _take_over(self, assigned: set[TopicPartition]) -> None:
+        """Let the handler rebuild its state for some partitions, then start handing out their records.
+
+        Tracks only after the handler has rebuilt its state: no record is handled before that. A
+        rebuild that fails (a partial read of the state topic, the broker away) is logged, its
+        partitions are paused and it is tried again until it succeeds or they are revoked; aiokafka
+        would otherwise swallow the error and the records would meet a partial state.
+        """
+        assert self._consumer is not None
         try:
             await self.handler.on_assigned({tp.partition for tp in assigned})
-        finally:
+        except Exception as exc:
+            log.error("%s: cannot take over partitions %s (%s: %s); holding them until their state is whole",
+                      self.handler.name, sorted(tp.partition for tp in assigned), type(exc).__name__, exc)
+            metrics.processing_errors.labels(self.handler.name, "assignment").inc()
+            self._consumer.pause(*assigned)
+            retry = asyncio.create_task(self._retry_take_over(assigned), name=f"{self.handler.name}-take-over")
+            self._retries.add(retry)
+            retry.add_done_callback(self._retries.discard)
+            return
+        for tp in assigned:
+            self._tracks.setdefault(tp, _PartitionTrack())
+
+    async def _retry_take_over(self, assigned: set[TopicPartition]) -> None:
+        assert self._consumer is not None
+        delay = 0.5
+        while not self._stopping.is_set():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            assigned = {tp for tp in assigned if tp in self._consumer.assignment() and tp not in self._tracks}
+            if not assigned:
+                return
+            # Whatever the failed attempt kept is dropped first, so the rebuild starts clean.
+            await self.handler.on_revoked({tp.partition for tp in assigned})
+            try:
+                await self.handler.on_assigned({tp.partition for tp in assigned})
+            except Exception as exc:
+                log.warning("%s: partitions %s still cannot be taken over (%s: %s); retrying in %.1fs", self.handler.name,
+                            sorted(tp.partition for tp in assigned), type(exc).__name__, exc, delay)
+                continue
             for tp in assigned:
-                self._tracks.setdefault(tp, _PartitionTrack())
-            self.state.assigned |= assigned
-        self._paused = False
-        self.state.ready = True
+                if tp in self._consumer.assignment():
+                    self._tracks.setdefault(tp, _PartitionTrack())
+                    if not self._paused:
+                        self._consumer.resume(tp)
+            log.info("%s: took over partitions %s", self.handler.name, sorted(tp.partition for tp in assigned))
+            self.state.ready = self._retries == {asyncio.current_task()}
+            return
+
+
+def _queued_records(track: _PartitionTrack) -> int:
+    if track.queue is None:
+        return 0
+    return sum(not callable(item) for item in track.queue._queue)  # type: ignore[attr-defined]
 
 
 async def committed_metadata(consumer: AIOKafkaConsumer, tp: TopicPartition) -> OffsetAndMetadata | None:

@@ -72,6 +72,10 @@ class PlannerLimits(BaseModel):
     max_tree_level_nodes: int = Field(256, ge=1, description="Tree strategy: nodes kept per level.")
     pool_size: int = Field(256, ge=1, description="reference_pool=all_accepted: examples kept to draw from (reservoir sample).")
     caps: OperatorCaps = Field(default_factory=OperatorCaps, description="Operator caps and endpoint prices (logic.budget).")
+    task_deadline_s: float = Field(
+        1800.0, gt=0, description="A task in flight this long without its outcome is issued again (same task id).")
+    max_task_issues: int = Field(
+        3, ge=1, description="Issues of one task without an outcome before it counts as a failed call.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +270,7 @@ class InFlight(_State):
     issued_at: float
     expansion: int | None = None  # tree tasks: the expansion they belong to
     labels: list[Any] | None = None  # the label plan's label per item
+    issues: int = 1  # times issued (see reissue_overdue); issued_at is the latest
 
 
 class PlanState(_State):
@@ -486,6 +491,39 @@ class RequestPlan:
             self._finish(RequestState.FAILED, self._stall_reason(), now)
         else:
             self._check_budget(now)
+
+    def overdue(self, now: float) -> bool:
+        """Whether a task in flight has waited past its deadline (see `reissue_overdue`)."""
+        deadline = self._s.limits.task_deadline_s
+        return not self.finished and any(now - e.issued_at >= deadline for e in self._s.in_flight.values())
+
+    def reissue_overdue(self, now: float) -> tuple[list[GenerationTask], list[TaskOutcome]]:
+        """The tasks in flight past their deadline, issued again with the same ids (an outcome of
+        any issue answers the task, once). An outcome can be lost on the way (a generator stopped
+        mid-call, a curator that could not answer): without this its request would stay RUNNING
+        for ever. For a task issued `max_task_issues` times without an outcome, a failed outcome
+        instead: published like any other (the status stays the fold of the outcomes topic), it
+        frees the task's chain and counts toward the stall limit when it is applied."""
+        s = self._s
+        deadline, most = s.limits.task_deadline_s, s.limits.max_task_issues
+        again: list[GenerationTask] = []
+        given_up: list[TaskOutcome] = []
+        if self.finished:
+            return again, given_up
+        for entry in s.in_flight.values():
+            if now - entry.issued_at < deadline:
+                continue
+            entry.issued_at = now  # the task's created_at: a generator tells this issue from a redelivery
+            if entry.issues >= most:
+                given_up.append(TaskOutcome(
+                    task_id=entry.task_id, request_id=self.request_id, chain=entry.chain, step=entry.step,
+                    references=entry.references, attempts=0,
+                    error=f"no outcome after {entry.issues} issues of the task, {deadline:g} s each"))
+                continue
+            entry.issues += 1
+            again.append(self._task(entry))
+        s.updated_at = now
+        return again, given_up
 
     def cancel(self, reason: str, now: float) -> None:
         if not self.finished:

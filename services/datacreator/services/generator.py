@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
+from typing import Any
 
 from datacreator.bus.readback import StatusWatcher
 from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
@@ -16,17 +18,20 @@ log = logging.getLogger(__name__)
 
 
 class _RecentIds:
-    """Task ids answered lately, so a redelivered task does not pay for a second call."""
+    """Tasks answered lately, so a redelivered task does not pay for a second call.
+
+    A task is known by its id and its created_at: the planner issues a task again under the same
+    id when its outcome did not come in time (a new created_at), and that issue is called again."""
 
     def __init__(self, size: int = 100_000) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[tuple[str, float], None] = OrderedDict()
         self._size = size
 
-    def __contains__(self, task_id: str) -> bool:
-        return task_id in self._ids
+    def __contains__(self, task: tuple[str, float]) -> bool:
+        return task in self._ids
 
-    def add(self, task_id: str) -> None:
-        self._ids[task_id] = None
+    def add(self, task: tuple[str, float]) -> None:
+        self._ids[task] = None
         if len(self._ids) > self._size:
             self._ids.popitem(last=False)
 
@@ -41,7 +46,7 @@ class GeneratorHandler(BaseHandler):
         self.pool = pool
         self.status = StatusWatcher(settings).release_after(settings.final_state_ttl_s)
         self._answered = _RecentIds()
-        self._calling: set[str] = set()
+        self._calling: dict[str, asyncio.Future[list[Output]]] = {}  # task id -> its call under way
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
@@ -56,14 +61,41 @@ class GeneratorHandler(BaseHandler):
             await self.pool.aclose()
 
     async def handle(self, task: GenerationTask, delivery: Delivery) -> list[Output]:
-        if self.status.is_closed(task.request_id) or task.task_id in self._answered or task.task_id in self._calling:
-            return []  # a task the planner resent after a restart: one call answers both
+        while True:
+            if self.status.is_closed(task.request_id) or (task.task_id, task.created_at) in self._answered:
+                return []  # a task the planner resent after a restart: one call answers both
+            running = self._calling.get(task.task_id)
+            if running is None:
+                break
+            # The same task is being called (a redelivery after a rebalance gave the partition back
+            # to this member, or an issue again of a slow task): wait for that call rather than be
+            # committed without it, and answer with its candidate (the curator drops the repeat).
+            # If that call is cancelled (its record revoked, or a shutdown), this one makes it.
+            await asyncio.wait({running})
+            if not running.cancelled():
+                return running.result()
         assert self.pool is not None
-        self._calling.add(task.task_id)
+        call = self._calling[task.task_id] = asyncio.get_running_loop().create_future()
         try:
-            return await self._call(task, delivery)
+            outputs = await self._call(task, delivery)
+        except BaseException:
+            call.cancel()
+            raise
+        else:
+            call.set_result(outputs)
+            return outputs
         finally:
-            self._calling.discard(task.task_id)
+            if self._calling.get(task.task_id) is call:
+                del self._calling[task.task_id]
+
+    def on_dead_letter(self, message: Any, delivery: Delivery, reason: Exception) -> list[Output]:
+        """A task whose call raised (every attempt) is still answered, by a candidate carrying the
+        error: the curator turns it into the task's outcome and the planner counts a failed call."""
+        task = message
+        candidate = Candidate(task=task, endpoint=task.model.endpoint, model=task.model.name or "unknown",
+                              error=f"the generator could not make the call: {type(reason).__name__}: {str(reason)[:500]}",
+                              attempts=0)
+        return [Output(self.settings.topics.candidates, task.request_id, candidate)]
 
     async def _call(self, task: GenerationTask, delivery: Delivery) -> list[Output]:
         assert self.pool is not None
@@ -87,7 +119,7 @@ class GeneratorHandler(BaseHandler):
                 throttled=result.throttled,
             )
             candidate.verification = await verify_answer(self.pool, task, candidate.raw_output)  # label checks (llm/verify.py)
-        self._answered.add(task.task_id)
+        self._answered.add((task.task_id, task.created_at))
         outputs = [Output(self.settings.topics.candidates, task.request_id, candidate)]
         if candidate.error is not None:
             # The planner learns of the failure through the candidate; the DLQ keeps the task for audit.

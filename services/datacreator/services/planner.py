@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 
@@ -65,6 +66,8 @@ class PlannerHandler(BaseHandler):
         # partitions given up in a rebalance, kept until the next assignment says whether they stay:
         # partition -> (end offset of its planner-state partition then, {request id: plan})
         self._parked: dict[int, tuple[int, dict[str, RequestPlan]]] = {}
+        self._deadlines: asyncio.Task[None] | None = None
+        self._overdue: set[str] = set()  # requests with a deadline step queued on their partition
 
     @property
     def embedder(self) -> Embedder:
@@ -76,16 +79,14 @@ class PlannerHandler(BaseHandler):
         await super().start(ctx)
         self._ticker = asyncio.create_task(self._flush_statuses(), name="planner-status")
         self._releaser = asyncio.create_task(self._release_loop(), name="planner-release")
+        self._deadlines = asyncio.create_task(self._watch_deadlines(), name="planner-deadlines")
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-        if self._releaser is not None:
-            self._releaser.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._releaser
+        for task in (self._ticker, self._releaser, self._deadlines):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -120,7 +121,9 @@ class PlannerHandler(BaseHandler):
         last record is a tombstone is left out. Records are read as they are, all of them:
         before compaction both an old and a new snapshot of a request are there."""
         latest: dict[str, tuple[int, PlannerSnapshot]] = {}
-        async for record in read_to_end(self.settings, self.settings.topics.planner_state, numbers):
+        # complete=True: a read that stops short fails the take-over (the runner retries it); a
+        # missing snapshot would drop its request's outcomes and leave it RUNNING for ever.
+        async for record in read_to_end(self.settings, self.settings.topics.planner_state, numbers, complete=True):
             key = record.key.decode("utf-8", "replace") if record.key is not None else None
             if record.value is None:
                 if key is not None:
@@ -280,6 +283,39 @@ class PlannerHandler(BaseHandler):
         else:
             self._dirty.add(request_id)
         return outputs
+
+    async def _watch_deadlines(self) -> None:
+        """Requests with a task past its deadline get a step on their partition's worker (one
+        writer per request, as for its messages), which issues those tasks again."""
+        interval = min(max(self.limits.task_deadline_s / 4, 0.1), 30.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for request_id, plan in list(self.plans.items()):
+                partition = self.partition_of.get(request_id)
+                if request_id in self._overdue or partition is None or not plan.overdue(now):
+                    continue
+                job = functools.partial(self._on_deadline, request_id)
+                if self.ctx.submit(self.settings.topics.outcomes, partition, job):
+                    self._overdue.add(request_id)
+
+    async def _on_deadline(self, request_id: str) -> list[Output]:
+        # The request's lock is held until its outputs are acknowledged, as for its messages: a
+        # cancel (on the requests partition's worker) must not write a snapshot in between.
+        async with self.ctx.key_lock(request_id):
+            self._overdue.discard(request_id)
+            plan = self.plans.get(request_id)
+            now = time.time()
+            if plan is None or not plan.overdue(now):
+                return []
+            again, given_up = plan.reissue_overdue(now)
+            if again or given_up:
+                log.warning("planner: %s: %d tasks without an outcome past %g s; %d issued again, %d given up", request_id,
+                            len(again) + len(given_up), self.limits.task_deadline_s, len(again), len(given_up))
+            outputs = self._step_outputs(plan, again, now, force_status=False)
+            # Applied when read back from the outcomes topic, like a generator's failed call.
+            await self.ctx.publish(outputs + [Output(self.settings.topics.outcomes, request_id, outcome) for outcome in given_up])
+        return []
 
     def _rejected(self, request_id: str, reason: str, now: float, request: CreationRequest | None = None) -> Output:
         metrics.requests_total.labels(RequestState.REJECTED.value).inc()
