@@ -55,10 +55,11 @@ async def compacted(settings: Settings, topic: str) -> dict[str, ConsumerRecord]
     return latest
 
 
-async def compacted_read_to_end(settings: Settings, topic: str, partitions: Iterable[int] | None = None) -> AsyncIterator[ConsumerRecord]:
+async def compacted_read_to_end(settings: Settings, topic: str, partitions: Iterable[int] | None = None, *,
+                                complete: bool = False) -> AsyncIterator[ConsumerRecord]:
     """`read_to_end` of a topic after compaction (the last record of each key, in offset order)."""
     latest: dict[bytes | None, ConsumerRecord] = {}
-    async for record in read_to_end(settings, topic, partitions):
+    async for record in read_to_end(settings, topic, partitions, complete=complete):
         latest[record.key] = record
     for record in sorted(latest.values(), key=lambda r: (r.partition, r.offset)):
         yield record
@@ -324,12 +325,14 @@ async def test_a_partition_that_stays_keeps_its_plans_across_a_rebalance(bus_set
     reads: list[list[int]] = []
     real_read = planner_module.read_to_end
 
-    def counting(s: Settings, topic: str, partitions: Iterable[int] | None = None) -> AsyncIterator[ConsumerRecord]:
+    def counting(s: Settings, topic: str, partitions: Iterable[int] | None = None, **options: Any) -> AsyncIterator[ConsumerRecord]:
         reads.append(sorted(partitions or []))
-        return real_read(s, topic, partitions)
+        return real_read(s, topic, partitions, **options)
 
     monkeypatch.setattr(planner_module, "read_to_end", counting)
     try:
+        await handler.on_assigned({0, 1, 2})  # the take-over, as the runner makes it (nothing to read yet)
+        reads.clear()
         rid = "req-stay"
         request = _request(rid)
         delivery = runtime.Delivery(t.requests, 1, 0, rid, encode(request))
@@ -415,9 +418,9 @@ async def test_the_curator_restores_in_batches_and_keeps_partitions_that_stay(bu
         monkeypatch.setattr(dedup.DedupIndex, name, counted)
     reads: list[list[int]] = []
 
-    def counting(s: Settings, topic: str, partitions: Iterable[int] | None = None) -> AsyncIterator[ConsumerRecord]:
+    def counting(s: Settings, topic: str, partitions: Iterable[int] | None = None, **options: Any) -> AsyncIterator[ConsumerRecord]:
         reads.append(sorted(partitions or []))
-        return read_to_end(s, topic, partitions)
+        return read_to_end(s, topic, partitions, **options)
 
     monkeypatch.setattr(curator_module, "read_to_end", counting, raising=False)
 

@@ -130,6 +130,7 @@ class CuratorHandler(BaseHandler):
         return sum(len(examples) for _, examples in by_request.values())
 
     async def on_revoked(self, partitions: set[int]) -> None:
+        whole = partitions & self._held  # a partition whose take-over failed has nothing to keep
         self._held -= partitions
         detached = self.state.detach(partitions)
         for request_id in [r for r in self._reopened if r not in self.state.requests]:
@@ -138,10 +139,10 @@ class CuratorHandler(BaseHandler):
             del self._stale[request_id]
         self._update_gauges()
         # Parked, not dropped: with eager rebalancing every partition is revoked, and most come back.
-        ends = await end_offsets(self.settings, self.settings.topics.examples, partitions)
+        ends = await end_offsets(self.settings, self.settings.topics.examples, whole) if whole else None
         if ends is None:
             return
-        for partition in partitions & set(ends):
+        for partition in whole & set(ends):
             self._parked[partition] = (ends[partition], {})
         for request_id, (partition, curation, pending) in detached.items():
             if partition in self._parked:

@@ -66,6 +66,7 @@ class PlannerHandler(BaseHandler):
         # partitions given up in a rebalance, kept until the next assignment says whether they stay:
         # partition -> (end offset of its planner-state partition then, {request id: plan})
         self._parked: dict[int, tuple[int, dict[str, RequestPlan]]] = {}
+        self._whole: set[int] = set()  # partitions whose snapshots were read back whole
         self._deadlines: asyncio.Task[None] | None = None
         self._overdue: set[str] = set()  # requests with a deadline step queued on their partition
 
@@ -92,12 +93,14 @@ class PlannerHandler(BaseHandler):
 
     async def on_assigned(self, partitions: set[int]) -> None:
         kept = await self._unpark(partitions)
+        self._whole |= kept
         held = set(self.partition_of.values()) | kept
         numbers = sorted(partitions - held)
         if not numbers:
             self._update_gauges()
             return
         latest = await self._read_snapshots(numbers)
+        self._whole.update(numbers)
         resent: list[Output] = []
         for request_id, (partition, snapshot) in latest.items():
             plan = self.plans[request_id] = RequestPlan.restore(snapshot.plan)
@@ -154,9 +157,12 @@ class PlannerHandler(BaseHandler):
                 async with key_lock(request_id):  # a status the ticker is writing lands before the next owner's
                     pass
         # Parked, not dropped: with eager rebalancing every partition is revoked, and most come back.
-        ends = await end_offsets(self.settings, self.settings.topics.planner_state, partitions)
+        # Only partitions whose state was whole: one whose take-over failed has nothing to keep.
+        whole = partitions & self._whole
+        self._whole -= partitions
+        ends = await end_offsets(self.settings, self.settings.topics.planner_state, whole) if whole else None
         if ends is not None:
-            for partition in partitions & set(ends):
+            for partition in whole & set(ends):
                 self._parked[partition] = (ends[partition], {})
         for request_id, (partition, plan) in lost.items():
             if plan is not None and partition in self._parked:
