@@ -111,6 +111,19 @@ def call_tokens(examples_per_call: int, max_tokens: int = MAX_TOKENS) -> int:
     return estimate_call_tokens(peer_messages(examples_per_call, max_tokens), max_tokens)
 
 
+async def run_then_stop(tasks: list[Any], seconds: float, settle_s: float, clients: list[Any]) -> None:
+    """Let `tasks` (client workers) run for `seconds`, give calls sent before the end `settle_s` to
+    come back, then cancel them and close the clients."""
+    import asyncio
+
+    await asyncio.sleep(seconds + settle_s)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for client in clients:
+        await client.aclose()
+
+
 def unique_alias(prefix: str) -> str:
     """An endpoint alias of its own: the Redis rate-limit keys are per alias, so runs never share them."""
     return f"{prefix}{uuid.uuid4().hex[:8]}"

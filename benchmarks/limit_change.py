@@ -30,7 +30,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from benchmarks.common import SimulatorProcess, machine
+from benchmarks.common import SimulatorProcess, machine, run_then_stop
 from benchmarks.rate_limit import make_task
 from datacreator.config import EndpointConfig
 from datacreator.llm.client import LLMClient
@@ -106,12 +106,7 @@ async def one_run(name: str, sim: SimulatorProcess, limiters: list[RateLimiter],
 
     tasks = [asyncio.create_task(worker(c)) for c in clients for _ in range(args.concurrency)]
     tasks.append(asyncio.create_task(change()))
-    await asyncio.sleep(args.duration + args.latency * 3)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for client in clients:
-        await client.aclose()
+    await run_then_stop(tasks, args.duration, args.latency * 3, clients)
 
     stats = await asyncio.to_thread(sim.stats)
     refused: list[float] = stats["refused_at"]

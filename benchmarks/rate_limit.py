@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from benchmarks import common
-from benchmarks.common import SimulatorProcess
+from benchmarks.common import SimulatorProcess, run_then_stop
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec
 from datacreator.llm.client import LLMClient
@@ -103,13 +103,7 @@ async def run(
     tasks = [asyncio.create_task(worker(c)) for c in clients for _ in range(args.concurrency)]
     if proxies:
         tasks.append(asyncio.create_task(outage()))
-    await asyncio.sleep(args.duration)
-    await asyncio.sleep(args.latency * 3)  # let calls sent before the deadline come back
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for client in clients:
-        await client.aclose()
+    await run_then_stop(tasks, args.duration, args.latency * 3, clients)  # calls sent before the end come back
 
     stats = await asyncio.to_thread(sim.stats)
     admitted_at: list[float] = stats["admitted_at"]

@@ -49,6 +49,15 @@ MCQ_SCHEMA = {
 }
 
 
+def _smollm2_or_skip() -> None:
+    if not llama_cpp_available():
+        pytest.skip("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
+    try:
+        locate(MODELS["smollm2-135m"])
+    except ModelNotInstalled as exc:
+        pytest.skip(str(exc))
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -61,12 +70,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_json_schema_completion_on_smollm2_then_no_process_left():
-    if not llama_cpp_available():
-        pytest.skip("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
-    try:
-        locate(MODELS["smollm2-135m"])
-    except ModelNotInstalled as exc:
-        pytest.skip(str(exc))
+    _smollm2_or_skip()
 
     llm = EmbeddedLLM("smollm2-135m", n_ctx=2048, n_threads=2)
     await llm.start(timeout_s=120)
@@ -165,12 +169,7 @@ def test_missing_model_package_names_the_pip_command(tmp_path, monkeypatch):
 async def test_sigterm_during_a_long_completion_ends_the_server_without_waiting_for_it():
     """A `datacreator run` that is killed sends SIGTERM to its server (PDEATHSIG): the server must
     go then, not after the completion in flight (minutes on a small machine) has run to its end."""
-    if not llama_cpp_available():
-        pytest.skip("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
-    try:
-        locate(MODELS["smollm2-135m"])
-    except ModelNotInstalled as exc:
-        pytest.skip(str(exc))
+    _smollm2_or_skip()
     import asyncio
     import signal
 

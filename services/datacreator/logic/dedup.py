@@ -234,16 +234,8 @@ class DedupIndex:
             signature = fp.signature if fp.signature is not None else self._hasher.signatures([""])[0]
             self._signatures = _append_row(self._signatures, row, signature)
             if signature[0] != _EMPTY_ROW:
-                buckets = self._buckets
                 keys = fp.band_keys if fp.band_keys is not None and fp.signature is signature else self._band_keys(signature)
-                for band in keys:
-                    hit = buckets.get(band)
-                    if hit is None:
-                        buckets[band] = row
-                    elif isinstance(hit, list):
-                        hit.append(row)
-                    else:
-                        buckets[band] = [hit, row]
+                self._bucket(row, keys)
         if self.semantic_threshold is not None and fp.vector is not None:
             if self._vectors is None:
                 self._vectors = np.zeros((max(16, row + 1), fp.vector.shape[0]), dtype=np.float32)
@@ -279,16 +271,20 @@ class DedupIndex:
         bands = signatures[live, : self._bands * self._rows].astype(np.uint64).reshape(len(live), self._bands, self._rows)
         with np.errstate(over="ignore"):
             keys = ((bands * self._band_mix).sum(axis=2, dtype=np.uint64) + self._band_salt) >> np.uint64(4)
-        buckets = self._buckets
         for row, row_keys in zip((first + live).tolist(), keys.tolist()):
-            for band in row_keys:
-                hit = buckets.get(band)
-                if hit is None:
-                    buckets[band] = row
-                elif isinstance(hit, list):
-                    hit.append(row)
-                else:
-                    buckets[band] = [hit, row]
+            self._bucket(row, row_keys)
+
+    def _bucket(self, row: int, keys: Sequence[int]) -> None:
+        """File a row under each of its band keys (a lone row is stored bare: most buckets hold one)."""
+        buckets = self._buckets
+        for band in keys:
+            hit = buckets.get(band)
+            if hit is None:
+                buckets[band] = row
+            elif isinstance(hit, list):
+                hit.append(row)
+            else:
+                buckets[band] = [hit, row]
 
     def _band_keys(self, signature: np.ndarray) -> list[int]:
         bands = signature[: self._bands * self._rows].astype(np.uint64).reshape(self._bands, self._rows)
