@@ -124,6 +124,20 @@ async def run_then_stop(tasks: list[Any], seconds: float, settle_s: float, clien
         await client.aclose()
 
 
+async def delete_redis_prefixes(redis_url: str, prefixes: list[str]) -> None:
+    """Remove what the benchmark's limiters left in Redis (keys are `{prefix}...`)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for prefix in prefixes:
+            keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}*")]
+            if keys:
+                await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 def unique_alias(prefix: str) -> str:
     """An endpoint alias of its own: the Redis rate-limit keys are per alias, so runs never share them."""
     return f"{prefix}{uuid.uuid4().hex[:8]}"

@@ -28,9 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from benchmarks.common import SimulatorProcess, machine, run_then_stop
+from benchmarks.common import SimulatorProcess, delete_redis_prefixes, machine, run_then_stop
 from benchmarks.rate_limit import make_task
 from datacreator.config import EndpointConfig
 from datacreator.llm.client import LLMClient
@@ -168,12 +166,7 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"  done: {name}", file=sys.stderr)
     finally:
         sim.stop()
-        client = aioredis.Redis.from_url(args.redis_url)
-        for prefix in prefixes:
-            keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}*")]
-            if keys:
-                await client.delete(*keys)
-        await client.aclose()
+        await delete_redis_prefixes(args.redis_url, prefixes)
     print_table(results, args, rpm, tpm)
     return 0
 

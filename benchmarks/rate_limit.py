@@ -23,10 +23,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from benchmarks import common
-from benchmarks.common import SimulatorProcess, run_then_stop
+from benchmarks.common import SimulatorProcess, delete_redis_prefixes, run_then_stop
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec
 from datacreator.llm.client import LLMClient
@@ -198,12 +196,7 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"  done: {label}", file=sys.stderr)
     finally:
         sim.stop()
-        client = aioredis.Redis.from_url(args.redis_url)
-        for prefix in prefixes:
-            keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}*")]
-            if keys:
-                await client.delete(*keys)
-        await client.aclose()
+        await delete_redis_prefixes(args.redis_url, prefixes)
     print_table(rows, args, tpm)
     if args.results:
         from benchmarks.common import machine
