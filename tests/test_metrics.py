@@ -150,12 +150,14 @@ async def test_counters_match_what_the_bus_and_the_llm_saw(bus_settings, make_si
     assert delta(after, before, P + "messages_consumed_total", service="curator", topic=topics.candidates) == planned
     assert delta(after, before, P + "requests_finished_total", state="COMPLETED") == 1
 
-    # Gauges once quiet: nothing in flight, no lag, the ended request's dedup state released.
+    # Gauges once quiet: nothing in flight, no lag. The COMPLETED request's dedup state is one of the
+    # few the curator keeps (REOPENED_KEPT) to re-curate its late candidates; nothing else stays.
     assert after.total(P + "in_flight_messages") == 0
     assert after.total(P + "llm_in_flight_calls", endpoint="default") == 0
     lags = list(after.select(P + "consumer_lag_messages", topic=topics.candidates))
     assert lags and all(s.value == 0 for s in lags)
-    assert after.total(P + "dedup_state_entries") == 0 and after.total(P + "dedup_requests") == 0
+    assert after.total(P + "dedup_requests") <= 1
+    assert after.total(P + "dedup_state_entries") <= after.total(P + "examples_accepted_total")
     assert after.total(P + "requests", state="COMPLETED") >= 1
     assert 0 <= after.maximum(P + "ratelimit_usage_ratio", endpoint="default") <= 1
 
