@@ -124,14 +124,14 @@ async def run_then_stop(tasks: list[Any], seconds: float, settle_s: float, clien
         await client.aclose()
 
 
-async def delete_redis_prefixes(redis_url: str, prefixes: list[str]) -> None:
-    """Remove what the benchmark's limiters left in Redis (keys are `{prefix}...`)."""
+async def delete_redis_keys(redis_url: str, patterns: list[str]) -> None:
+    """Remove what a benchmark's limiters left in Redis: every key matching one of `patterns`."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(redis_url)
     try:
-        for prefix in prefixes:
-            keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}*")]
+        for pattern in patterns:
+            keys = [k async for k in client.scan_iter(match=pattern)]
             if keys:
                 await client.delete(*keys)
     finally:

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.common import SimulatorProcess, delete_redis_prefixes, machine, run_then_stop
+from benchmarks.common import SimulatorProcess, delete_redis_keys, machine, run_then_stop
 from benchmarks.rate_limit import make_task
 from datacreator.config import EndpointConfig
 from datacreator.llm.client import LLMClient
@@ -166,7 +166,7 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"  done: {name}", file=sys.stderr)
     finally:
         sim.stop()
-        await delete_redis_prefixes(args.redis_url, prefixes)
+        await delete_redis_keys(args.redis_url, [f"{{{prefix}}}*" for prefix in prefixes])
     print_table(results, args, rpm, tpm)
     return 0
 

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 from benchmarks import common
-from benchmarks.common import SimulatorProcess, delete_redis_prefixes, run_then_stop
+from benchmarks.common import SimulatorProcess, delete_redis_keys, run_then_stop
 from datacreator.config import EndpointConfig
 from datacreator.contracts import GenerationTask, ModelSpec
 from datacreator.llm.client import LLMClient
@@ -196,7 +196,7 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"  done: {label}", file=sys.stderr)
     finally:
         sim.stop()
-        await delete_redis_prefixes(args.redis_url, prefixes)
+        await delete_redis_keys(args.redis_url, [f"{{{prefix}}}*" for prefix in prefixes])
     print_table(rows, args, tpm)
     if args.results:
         from benchmarks.common import machine

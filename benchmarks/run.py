@@ -516,19 +516,6 @@ def plot(bench: Bench, path: Path) -> str | None:
     return None
 
 
-async def _cleanup_redis(redis_url: str, aliases: list[str]) -> None:
-    import redis.asyncio as aioredis
-
-    conn = aioredis.Redis.from_url(redis_url)
-    try:
-        for alias in aliases:
-            keys = [k async for k in conn.scan_iter(match=f"*datacreator:ratelimit:{alias}*")]
-            if keys:
-                await conn.delete(*keys)
-    finally:
-        await conn.aclose()
-
-
 async def run(args: argparse.Namespace) -> int:
     plan = Plan.for_mode(args.quick, args.full)
     sections = [s for s in SECTIONS if s in (args.only or SECTIONS)]
@@ -574,7 +561,7 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         sim.stop()
         with contextlib.suppress(Exception):
-            await _cleanup_redis(args.redis_url, bench.aliases)
+            await common.delete_redis_keys(args.redis_url, [f"*datacreator:ratelimit:{alias}*" for alias in bench.aliases])
     elapsed = time.monotonic() - started
     info = common.machine()
     bench.results["mode"] = "quick" if args.quick else ("full" if args.full else "default")
