@@ -135,8 +135,12 @@ def build_request(
     label_plan: str = "on",
     verify: str = "off",
     seed: int = 0,
+    label_distribution: str = "uniform",
 ) -> dict[str, Any]:
-    """A CreationRequest (as JSON) for N rows like ONE seeded draw from the human training split."""
+    """A CreationRequest (as JSON) for N rows like ONE seeded draw from the human training split.
+
+    `label_distribution="train"` asks for the training split's label shares instead of uniform ones:
+    the prior a team usually knows of the data its model will see (the test rows are never read)."""
     labels = sorted({r["label"] for r in train})
     example = dict(random.Random(seed).choice(list(train)))
     task = HUMAN_SETS.get(set_name, {}).get("task", "short English texts for text classification")
@@ -145,8 +149,9 @@ def build_request(
         + ", ".join(labels)
         + ". Every text must clearly belong to its label, and the texts must differ in topic, wording and length."
     )
-    return {
-        "request_id": f"usefulness-{set_name}-{strategy}-plan{label_plan}-verify{verify}-s{seed}",
+    suffix = "" if label_distribution == "uniform" else f"-dist{label_distribution}"
+    request: dict[str, Any] = {
+        "request_id": f"usefulness-{set_name}-{strategy}-plan{label_plan}-verify{verify}{suffix}-s{seed}",
         "instruction": instruction,
         "formatting_example": {"text": example["text"], "label": example["label"]},
         "label_field": "label",
@@ -156,6 +161,10 @@ def build_request(
         "label_plan": label_plan,
         "verify": verify,
     }
+    if label_distribution == "train":
+        counts = Counter(r["label"] for r in train)
+        request["label_distribution"] = {label: round(counts[label] / len(train), 4) for label in labels}
+    return request
 
 
 def create(request: dict[str, Any], out: Path, llm: str = "embedded", timeout_s: float = 7200.0, concurrency: int = 1) -> dict[str, Any]:
@@ -428,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="random", choices=["none", "random", "contrastive", "similar", "tree"])
     parser.add_argument("--label-plan", default="on", choices=["on", "off"])
     parser.add_argument("--verify", default="off", choices=["off", "reject", "relabel"])
+    parser.add_argument("--label-distribution", default="uniform", choices=["uniform", "train"],
+                        help="label shares the plan aims at: uniform, or those of the human training split")
     parser.add_argument("--llm", default="embedded", help="endpoint of `datacreator run --llm`")
     parser.add_argument("--out", help="where --create writes the created rows (.jsonl)")
     parser.add_argument("--concurrency", type=int, default=1, help="LLM calls in flight during --create")
@@ -463,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         human_train, test = split_human(human_rows, test_size, args.seed)
         meta = None
         if args.create:
-            request = build_request(args.human_set, human_train, args.n, args.strategy, args.label_plan, args.verify, args.seed)
+            request = build_request(args.human_set, human_train, args.n, args.strategy, args.label_plan, args.verify, args.seed,
+                                    args.label_distribution)
             if args.max_llm_calls:
                 request["budget"] = {"max_llm_calls": args.max_llm_calls}
             meta = create(request, Path(args.out), llm=args.llm, timeout_s=args.timeout, concurrency=args.concurrency)
