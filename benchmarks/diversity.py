@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import re
 import sys
@@ -28,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,17 +37,17 @@ import numpy as np
 from benchmarks.common import SEED_EXAMPLE as SEED
 from datacreator import client
 from datacreator.config import Settings
-from datacreator.contracts import CreationRequest, Example, ModelSpec, RequestStatus, Strategy
+from datacreator.contracts import CreationRequest, ModelSpec, RequestStatus, Strategy
 from datacreator.logic.embeddings import example_text, shared_embedder
 from datacreator.logic.planning import resolve_label
 from datacreator.logic.schema import get_path
+from datacreator.report import distinct_n, mean_cosine_distance
 from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
 
 INSTRUCTION = (
     "Create commonsense multiple-choice questions about everyday situations. Each question has "
     "four options A to D and exactly one correct answer; vary the topic and the correct letter."
 )
-_WORD = re.compile(r"\w+", re.UNICODE)
 _MISSING = object()
 
 
@@ -66,25 +68,6 @@ class Row:
         return self.examples / self.calls if self.calls else 0.0
 
 
-def distinct_n(texts: list[str], n: int = 2) -> float:
-    """Share of distinct word n-grams among all word n-grams (Li et al., 2016)."""
-    grams: list[tuple[str, ...]] = []
-    for text in texts:
-        words = _WORD.findall(text.lower())
-        grams += [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def mean_pairwise_distance(vectors: np.ndarray) -> float:
-    """Mean of 1 - cosine over all distinct pairs of L2-normalised rows."""
-    count = len(vectors)
-    if count < 2:
-        return 0.0
-    sims = vectors @ vectors.T
-    off_diagonal = sims.sum() - np.trace(sims)
-    return float(1.0 - off_diagonal / (count * (count - 1)))
-
-
 def label_balance(labels: list[Any], space: list[Any] | None) -> tuple[float, float]:
     """(normalised entropy, largest share / smallest share) of the labels over the label space."""
     counts = Counter(repr(label) for label in labels)
@@ -97,18 +80,18 @@ def label_balance(labels: list[Any], space: list[Any] | None) -> tuple[float, fl
     return entropy, (max(shares) / smallest if smallest > 0 else math.inf)
 
 
-def measure(strategy: str, state: str, examples: list[Example], calls: int, seconds: float, request: CreationRequest) -> Row:
-    texts = [example_text(e.data) for e in examples]
+def measure(strategy: str, state: str, examples: list[dict[str, Any]], calls: int, seconds: float, request: CreationRequest) -> Row:
+    texts = [example_text(data) for data in examples]
     vectors = shared_embedder().embed(texts) if texts else np.zeros((0, 384), dtype=np.float32)
     field, space = resolve_label(request)
     labels: list[Any] = []
     if field is not None:
-        for example in examples:
-            value = get_path(example.data, field, _MISSING)
+        for data in examples:
+            value = get_path(data, field, _MISSING)
             if value is not _MISSING:
                 labels += value if isinstance(value, list) else [value]
     entropy, max_min = label_balance(labels, space)
-    return Row(strategy, state, len(examples), calls, distinct_n(texts), mean_pairwise_distance(vectors), entropy, max_min, seconds)
+    return Row(strategy, state, len(examples), calls, distinct_n(texts, 2), mean_cosine_distance(vectors), entropy, max_min, seconds)
 
 
 def table(rows: list[Row], title: str) -> str:
@@ -166,7 +149,7 @@ async def run(args: argparse.Namespace) -> str:
                 state = f"TIMEOUT after {args.timeout:.0f} s"
             seconds = time.monotonic() - started
             examples = await client.collect_examples(settings, request.request_id)
-            rows.append(measure(strategy.value, state, examples, final.llm_calls, seconds, request))
+            rows.append(measure(strategy.value, state, [e.data for e in examples], final.llm_calls, seconds, request))
             print(f"{strategy.value}: {final.state.value}, {len(examples)} examples, {final.llm_calls} calls, "
                   f"{seconds:.1f} s" + (f" ({final.error})" if final.error else ""), file=sys.stderr)
     finally:
@@ -179,6 +162,30 @@ async def run(args: argparse.Namespace) -> str:
         title = f"### {args.llm}" + (f" {args.model}" if args.model else "") + f" ({target.model})"
     title += (f"\n\nOne request per strategy: target {args.target}, {args.per_call} examples per call, "
               f"{args.chains} chains, temperature {args.temperature}, tree branching {args.branching}.")
+    return table(rows, title)
+
+
+_CALLS = re.compile(r"llm calls\s+(\d+)")
+
+
+def measure_files(specs: list[str]) -> str:
+    """The same table from rows made before (`STRATEGY=FILE.jsonl`, e.g. the usefulness runs), read
+    with the `.request.json` and `.meta.json` written beside them: no LLM, rerun at will."""
+    rows: list[Row] = []
+    requests: list[CreationRequest] = []
+    for spec in specs:
+        strategy, _, name = spec.partition("=")
+        path = Path(name)
+        request = CreationRequest.model_validate_json(path.with_suffix(".request.json").read_text())
+        meta = json.loads(path.with_suffix(".meta.json").read_text())
+        calls = next((int(m.group(1)) for line in meta.get("summary", []) if (m := _CALLS.search(line))), 0)
+        data = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        state = "COMPLETED" if meta.get("complete") else f"partial ({len(data)} of {request.target_count})"
+        rows.append(measure(strategy, state, data, calls, float(meta.get("wall_s", 0.0)), request))
+        requests.append(request)
+    first = requests[0]
+    title = (f"### From committed rows: {len(rows)} requests of {first.target_count} (`--rows`)\n\n"
+             + "\n".join(f"- {spec.split('=', 1)[0]}: `{spec.split('=', 1)[1]}`" for spec in specs))
     return table(rows, title)
 
 
@@ -195,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-calls", type=int, default=30)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per request")
     parser.add_argument("--out", default=None, help="also append the table to this markdown file")
+    parser.add_argument("--rows", action="append", metavar="STRATEGY=FILE",
+                        help="measure rows made before (with FILE's .request.json and .meta.json) instead of running requests")
     args = parser.parse_args(argv)
-    text = asyncio.run(run(args))
+    text = measure_files(args.rows) if args.rows else asyncio.run(run(args))
     print(text)
     if args.out:
         with open(args.out, "a") as out:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from datacreator.evaluate import load_rows, texts_and_labels, train_and_score
+from datacreator.report import distinct_n, mean_cosine_distance
 
 Scorer = Callable[[Sequence[str], Sequence[str], Sequence[str], Sequence[str], int], tuple[float, float]]
 
@@ -251,22 +252,6 @@ def apply_verification(rows: list[dict[str, Any]], labels: list[Any], label_fiel
     return {"relabel": relabel, "reject": reject}
 
 
-def distinct_2(texts: Sequence[str]) -> float:
-    """Distinct bigrams over all bigrams of the texts (lower-cased words)."""
-    grams = [tuple(words[i:i + 2]) for t in texts for words in [t.lower().split()] for i in range(len(words) - 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def mean_distance(vectors: np.ndarray) -> float:
-    """Mean cosine distance over distinct pairs of (already normalised or not) vectors."""
-    if len(vectors) < 2:
-        return 0.0
-    unit = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
-    sims = unit @ unit.T
-    n = len(unit)
-    return float(1.0 - (sims.sum() - n) / (n * (n - 1)))
-
-
 def tfidf_scorer(train_x, train_y, test_x, test_y, seed: int) -> tuple[float, float]:
     score = train_and_score(train_x, train_y, test_x, test_y, seed=seed)
     return score.accuracy, score.macro_f1
@@ -309,7 +294,7 @@ def usefulness(
     if n > len(hx):
         raise ValueError(f"{n} created rows but only {len(hx)} human training rows to compare with")
     result: dict[str, Any] = {"n": n, "n_test": len(test[0]), "labels": dict(Counter(cy).most_common()),
-                              "distinct_2": round(distinct_2(cx), 4), "classifiers": {}}
+                              "distinct_2": round(distinct_n(list(cx), 2), 4), "classifiers": {}}
     for name, scorer in scorers.items():
         acc, f1 = scorer(cx, cy, test[0], test[1], seed)
         h_acc, h_f1 = _human_mean(scorer, hx, hy, test, n, draws, seed)
@@ -319,7 +304,7 @@ def usefulness(
             "ratio": round(acc / h_acc, 4) if h_acc else None,
         }
         if hasattr(scorer, "vectors"):
-            result["mean_embedding_distance"] = round(mean_distance(scorer.vectors(cx)), 4)  # type: ignore[attr-defined]
+            result["mean_embedding_distance"] = round(mean_cosine_distance(scorer.vectors(cx)), 4)  # type: ignore[attr-defined]
     return result
 
 

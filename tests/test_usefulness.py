@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 
 from benchmarks.usefulness import (
-    distinct_2,
     embedding_scorer,
-    mean_distance,
     split_human,
     tfidf_scorer,
     usefulness,
 )
+from datacreator.report import mean_cosine_distance
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = {
@@ -46,11 +45,10 @@ def test_split_is_fixed_by_seed_and_disjoint():
     assert not {r["text"] for r in train} & {r["text"] for r in test}
 
 
-def test_distinct_2_and_mean_distance():
-    assert distinct_2(["a b", "a b"]) == 0.5
-    assert distinct_2(["a b c", "d e f"]) == 1.0
-    assert mean_distance(np.array([[1.0, 0.0], [1.0, 0.0]])) == 0.0
-    assert abs(mean_distance(np.array([[1.0, 0.0], [0.0, 1.0]])) - 1.0) < 1e-9
+def test_mean_cosine_distance_normalises_its_vectors():
+    assert mean_cosine_distance(np.array([[1.0, 0.0], [3.0, 0.0]])) == 0.0
+    assert abs(mean_cosine_distance(np.array([[2.0, 0.0], [0.0, 0.5]])) - 1.0) < 1e-9
+    assert mean_cosine_distance(np.array([[1.0, 0.0]])) == 0.0
 
 
 def _xy(data):

@@ -96,10 +96,17 @@ def mean_pairwise_distance(texts: Sequence[str], embedder: Embedder, sample: int
     if len(texts) < 2:
         return None
     chosen = list(texts) if len(texts) <= sample else random.Random(seed).sample(list(texts), sample)
-    vectors = np.asarray(embedder.embed(chosen), dtype=np.float64)
-    cosines = vectors @ vectors.T
-    upper = np.triu_indices(len(chosen), k=1)
-    return float(np.mean(1.0 - cosines[upper]))
+    return mean_cosine_distance(embedder.embed(chosen))
+
+
+def mean_cosine_distance(vectors: Any) -> float:
+    """Mean of 1 - cosine over all distinct pairs of rows (normalised here, so any embedder's do)."""
+    unit = np.asarray(vectors, dtype=np.float64)
+    if len(unit) < 2:
+        return 0.0
+    unit = unit / np.clip(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12, None)
+    upper = np.triu_indices(len(unit), k=1)
+    return float(np.mean(1.0 - (unit @ unit.T)[upper]))
 
 
 def quality_figures(
