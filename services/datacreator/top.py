@@ -265,7 +265,7 @@ async def _once(settings: Settings, urls: list[str], limit: int, console: Consol
     try:
         statuses = await latest_statuses(settings)
     except KafkaError as exc:
-        print(f"datacreator top: cannot read {settings.topics.status} from {settings.kafka_bootstrap}: {exc}", file=sys.stderr)
+        print(f"datacreator top: cannot read {settings.topics.status} from {settings.kafka.bootstrap}: {exc}", file=sys.stderr)
         return 2
     view = None
     if urls:
