@@ -18,13 +18,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
-from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from datacreator.bus import KafkaError
 from datacreator.bus.readback import StatusWatcher
 from datacreator.client import latest_statuses
 from datacreator.config import Settings
