@@ -73,13 +73,13 @@ def _records(settings: Settings, n: int, requests: int, seed: int) -> dict[int, 
     """The examples topic as the broker would hand it out: N examples of R requests, 3 partitions."""
     rng = random.Random(seed)
     words = ["".join(rng.choices("etaoinshrdlcumwfgypb", k=rng.randint(2, 9))) for _ in range(5000)]
-    by_partition: dict[int, list[_Record]] = {p: [] for p in range(settings.topic_partitions)}
+    by_partition: dict[int, list[_Record]] = {p: [] for p in range(settings.kafka.topic_partitions)}
     for i in range(n):
         rid = f"restore-{i % requests}"
         data = _item(rng, words)
         example = Example(example_id=example_id(rid, data), request_id=rid, data=data, strategy=Strategy.random,
                           reference_ids=[None], task_id=f"{rid}-t{i // 5}", chain=0, step=i // 5, model="m")
-        partition = (i % requests) % settings.topic_partitions
+        partition = (i % requests) % settings.kafka.topic_partitions
         records = by_partition[partition]
         records.append(_Record(settings.topics.examples, partition, len(records), rid.encode(), encode(example)))
     return by_partition
@@ -122,7 +122,7 @@ async def run(n: int, requests: int, seed: int) -> dict[str, float]:
                                   target_count=10 * n, example_schema=schema, label_field="answer",
                                   label_space=["A", "B", "C", "D"], model=ModelSpec())
             answer = Candidate(task=task, endpoint="default", model="m", raw_output="[" + json.dumps(_item(rng, words)) + "]")
-            partition = (int(rid.rsplit("-", 1)[1])) % settings.topic_partitions
+            partition = (int(rid.rsplit("-", 1)[1])) % settings.kafka.topic_partitions
             await curator.handle(answer, Delivery(settings.topics.candidates, partition, 0, rid))
         first, first_cpu = time.perf_counter() - started, time.process_time() - cpu
     restored = sum(c.accepted_count for c in curator.state.requests.values())

@@ -65,7 +65,7 @@ async def soak(settings: Settings, stack: EmbeddedStack, alias: str, n: int, con
         if waiter is not None and status.state.final and not waiter.done():
             waiter.set_result(status)
 
-    watcher = await StatusWatcher(settings, on_status=on_status, release_after_s=settings.final_state_ttl_s).start()
+    watcher = await StatusWatcher(settings, on_status=on_status, release_after_s=settings.runtime.final_state_ttl_s).start()
     producer = make_producer(settings)
     await producer.start()
     rows: list[dict[str, Any]] = []

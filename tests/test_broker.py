@@ -210,7 +210,7 @@ async def test_restart_on_same_port_and_producer_reconnects(fresh_broker):
         port, pid = fresh_broker.port, fresh_broker.pid
 
         await fresh_broker.restart()
-        assert (fresh_broker.port, fresh_broker.bootstrap) == (port, settings.kafka_bootstrap)
+        assert (fresh_broker.port, fresh_broker.bootstrap) == (port, settings.kafka.bootstrap)
         assert fresh_broker.pid != pid and not _alive(pid)
         await ensure_topics(settings)  # the memory engine starts empty
 

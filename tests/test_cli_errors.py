@@ -103,7 +103,7 @@ async def test_cancel_of_a_request_no_planner_has_taken_yet_is_sent(bus_settings
 
     request = CreationRequest(request_id="queued-1", instruction=MCQ_INSTRUCTION, formatting_example=MCQ, target_count=3)
     await client.submit(bus_settings, request)
-    env = {"DATACREATOR_KAFKA_BOOTSTRAP": bus_settings.kafka_bootstrap,
+    env = {"DATACREATOR_KAFKA_BOOTSTRAP": bus_settings.kafka.bootstrap,
            **{f"DATACREATOR_TOPICS__{name.upper()}": topic for name, topic in bus_settings.topics.model_dump().items()}}
     result = await asyncio.to_thread(datacreator, "cancel", "queued-1", env=env)
     assert result.returncode == 0, result.stderr

@@ -236,7 +236,7 @@ async def test_a_cancel_and_an_outcome_of_one_request_write_one_at_a_time(bus_se
     for reader in (compacted_read_to_end, read_to_end):
         monkeypatch.setattr(planner_module, "read_to_end", reader)
         fresh = PlannerHandler(settings)
-        latest = await fresh._read_snapshots(list(range(settings.topic_partitions)))
+        latest = await fresh._read_snapshots(list(range(settings.kafka.topic_partitions)))
         assert latest[rid][1].plan["state"] == RequestState.CANCELLED.value
     versions = [decode(PlannerSnapshot, r.value).version for r in await _records(settings, t.planner_state)]
     assert versions == sorted(versions) and len(set(versions)) == len(versions)  # landed in version order
@@ -259,7 +259,7 @@ async def test_restore_keeps_the_highest_version_whatever_landed_last(bus_settin
         (rid, PlannerSnapshot(request_id=rid, plan=newer, version=2)),
     ])
     planner = PlannerHandler(bus_settings)
-    latest = await planner._read_snapshots(list(range(bus_settings.topic_partitions)))
+    latest = await planner._read_snapshots(list(range(bus_settings.kafka.topic_partitions)))
     assert latest[rid][1].version == 3 and latest[rid][1].plan["state"] == RequestState.CANCELLED.value
 
 
@@ -305,7 +305,7 @@ async def test_a_finished_requests_snapshot_is_deleted_after_the_retention(bus_s
     states = [decode(RequestStatus, r.value).state for r in await _records(settings, t.status)]
     assert states[-1] is RequestState.CANCELLED and RequestState.ACCEPTED not in states[states.index(RequestState.CANCELLED):]
     fresh = PlannerHandler(settings)
-    assert await fresh._read_snapshots(list(range(settings.topic_partitions))) == {}
+    assert await fresh._read_snapshots(list(range(settings.kafka.topic_partitions))) == {}
     assert fresh._ended.released(rid) is not None  # remembered as let go: a redelivery starts nothing
     left = [r for r in (await compacted(settings, t.planner_state)).values()]
     assert [r.value for r in left] == [None]  # after compaction: the tombstone alone
@@ -380,7 +380,7 @@ async def test_a_request_whose_snapshot_would_outgrow_a_record_is_rejected_with_
     outputs = await planner.handle(fits, delivery(SETTINGS.topics.requests, fits))
     assert by_topic(outputs, SETTINGS.topics.status)[0].state is RequestState.RUNNING
     (snapshot,) = by_topic(outputs, SETTINGS.topics.planner_state)
-    assert len(encode(snapshot)) < SETTINGS.max_message_bytes
+    assert len(encode(snapshot)) < SETTINGS.kafka.max_message_bytes
 
 
 # -- the curator's restore -----------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_compose_generators_know_their_count_and_the_sink_writes_to_a_volume(mon
 
     services = resolved_compose()["services"]
     generator = services["generator"]
-    replicas = Settings(**{"generator_replicas": generator["environment"]["DATACREATOR_GENERATOR_REPLICAS"]}).generator_replicas
+    replicas = Settings(**{"generator_replicas": generator["environment"]["DATACREATOR_GENERATOR_REPLICAS"]}).generator.replicas
     assert replicas == generator["deploy"]["replicas"]
     sink = services["sink"]
     monkeypatch.setenv("DATACREATOR_SINK_DIR", sink["environment"]["DATACREATOR_SINK_DIR"])

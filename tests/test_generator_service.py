@@ -70,7 +70,7 @@ class Generators:
     def __init__(self, settings: Settings, replicas: int) -> None:
         group_id = f"generator-{uuid.uuid4().hex[:8]}"
         self.runners = [ServiceRunner(settings, GeneratorHandler(settings), group_id=group_id) for _ in range(replicas)]
-        self.partitions = settings.topic_partitions
+        self.partitions = settings.kafka.topic_partitions
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Generators:

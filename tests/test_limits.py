@@ -109,7 +109,7 @@ async def test_limits_through_the_planner_and_the_active_request_cap(bus_setting
     cases["message-size"] = (_request(metadata={"pad": "y" * 100_000}), "exceeds the limit of 100000")
     running = [CreationRequest(request_id=f"active-{i}", **_request(target_count=1000, chains=1)) for i in range(3)]
     # All in one partition, in this order: the planner sees the active ones before the third.
-    partition = partition_of(running[0].request_id, settings.topic_partitions)
+    partition = partition_of(running[0].request_id, settings.kafka.topic_partitions)
     group = await ServiceGroup(settings, ("planner", "generator", "curator")).start()
     producer = make_producer(settings)
     await producer.start()

@@ -200,14 +200,14 @@ async def test_small_requests_finish_while_a_big_one_runs(running):
 def _service_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        DATACREATOR_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        DATACREATOR_KAFKA_BOOTSTRAP=settings.kafka.bootstrap,
         DATACREATOR_KAFKA_CLIENT_OVERRIDES=json.dumps(EmbeddedBroker.client_overrides()),
-        DATACREATOR_TOPIC_PARTITIONS=str(settings.topic_partitions),
+        DATACREATOR_TOPIC_PARTITIONS=str(settings.kafka.topic_partitions),
         DATACREATOR_ENDPOINTS_JSON=settings.endpoints_json or "",
         DATACREATOR_HTTP_PORT="0",
-        DATACREATOR_STATUS_INTERVAL_S=str(settings.status_interval_s),
-        DATACREATOR_KAFKA_SESSION_TIMEOUT_MS=str(settings.kafka_session_timeout_ms),
-        DATACREATOR_KAFKA_HEARTBEAT_INTERVAL_MS=str(settings.kafka_heartbeat_interval_ms),
+        DATACREATOR_STATUS_INTERVAL_S=str(settings.planner.status_interval_s),
+        DATACREATOR_KAFKA_SESSION_TIMEOUT_MS=str(settings.kafka.session_timeout_ms),
+        DATACREATOR_KAFKA_HEARTBEAT_INTERVAL_MS=str(settings.kafka.heartbeat_interval_ms),
         DATACREATOR_LOG_LEVEL="INFO",
     )
     for field, topic in settings.topics.model_dump().items():

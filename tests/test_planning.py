@@ -22,7 +22,14 @@ from datacreator.contracts import (
     TaskOutcome,
     Usage,
 )
-from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, task_id_for, validate_request
+from datacreator.logic.planning import (
+    PlannerLimits,
+    RequestPlan,
+    RequestRejected,
+    accepted_after,
+    task_id_for,
+    validate_request,
+)
 from datacreator.logic.schema import example_schema
 from datacreator.logic.strategies import CachedEmbedder, derive_rng, shuffled
 
@@ -389,6 +396,26 @@ def test_target_reached_flag_completes() -> None:
     task = plan.next_tasks(0.0)[0]
     plan.on_outcome(outcome(task, 1, target_reached=True), 1.0)
     assert plan.state is RequestState.COMPLETED
+
+
+def test_accepted_after_is_the_curators_count_as_reported() -> None:
+    plan = RequestPlan.start(make_request(chains=2, target_count=10), 0.0)
+    task = plan.next_tasks(0.0)[0]
+    assert accepted_after(4, outcome(task, 3), 10) == 7  # the examples the outcome brings
+    assert accepted_after(4, outcome(task, 8), 10) == 12  # past the target: counted, not clipped
+    # The curator's count reached the target with examples this plan never saw.
+    assert accepted_after(4, outcome(task, 1, target_reached=True), 10) == 10
+    assert accepted_after(9, outcome(task, 3, target_reached=True), 10) == 12
+
+
+def test_the_plan_finishes_on_its_accepted_count_alone() -> None:
+    plan = RequestPlan.start(make_request(chains=2, target_count=10), 0.0)
+    first, second = plan.next_tasks(0.0)[:2]
+    plan.on_outcome(outcome(first, 9), 1.0)
+    assert not plan.finished and plan.counts.accepted == 9
+    plan.on_outcome(outcome(second, 0, target_reached=True), 2.0)
+    # What completed the request is what its status reports: the curator's count, at the target.
+    assert plan.state is RequestState.COMPLETED and plan.status(2.0).accepted == 10
 
 
 def test_stops_issuing_near_the_target() -> None:

@@ -156,7 +156,7 @@ async def test_poison_on_every_input_topic_is_dead_lettered_and_the_partition_ke
     )
     request = CreationRequest(instruction="Write short restaurant reviews labelled positive or negative.",
                               formatting_example=SEED, target_count=6, examples_per_call=3, chains=2)
-    partition = partition_of(request.request_id, settings.topic_partitions)
+    partition = partition_of(request.request_id, settings.kafka.topic_partitions)
     poisons = poisons_for(settings)
     await publish_poisons(settings, poisons, partition)
 

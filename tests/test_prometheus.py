@@ -44,10 +44,10 @@ def free_port() -> int:
 def service_env(settings, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATACREATOR_")}
     env.update(
-        DATACREATOR_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        DATACREATOR_KAFKA_BOOTSTRAP=settings.kafka.bootstrap,
         DATACREATOR_KAFKA_SECURITY_PROTOCOL="PLAINTEXT",
         DATACREATOR_KAFKA_CLIENT_OVERRIDES=json.dumps(EmbeddedBroker.client_overrides()),
-        DATACREATOR_TOPIC_PARTITIONS=str(settings.topic_partitions),
+        DATACREATOR_TOPIC_PARTITIONS=str(settings.kafka.topic_partitions),
         DATACREATOR_ENDPOINTS_JSON=settings.endpoints_json,
         DATACREATOR_HTTP_PORT=str(port),
     )

@@ -80,15 +80,15 @@ def test_request_directory_names_are_safe():
 def _sink_env(settings, directory: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "DATACREATOR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "DATACREATOR_TOPIC_PARTITIONS": str(settings.topic_partitions),
+        "DATACREATOR_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+        "DATACREATOR_TOPIC_PARTITIONS": str(settings.kafka.topic_partitions),
         "DATACREATOR_SINK_DIR": str(directory),
         "DATACREATOR_SINK_SHARD_ROWS": "25",
         "DATACREATOR_HTTP_PORT": "0",
         "DATACREATOR_LOG_LEVEL": "WARNING",
         # Tansu's group joins take time in proportion to the session timeout: keep it short.
-        "DATACREATOR_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
-        "DATACREATOR_KAFKA_HEARTBEAT_INTERVAL_MS": str(settings.kafka_heartbeat_interval_ms),
+        "DATACREATOR_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "DATACREATOR_KAFKA_HEARTBEAT_INTERVAL_MS": str(settings.kafka.heartbeat_interval_ms),
     })
     for field, topic in settings.topics.model_dump().items():
         env[f"DATACREATOR_TOPICS__{field.upper()}"] = topic
@@ -139,7 +139,7 @@ async def test_sigkill_mid_stream_then_restart_loses_and_repeats_nothing(bus_set
     os.environ["DATACREATOR_SINK_DIR"] = str(sink_dir)
     os.environ["DATACREATOR_SINK_SHARD_ROWS"] = "25"
     try:
-        settings = Settings(**bus_settings.model_dump(exclude={"sink_dir", "sink_shard_rows"}))
+        settings = Settings(**bus_settings.model_dump(exclude={"sink": {"dir", "shard_rows"}}))
         handler = SinkHandler(settings)
     finally:
         del os.environ["DATACREATOR_SINK_DIR"], os.environ["DATACREATOR_SINK_SHARD_ROWS"]

@@ -37,7 +37,7 @@ METRICS_AFTER = METRICS_BEFORE.replace("accepted_total 10.0", "accepted_total 30
 
 def top_env(settings, columns: int = 200) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATACREATOR_")}
-    env.update(DATACREATOR_KAFKA_BOOTSTRAP=settings.kafka_bootstrap, DATACREATOR_KAFKA_SECURITY_PROTOCOL="PLAINTEXT",
+    env.update(DATACREATOR_KAFKA_BOOTSTRAP=settings.kafka.bootstrap, DATACREATOR_KAFKA_SECURITY_PROTOCOL="PLAINTEXT",
                COLUMNS=str(columns), LINES="50", TERM="xterm-256color")
     for field, topic in settings.topics.model_dump().items():
         env[f"DATACREATOR_TOPICS__{field.upper()}"] = topic

@@ -54,7 +54,7 @@ def _user_error(exc: BaseException, args: argparse.Namespace | None) -> str | No
         return str(exc)
     if any(c.__module__.startswith("aiokafka.") and c.__name__ == "KafkaError" for c in type(exc).__mro__):
         # matched by name: only bus code imports the Kafka client
-        bootstrap = Settings().kafka_bootstrap
+        bootstrap = Settings().kafka.bootstrap
         return (f"cannot reach the Kafka broker at {bootstrap} ({type(exc).__name__}); "
                 "is the bus up? start one with `datacreator up`, or set DATACREATOR_KAFKA_BOOTSTRAP")
     return None
@@ -305,7 +305,7 @@ async def _up(args: argparse.Namespace) -> int:
         _warn_unpriced(settings)
         view = await _start_view(args, settings)
         assert stack.group is not None
-        print(f"datacreator is up: Kafka bootstrap {settings.kafka_bootstrap}", flush=True)
+        print(f"datacreator is up: Kafka bootstrap {settings.kafka.bootstrap}", flush=True)
         print(f"  publish requests to {settings.topics.requests}; read examples from {settings.topics.examples}", flush=True)
         print(f"  LLM: {target.base_url} ({target.model}); metrics: {stack.group.health.url}/metrics", flush=True)
         if view is not None:

@@ -18,13 +18,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
-from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from datacreator.bus import KafkaError
 from datacreator.bus.readback import StatusWatcher
 from datacreator.client import latest_statuses
 from datacreator.config import Settings
@@ -265,7 +265,7 @@ async def _once(settings: Settings, urls: list[str], limit: int, console: Consol
     try:
         statuses = await latest_statuses(settings)
     except KafkaError as exc:
-        print(f"datacreator top: cannot read {settings.topics.status} from {settings.kafka_bootstrap}: {exc}", file=sys.stderr)
+        print(f"datacreator top: cannot read {settings.topics.status} from {settings.kafka.bootstrap}: {exc}", file=sys.stderr)
         return 2
     view = None
     if urls:

@@ -24,6 +24,7 @@ from datacreator.bus.codec import decode
 from datacreator.bus.readback import StatusWatcher, read_to_end
 from datacreator.config import Settings
 from datacreator.contracts import Example, Rejection, RequestStatus, TaskOutcome
+from datacreator.logic.planning import accepted_after
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Fold:
     ignored: int = 0
 
 
-def fold_outcomes(outcomes: list[TaskOutcome]) -> Fold:
+def fold_outcomes(outcomes: list[TaskOutcome], target_count: int) -> Fold:
     fold = Fold()
     seen: set[str] = set()
     for outcome in outcomes:  # one partition (keyed by request id): offset order is the planner's order
@@ -78,7 +79,7 @@ def fold_outcomes(outcomes: list[TaskOutcome]) -> Fold:
         fold.applied.append(outcome)
         fold.calls += outcome.attempts  # llm_calls counts HTTP attempts, retries included
         fold.failed += outcome.error is not None
-        fold.accepted += len(outcome.accepted)
+        fold.accepted = accepted_after(fold.accepted, outcome, target_count)  # the planner's one counter
         fold.rejected.update(outcome.rejected)
     return fold
 
@@ -117,7 +118,7 @@ def check_accounting(ledger: Ledger, status: RequestStatus) -> Fold:
 
     Read the ledger after `settled_status`, so both see the same outcomes.
     """
-    fold = fold_outcomes(ledger.outcomes)
+    fold = fold_outcomes(ledger.outcomes, status.target_count)
     assert status.accepted == fold.accepted, (status.accepted, fold.accepted)
     assert status.llm_calls == fold.calls, (status.llm_calls, fold.calls)
     assert status.failed_calls == fold.failed, (status.failed_calls, fold.failed)

@@ -32,13 +32,13 @@ def service_env(settings: Settings, **extra: object) -> dict[str, str]:
     """The environment that makes `datacreator serve` use these settings' broker, topics and LLM."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATACREATOR_")}
     env.update({
-        "DATACREATOR_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "DATACREATOR_KAFKA_CLIENT_OVERRIDES": json.dumps(settings.kafka_client_overrides),
-        "DATACREATOR_TOPIC_PARTITIONS": str(settings.topic_partitions),
+        "DATACREATOR_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+        "DATACREATOR_KAFKA_CLIENT_OVERRIDES": json.dumps(settings.kafka.client_overrides),
+        "DATACREATOR_TOPIC_PARTITIONS": str(settings.kafka.topic_partitions),
         "DATACREATOR_KAFKA_SESSION_TIMEOUT_MS": str(TEST_SESSION_TIMEOUT_MS),
         "DATACREATOR_KAFKA_HEARTBEAT_INTERVAL_MS": str(TEST_HEARTBEAT_MS),
-        "DATACREATOR_SHUTDOWN_TIMEOUT_S": str(settings.shutdown_timeout_s),
-        "DATACREATOR_STATUS_INTERVAL_S": str(settings.status_interval_s),
+        "DATACREATOR_SHUTDOWN_TIMEOUT_S": str(settings.runtime.shutdown_timeout_s),
+        "DATACREATOR_STATUS_INTERVAL_S": str(settings.planner.status_interval_s),
         "DATACREATOR_LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
     })

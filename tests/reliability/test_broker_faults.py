@@ -81,7 +81,7 @@ async def test_broker_restart_with_empty_storage(fresh_broker, make_simulator):
 
         await fresh_broker.restart()  # memory storage: comes back with nothing
         topics = await _wait_topics(settings, 30)
-        assert set(topics.values()) == {settings.topic_partitions}, topics
+        assert set(topics.values()) == {settings.kafka.topic_partitions}, topics
         await asyncio.sleep(1.0)
         assert group._task is not None and not group._task.done(), "the services stopped after the restart"
 

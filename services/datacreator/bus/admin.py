@@ -53,7 +53,7 @@ async def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:
             last = exc
         if time.monotonic() >= deadline:
             raise TimeoutError(
-                f"Kafka at {settings.kafka_bootstrap} did not answer within {timeout_s}s ({type(last).__name__})"
+                f"Kafka at {settings.kafka.bootstrap} did not answer within {timeout_s}s ({type(last).__name__})"
             )
         await asyncio.sleep(0.2)
 
@@ -82,7 +82,7 @@ async def ensure_topics(
     that refuses topic configs gets them without. Retries while the broker is coming up.
     """
     names = list(dict.fromkeys(topics if topics is not None else settings.topics.all()))
-    count = partitions or settings.topic_partitions
+    count = partitions or settings.kafka.topic_partitions
     compacted = settings.topics.compacted()
     deadline = time.monotonic() + timeout_s
     await wait_for_broker(settings, timeout_s)
@@ -96,7 +96,7 @@ async def ensure_topics(
             raise
         except (TimeoutError, KafkaError, OSError) as exc:
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"could not create topics on {settings.kafka_bootstrap}: {exc!r}") from exc
+                raise TimeoutError(f"could not create topics on {settings.kafka.bootstrap}: {exc!r}") from exc
             log.info("topic creation not done yet (%s), retrying", type(exc).__name__)
             await asyncio.sleep(0.5)
 
@@ -108,7 +108,7 @@ async def _create_missing(settings: Settings, names: list[str], partitions: int,
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
-            replication = settings.topic_replication_factor
+            replication = settings.kafka.topic_replication_factor
             retry_plain = await _create(
                 admin, [_new_topic(n, partitions, replication, COMPACT if n in compacted else None) for n in missing]
             )

@@ -1,7 +1,7 @@
 """Every aiokafka client of the project is built here, so the options they share are set once.
 
 A broker that needs different client settings (the embedded one does) says so through
-`Settings.kafka_client_overrides`, applied last by these factories and nowhere else.
+`Settings.kafka.client_overrides`, applied last by these factories and nowhere else.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from datacreator.config import Settings
 
 
 def _overrides(settings: Settings, kind: str) -> dict[str, Any]:
-    return dict(settings.kafka_client_overrides.get(kind, {}))
+    return dict(settings.kafka.client_overrides.get(kind, {}))
 
 
 def make_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
@@ -24,7 +24,7 @@ def make_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
         acks="all",
         enable_idempotence=False,
         linger_ms=2,
-        max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+        max_request_size=max(settings.kafka.max_message_bytes * 2, 1_048_576),
         request_timeout_ms=30_000,
     )
     merged.update(_overrides(settings, "producer"))
@@ -38,7 +38,7 @@ def make_consumer(settings: Settings, group_id: str | None = None, **options: An
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_partition_fetch_bytes=max(settings.max_message_bytes * 2, 1_048_576),
+        max_partition_fetch_bytes=max(settings.kafka.max_message_bytes * 2, 1_048_576),
         # How long the broker may hold an empty fetch; Kafka answers as soon as records arrive.
         fetch_max_wait_ms=500,
     )

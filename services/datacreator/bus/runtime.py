@@ -251,7 +251,7 @@ class ServiceRunner:
         self.settings = settings
         self.handler = handler
         self.group_id = group_id or f"datacreator-{handler.name}"
-        self.max_in_flight = max_in_flight or settings.max_in_flight
+        self.max_in_flight = max_in_flight or settings.runtime.max_in_flight
         self.commit_interval_s = commit_interval_s
         self.state = RunnerState()
         self._tracks: dict[TopicPartition, _PartitionTrack] = {}
@@ -352,9 +352,9 @@ class ServiceRunner:
             group_id=self.group_id,
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_interval_ms=600_000,
-            session_timeout_ms=self.settings.kafka_session_timeout_ms,
-            heartbeat_interval_ms=self.settings.kafka_heartbeat_interval_ms,
-            fetch_max_bytes=self.settings.max_message_bytes * 8,
+            session_timeout_ms=self.settings.kafka.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.kafka.heartbeat_interval_ms,
+            fetch_max_bytes=self.settings.kafka.max_message_bytes * 8,
         )
         await _retry_start(self._producer.start, f"{name} producer")
         self._consumer.subscribe(list(self.handler.inputs), listener=_Listener(self))
@@ -388,7 +388,7 @@ class ServiceRunner:
             self.state.ready = False
             metrics.service_up.labels(name).set(0)
             await self._cancel_retries()
-            await self._drain(self.settings.shutdown_timeout_s)
+            await self._drain(self.settings.runtime.shutdown_timeout_s)
             for _ in range(50):  # asyncio.wait_for in 3.11 can swallow a cancellation: ask again
                 committer.cancel()
                 if (await asyncio.wait({committer}, timeout=0.2))[0]:
@@ -477,7 +477,7 @@ class ServiceRunner:
         """The outputs for one record, and the message it decoded to (None when it did not)."""
         name = self.handler.name
         try:
-            message = self._decoders[record.topic](record.value, self.settings.max_message_bytes)
+            message = self._decoders[record.topic](record.value, self.settings.kafka.max_message_bytes)
         except PoisonMessage as exc:
             outputs = [self._failed(delivery, exc)]
             try:
@@ -492,7 +492,7 @@ class ServiceRunner:
             # Nothing else is answered for it: its request is not this member's to answer.
             return [self._failed(delivery, PoisonMessage(
                 f"key {delivery.key!r} is not the message's request_id {request_id!r}"))], None
-        attempts = self.settings.max_attempts
+        attempts = self.settings.runtime.message_attempts
         for attempt in range(1, attempts + 1):
             try:
                 return await self.handler.handle(message, delivery), message
@@ -701,7 +701,7 @@ class ServiceRunner:
         await self._cancel_retries()
         if not revoked:
             return
-        await self._drain(self.settings.shutdown_timeout_s, revoked)
+        await self._drain(self.settings.runtime.shutdown_timeout_s, revoked)
         with contextlib.suppress(KafkaError):
             await self._commit(revoked)
         for tp in revoked:

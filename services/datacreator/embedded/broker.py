@@ -121,7 +121,7 @@ class EmbeddedBroker(ChildServer):
 
     @staticmethod
     def client_overrides() -> dict[str, dict[str, Any]]:
-        """The client settings this broker needs, for `Settings.kafka_client_overrides`.
+        """The client settings this broker needs, for `Settings.kafka.client_overrides`.
 
         kafka_single_record_batches: Tansu's memory engine sets the high watermark after the first
         record of a batch, hiding the rest until the next write, so each record travels in a batch

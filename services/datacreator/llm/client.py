@@ -372,7 +372,7 @@ class LLMPool:
         window_s: float = 60.0,
     ) -> None:
         self.settings = settings
-        self.redis_url = redis_url if redis_url is not None else settings.redis_url
+        self.redis_url = redis_url if redis_url is not None else settings.generator.redis_url
         self.replicas_hint = replicas_hint
         self.window_s = window_s
         self._clients: dict[str, LLMClient] = {}

@@ -299,6 +299,18 @@ class PlanState(_State):
     reserved: dict[str, float] = Field(default_factory=dict)  # task id -> worst-case cost (logic.budget)
 
 
+def accepted_after(accepted: int, outcome: TaskOutcome, target: int) -> int:
+    """The request's accepted count once `outcome` is in: the one counter its plan finishes on
+    (`accepted >= target`), the curator's count as reported to the plan.
+
+    Each outcome brings the examples it accepted. An outcome whose curator found the target reached
+    lifts the count to at least the target: the curator also counts examples the plan never saw,
+    restored from the examples topic after a restart or accepted for a task the plan had given up on.
+    """
+    accepted += len(outcome.accepted)
+    return max(accepted, target) if outcome.target_reached else accepted
+
+
 def task_id_for(request_id: str, *position: object) -> str:
     """Deterministic task id: the same planning step always yields the same id."""
     return hashlib.sha256("\x1f".join(str(part) for part in (request_id, *position)).encode()).hexdigest()[:32]
@@ -485,7 +497,7 @@ class RequestPlan:
 
         if self.finished:
             return  # late outcomes still count their cost, but change no state
-        if outcome.target_reached or s.counts.accepted >= s.request.target_count:
+        if s.counts.accepted >= s.request.target_count:
             self._finish(RequestState.COMPLETED, None, now)
         elif s.calls_without_accept >= s.limits.stall_calls:
             self._finish(RequestState.FAILED, self._stall_reason(), now)
@@ -554,7 +566,7 @@ class RequestPlan:
             c.prompt_tokens += outcome.verification.usage.prompt_tokens
             c.completion_tokens += outcome.verification.usage.completion_tokens
             c.cost_usd += outcome.verification.cost_usd
-        c.accepted += len(outcome.accepted)
+        c.accepted = accepted_after(c.accepted, outcome, s.request.target_count)
         if outcome.accepted:
             s.calls_without_accept = 0
             s.streak_rejected = {}

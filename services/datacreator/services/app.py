@@ -48,7 +48,7 @@ class ServiceGroup:
     ) -> None:
         self.settings = settings
         self.runners = [ServiceRunner(settings, handler_factory(name, settings)) for name in names]
-        self.health = HealthServer(settings.http_host, settings.http_port, ready=self.ready)
+        self.health = HealthServer(settings.runtime.http_host, settings.runtime.http_port, ready=self.ready)
         self._task: asyncio.Task[None] | None = None
 
     def ready(self) -> bool:

@@ -63,9 +63,9 @@ class CuratorHandler(BaseHandler):
         self.settings = settings
         self.inputs = {settings.topics.candidates: Candidate}
         self.state = CuratorState(
-            max_field_chars=settings.max_field_chars,
-            raw_text_limit=settings.raw_text_limit,
-            num_perm=settings.minhash_num_perm,
+            max_field_chars=settings.curator.max_field_chars,
+            raw_text_limit=settings.curator.raw_text_limit,
+            num_perm=settings.curator.minhash_num_perm,
             embedder=embedder,
             embedder_factory=shared_embedder,
         )
@@ -78,7 +78,7 @@ class CuratorHandler(BaseHandler):
         self._stale: dict[str, int] = {}  # request id -> its partition
         self._reopened: OrderedDict[str, None] = OrderedDict()  # COMPLETED requests read back, newest last
         self.status = StatusWatcher(settings, on_status=self._forget_if_final)
-        self.status.release_after(settings.final_state_ttl_s)  # ended requests' statuses go after their hold
+        self.status.release_after(settings.runtime.final_state_ttl_s)  # ended requests' statuses go after their hold
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)

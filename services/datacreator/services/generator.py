@@ -44,15 +44,15 @@ class GeneratorHandler(BaseHandler):
         self.settings = settings
         self.inputs = {settings.topics.tasks: GenerationTask}
         self.pool = pool
-        self.status = StatusWatcher(settings).release_after(settings.final_state_ttl_s)
+        self.status = StatusWatcher(settings).release_after(settings.runtime.final_state_ttl_s)
         self._answered = _RecentIds()
         self._calling: dict[str, asyncio.Future[list[Output]]] = {}  # task id -> its call under way
 
     async def start(self, ctx: Context) -> None:
         await super().start(ctx)
         if self.pool is None:
-            self.pool = LLMPool(self.settings, redis_url=self.settings.redis_url, replicas_hint=self.settings.generator_replicas,
-                                window_s=self.settings.ratelimit_window_s)
+            limits = self.settings.generator
+            self.pool = LLMPool(self.settings, redis_url=limits.redis_url, replicas_hint=limits.replicas, window_s=limits.ratelimit_window_s)
         await self.status.start()
 
     async def stop(self) -> None:

@@ -51,14 +51,14 @@ class PlannerHandler(BaseHandler):
     def __init__(self, settings: Settings, embedder: Embedder | None = None, limits: PlannerLimits | None = None) -> None:
         self.settings = settings
         self.inputs = {settings.topics.requests: RequestMessage, settings.topics.outcomes: TaskOutcome}
-        self.limits = limits or PlannerLimits(stall_calls=settings.stall_calls, caps=settings.operator_caps(),
-                                              **({"max_target_count": settings.max_target_count} if settings.max_target_count else {}))
+        self.limits = limits or PlannerLimits(stall_calls=settings.planner.stall_calls, caps=settings.operator_caps(),
+                                              **({"max_target_count": settings.planner.max_target_count} if settings.planner.max_target_count else {}))
         self._embedder = embedder
         self.plans: dict[str, RequestPlan] = {}
         self.partition_of: dict[str, int] = {}
         self._last_status: dict[str, float] = {}
         self._dirty: set[str] = set()
-        self._ended = ReleaseClock(settings.final_state_ttl_s)  # ended plans go after their hold
+        self._ended = ReleaseClock(settings.runtime.final_state_ttl_s)  # ended plans go after their hold
         self._releaser: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.versions: dict[str, int] = {}  # request id -> version of its last snapshot written
@@ -243,11 +243,11 @@ class PlannerHandler(BaseHandler):
             validated, reason = validate_request(message, set(self.settings.endpoints) | {"default"}, self.limits), None
         except RequestRejected as exc:
             validated, reason = None, str(exc)
-        if reason is None and active >= self.settings.max_active_requests:
-            reason = f"too many active requests ({active}); the limit is {self.settings.max_active_requests}"
+        if reason is None and active >= self.settings.planner.max_active_requests:
+            reason = f"too many active requests ({active}); the limit is {self.settings.planner.max_active_requests}"
         if reason is None:
             assert validated is not None
-            reason = snapshot_size_problem(message, validated.example_schema, max_bytes=self.settings.max_message_bytes,
+            reason = snapshot_size_problem(message, validated.example_schema, max_bytes=self.settings.kafka.max_message_bytes,
                                            pool_size=self.limits.pool_size, tree_level_nodes=self.limits.max_tree_level_nodes)
         if reason is not None:
             return [self._rejected(message.request_id, reason, now, message)]
@@ -278,7 +278,7 @@ class PlannerHandler(BaseHandler):
             self._finished_at.setdefault(request_id, now)
         snapshot = PlannerSnapshot(request_id=request_id, plan=plan.snapshot(), version=version)
         outputs.append(Output(topics.planner_state, request_id, snapshot))
-        if force_status or now - self._last_status.get(request_id, 0.0) >= self.settings.status_interval_s:
+        if force_status or now - self._last_status.get(request_id, 0.0) >= self.settings.planner.status_interval_s:
             outputs.append(Output(topics.status, request_id, self._status(plan, now)))
             self._last_status[request_id] = now
             self._dirty.discard(request_id)
@@ -344,14 +344,14 @@ class PlannerHandler(BaseHandler):
         """Statuses held back by the rate bound are published here, so the last one is never lost;
         and finished requests' snapshots are deleted once they are older than the retention."""
         while True:
-            await asyncio.sleep(self.settings.status_interval_s)
+            await asyncio.sleep(self.settings.planner.status_interval_s)
             await self._flush_once()
 
     async def _flush_once(self) -> None:
         now = time.time()
         # One release for a finished plan: its snapshot's tombstone and the plan going from memory
         # happen together, at the earlier of the two holds.
-        retention = min(self.settings.snapshot_retention_s, self.settings.final_state_ttl_s)
+        retention = min(self.settings.planner.snapshot_retention_s, self.settings.runtime.final_state_ttl_s)
         expired = [rid for rid, at in self._finished_at.items() if rid in self.plans and now - at >= retention]
         pending = [rid for rid in self._dirty if rid in self.plans]
         held: list[asyncio.Lock] = []
@@ -409,7 +409,7 @@ class PlannerHandler(BaseHandler):
 
     async def _release_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.status_interval_s)
+            await asyncio.sleep(self.settings.planner.status_interval_s)
             self.release_due(time.time())
 
     def release_due(self, now: float) -> int:

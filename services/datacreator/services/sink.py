@@ -249,15 +249,15 @@ class SinkHandler(BaseHandler):
     ) -> None:
         self.settings = settings
         self.inputs = {settings.topics.examples: Example}
-        self.directory = Path(directory or settings.sink_dir)
-        rows = shard_rows or settings.sink_shard_rows
+        self.directory = Path(directory or settings.sink.dir)
+        rows = shard_rows or settings.sink.shard_rows
         if rows < 1:
             raise ValueError("shard_rows must be at least 1")
         self.shard_rows = int(rows)
-        self.fsync = settings.sink_fsync if fsync is None else bool(fsync)
+        self.fsync = settings.sink.fsync if fsync is None else bool(fsync)
         self.written = 0
         self.duplicates = 0
-        self.release_after_s = settings.final_state_ttl_s
+        self.release_after_s = settings.runtime.final_state_ttl_s
         self._partitions: dict[int, PartitionFiles] = {}
         self._sweeper: asyncio.Task[None] | None = None
 

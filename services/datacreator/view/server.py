@@ -254,12 +254,12 @@ async def main(args: argparse.Namespace) -> int:
     settings = Settings()
     from datacreator.embedded.broker import probe
 
-    if settings.kafka_security_protocol == "PLAINTEXT":
-        await probe(settings.kafka_bootstrap)  # an unreachable broker is a one-line error, not a page that stays empty
+    if settings.kafka.security_protocol == "PLAINTEXT":
+        await probe(settings.kafka.bootstrap)  # an unreachable broker is a one-line error, not a page that stays empty
     stopped = asyncio.Event()
     install_signal_handlers(stopped.set)
     server = await ViewServer(settings, args.port, args.host, embeddings=args.embeddings, max_examples=args.max_examples).start()
-    print(f"datacreator view: {server.url} (reading {settings.kafka_bootstrap}); Ctrl-C stops it", file=sys.stderr, flush=True)
+    print(f"datacreator view: {server.url} (reading {settings.kafka.bootstrap}); Ctrl-C stops it", file=sys.stderr, flush=True)
     try:
         await stopped.wait()
     finally:
