@@ -309,11 +309,13 @@ class Settings(BaseSettings):
             "client_id": kafka.client_id,
         }
         if kafka.security_protocol.endswith("SSL"):
-            from aiokafka.helpers import create_ssl_context
+            import ssl
 
-            kwargs["ssl_context"] = create_ssl_context(
-                cafile=kafka.ssl_cafile, certfile=kafka.ssl_certfile, keyfile=kafka.ssl_keyfile
-            )
+            # What aiokafka.helpers.create_ssl_context does, from the standard library.
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=kafka.ssl_cafile)
+            if kafka.ssl_certfile:
+                context.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
+            kwargs["ssl_context"] = context
         if kafka.security_protocol.startswith("SASL"):
             password = _secret_from(kafka.sasl_password, kafka.sasl_password_file)
             kwargs["sasl_mechanism"] = kafka.sasl_mechanism
