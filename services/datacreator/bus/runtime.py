@@ -50,6 +50,9 @@ DLQ_VALUE_LIMIT = 10_000
 COMMIT_TIMEOUT_S = 10.0
 TOPIC_CHECK_INTERVAL_S = 2.0
 CLOSE_TIMEOUT_S = 5.0
+# Records of one partition of a pipelined handler handled while earlier ones still await their
+# acknowledgements: bounds what a partition holds in memory when the broker is slow or away.
+PIPELINE_DEPTH = 32
 # After a partition lost records below the committed offset, reading resumes this much before the
 # time of the last record committed: record times come from the producers' clocks.
 LOST_OFFSETS_CLOCK_MARGIN_MS = 60_000
@@ -148,6 +151,9 @@ class Handler(Protocol):
     name: str
     inputs: dict[str, Any]
     ordered: bool  # True: one record at a time per partition (stateful services)
+    # With `ordered`: records are still handled one at a time and in order, but the next one is
+    # handled while the outputs of the previous ones are being acknowledged (see ServiceRunner).
+    pipelined: bool
 
     async def start(self, ctx: Context) -> None: ...
 
@@ -168,6 +174,7 @@ class BaseHandler:
     name = "service"
     inputs: dict[str, Any] = {}
     ordered = False
+    pipelined = False
 
     @property
     def topics(self) -> list[str]:
@@ -198,7 +205,7 @@ class BaseHandler:
 class _PartitionTrack:
     """Offsets of one partition in arrival order; commits the longest finished prefix."""
 
-    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp")
+    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp", "acks", "window")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()
@@ -208,6 +215,8 @@ class _PartitionTrack:
         self.worker: asyncio.Task[None] | None = None
         self.stamps: dict[int, int] = {}  # offset -> record timestamp (ms), until committable
         self.stamp: int | None = None  # timestamp of the last record of the committable prefix
+        self.acks: set[asyncio.Task[None]] = set()  # pipelined handlers: publishes under way
+        self.window: asyncio.Semaphore | None = None  # pipelined handlers: PIPELINE_DEPTH
 
     def add(self, offset: int, timestamp: int | None = None) -> None:
         self.order.append(offset)
@@ -423,6 +432,7 @@ class ServiceRunner:
     def _ensure_worker(self, tp: TopicPartition, track: _PartitionTrack) -> None:
         if track.queue is None:
             track.queue = asyncio.Queue()
+            track.window = asyncio.Semaphore(PIPELINE_DEPTH)
             track.worker = asyncio.create_task(self._partition_worker(tp, track))
 
     async def _partition_worker(self, tp: TopicPartition, track: _PartitionTrack) -> None:
@@ -431,6 +441,8 @@ class ServiceRunner:
             item = await track.queue.get()
             if callable(item):
                 await self._run_job(tp, item)
+            elif self.handler.pipelined:
+                await self._process_pipelined(tp, track, item)
             else:
                 await self._process(tp, track, item)
 
@@ -455,20 +467,103 @@ class ServiceRunner:
                 except UndeliverableOutput as exc:
                     metrics.processing_errors.labels(name, tp.topic).inc()
                     log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
-                    answers = self._give_up(message, delivery, exc)
-                    try:
-                        await self.publish(answers)
-                    except UndeliverableOutput:  # the handler's answer cannot go either: the letter alone
-                        await self.publish(answers[:1])
+                    await self._publish_give_up(message, delivery, exc)
             track.finish(record.offset)
         except asyncio.CancelledError:
             raise
         except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
             log.exception("%s: could not finish %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
         finally:
-            self._in_flight -= 1
-            metrics.in_flight.labels(name).set(self._in_flight)
-            metrics.processing_seconds.labels(name, tp.topic).observe(time.perf_counter() - started)
+            self._record_done(tp, started)
+
+    async def _process_pipelined(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
+        """Handle one record in order, then acknowledge its outputs in the background.
+
+        The next record of the partition is handled while these outputs travel, so a partition's
+        throughput is no longer one round trip to the broker (or more: stages) per record. What
+        still holds: records are handled one at a time and in offset order (the handler's state
+        sees them as before); an offset is finished, and so committable, only once all its outputs
+        are acknowledged; commits follow offset order (_PartitionTrack). Outputs of consecutive
+        records may be acknowledged in either order, which no consumer relies on: each message
+        carries its own ids. A record whose outputs are refused for good is answered on the
+        worker, between records, because the handler's `on_dead_letter` may change its state.
+        """
+        name = self.handler.name
+        started = time.perf_counter()
+        delivery = _delivery_of(record)
+        assert track.window is not None
+        handed_off = False
+        try:
+            await track.window.acquire()
+            try:
+                async with self.key_lock(delivery.key):  # handled before the next record of its key
+                    outputs, message = await self._handle(record, delivery)
+                ack = asyncio.create_task(self._acknowledge(tp, track, record, delivery, outputs, message, started))
+                handed_off = True
+            finally:
+                if not handed_off:
+                    track.window.release()
+            track.acks.add(ack)
+            ack.add_done_callback(track.acks.discard)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # left uncommitted: it is redelivered
+            log.exception("%s: could not handle %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
+        finally:
+            if not handed_off:
+                self._record_done(tp, started)
+
+    async def _acknowledge(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord, delivery: Delivery,
+                           outputs: list[Output], message: Any, started: float) -> None:
+        name = self.handler.name
+        assert track.window is not None
+        window = track.window
+        holding = True
+        try:
+            try:
+                await self.publish(outputs)
+            except UndeliverableOutput as exc:
+                metrics.processing_errors.labels(name, tp.topic).inc()
+                log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
+                answered = asyncio.get_running_loop().create_future()
+                refused = exc
+
+                async def give_up() -> list[Output]:
+                    try:
+                        await self._publish_give_up(message, delivery, refused)
+                        answered.set_result(None)
+                    except BaseException as error:
+                        answered.set_exception(error)
+                        raise
+                    return []
+
+                assert track.queue is not None
+                # The worker may be waiting for a place in the window: give this one up first.
+                window.release()
+                holding = False
+                track.queue.put_nowait(give_up)
+                await answered
+            track.finish(record.offset)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
+            log.exception("%s: could not finish %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
+        finally:
+            if holding:
+                window.release()
+            self._record_done(tp, started)
+
+    async def _publish_give_up(self, message: Any, delivery: Delivery, exc: Exception) -> None:
+        answers = self._give_up(message, delivery, exc)
+        try:
+            await self.publish(answers)
+        except UndeliverableOutput:  # the handler's answer cannot go either: the letter alone
+            await self.publish(answers[:1])
+
+    def _record_done(self, tp: TopicPartition, started: float) -> None:
+        self._in_flight -= 1
+        metrics.in_flight.labels(self.handler.name).set(self._in_flight)
+        metrics.processing_seconds.labels(self.handler.name, tp.topic).observe(time.perf_counter() - started)
 
     async def _handle_with_retries(self, record: ConsumerRecord, delivery: Delivery | None = None) -> list[Output]:
         return (await self._handle(record, delivery or _delivery_of(record)))[0]
@@ -637,6 +732,8 @@ class ServiceRunner:
         for tp, track in list(self._tracks.items()):
             if (partitions is None or tp in partitions) and track.worker is not None:
                 track.worker.cancel()
+                for ack in list(track.acks):
+                    ack.cancel()
 
     # -- rebalancing ------------------------------------------------------------------------
 
@@ -657,6 +754,8 @@ class ServiceRunner:
         if old is not None:
             if old.worker is not None:
                 old.worker.cancel()
+            for ack in list(old.acks):
+                ack.cancel()
             self._in_flight -= _queued_records(old)
         self._tracks.pop(tp, None)
         self._consumer.seek(tp, position)  # records fetched meanwhile went to the old track: read them again
