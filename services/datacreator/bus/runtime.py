@@ -53,6 +53,10 @@ CLOSE_TIMEOUT_S = 5.0
 # Records of one partition of a pipelined handler handled while earlier ones still await their
 # acknowledgements: bounds what a partition holds in memory when the broker is slow or away.
 PIPELINE_DEPTH = 32
+# Producers a pipelined handler spreads its acknowledgements over when the broker takes one record
+# per batch: aiokafka keeps one produce request in flight per connection with one batch per
+# partition, so one producer moves one record of a partition per round trip; several move several.
+PIPELINE_PRODUCERS = 4
 # After a partition lost records below the committed offset, reading resumes this much before the
 # time of the last record committed: record times come from the producers' clocks.
 LOST_OFFSETS_CLOCK_MARGIN_MS = 60_000
@@ -271,6 +275,8 @@ class ServiceRunner:
         self._paused = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._ack_producers: list[AIOKafkaProducer] = []  # pipelined handlers: see PIPELINE_PRODUCERS
+        self._next_ack_producer = 0
         self._commit_lock = asyncio.Lock()
         self._decoders = {topic: decoder(model) for topic, model in handler.inputs.items()}
         self._next_topic_check = 0.0
@@ -292,7 +298,7 @@ class ServiceRunner:
 
     # -- what handlers may call -------------------------------------------------------------
 
-    async def publish(self, outputs: Iterable[Output]) -> None:
+    async def publish(self, outputs: Iterable[Output], producer: AIOKafkaProducer | None = None) -> None:
         """Produce and wait for every acknowledgement; retries while the broker is away.
 
         Every output is encoded before any is sent, so one that cannot be encoded sends nothing;
@@ -300,7 +306,8 @@ class ServiceRunner:
         one after the other (see Output.stage); a retry sends again only the stages not yet
         acknowledged.
         """
-        assert self._producer is not None
+        producer = producer or self._producer
+        assert producer is not None
         encoded = [(o, _encode_output(o), encode_key(o.key)) for o in outputs]
         if not encoded:
             return
@@ -308,7 +315,7 @@ class ServiceRunner:
         delay = 0.2
         while stages:
             try:
-                await self._send_acknowledged(stages[0])
+                await self._send_acknowledged(stages[0], producer)
                 stages.pop(0)
             except KafkaError as exc:
                 if self._stopping.is_set() and delay > 5:
@@ -319,12 +326,11 @@ class ServiceRunner:
         for output, _, _ in encoded:
             metrics.messages_produced.labels(self.handler.name, output.topic).inc()
 
-    async def _send_acknowledged(self, encoded: list[tuple[Output, bytes, bytes | None]]) -> None:
-        assert self._producer is not None
+    async def _send_acknowledged(self, encoded: list[tuple[Output, bytes | None, bytes | None]], producer: AIOKafkaProducer) -> None:
         futures = []
         for output, value, key in encoded:
             try:
-                futures.append(await self._producer.send(output.topic, value, key=key))
+                futures.append(await producer.send(output.topic, value, key=key))
             except NON_RETRIABLE_PRODUCE as exc:
                 raise _refused(output, value, exc) from exc
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -366,6 +372,12 @@ class ServiceRunner:
             fetch_max_bytes=self.settings.max_message_bytes * 8,
         )
         await _retry_start(self._producer.start, f"{name} producer")
+        self._ack_producers = [self._producer]
+        if self.handler.pipelined and _one_record_per_batch(self.settings):
+            for _ in range(PIPELINE_PRODUCERS - 1):
+                extra = make_producer(self.settings)
+                self._ack_producers.append(extra)  # before start: stopped in any case
+                await _retry_start(extra.start, f"{name} producer")
         self._consumer.subscribe(list(self.handler.inputs), listener=_Listener(self))
         await _retry_start(self._consumer.start, f"{name} consumer")
         await self.handler.start(self)
@@ -408,8 +420,9 @@ class ServiceRunner:
             # Bounded: after the broker lost its groups or topics, leaving or flushing can wait for ever.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._consumer.stop(), CLOSE_TIMEOUT_S)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), CLOSE_TIMEOUT_S)
+            for producer in self._ack_producers or [self._producer]:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S)
             self._forget_lag(list(self._tracks))
             self.state.running = False
             log.info("%s: stopped", name)
@@ -519,9 +532,11 @@ class ServiceRunner:
         assert track.window is not None
         window = track.window
         holding = True
+        producer = self._ack_producers[self._next_ack_producer % len(self._ack_producers)] if self._ack_producers else None
+        self._next_ack_producer += 1
         try:
             try:
-                await self.publish(outputs)
+                await self.publish(outputs, producer)
             except UndeliverableOutput as exc:
                 metrics.processing_errors.labels(name, tp.topic).inc()
                 log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
@@ -873,6 +888,10 @@ class ServiceRunner:
             log.info("%s: took over partitions %s", self.handler.name, sorted(tp.partition for tp in assigned))
             self.state.ready = self._retries == {asyncio.current_task()}
             return
+
+
+def _one_record_per_batch(settings: Settings) -> bool:
+    return settings.kafka_client_overrides.get("producer", {}).get("max_batch_size") == 1
 
 
 def _queued_records(track: _PartitionTrack) -> int:

