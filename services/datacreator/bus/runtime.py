@@ -209,7 +209,7 @@ class BaseHandler:
 class _PartitionTrack:
     """Offsets of one partition in arrival order; commits the longest finished prefix."""
 
-    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp", "acks", "window")
+    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp", "acks", "window", "last_ack")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()
@@ -221,6 +221,9 @@ class _PartitionTrack:
         self.stamp: int | None = None  # timestamp of the last record of the committable prefix
         self.acks: set[asyncio.Task[None]] = set()  # pipelined handlers: publishes under way
         self.window: asyncio.Semaphore | None = None  # pipelined handlers: PIPELINE_DEPTH
+        # pipelined handlers: whether the latest record's outputs went out as handled (False: it
+        # was given up, and the records handled after it saw a state that is not on the topic)
+        self.last_ack: asyncio.Future[bool] | None = None
 
     def add(self, offset: int, timestamp: int | None = None) -> None:
         self.order.append(offset)
@@ -511,7 +514,9 @@ class ServiceRunner:
             try:
                 async with self.key_lock(delivery.key):  # handled before the next record of its key
                     outputs, message = await self._handle(record, delivery)
-                ack = asyncio.create_task(self._acknowledge(tp, track, record, delivery, outputs, message, started))
+                previous, track.last_ack = track.last_ack, asyncio.get_running_loop().create_future()
+                ack = asyncio.create_task(self._acknowledge(tp, track, record, delivery, outputs, message, started,
+                                                            previous, track.last_ack))
                 handed_off = True
             finally:
                 if not handed_off:
@@ -527,41 +532,70 @@ class ServiceRunner:
                 self._record_done(tp, started)
 
     async def _acknowledge(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord, delivery: Delivery,
-                           outputs: list[Output], message: Any, started: float) -> None:
+                           outputs: list[Output], message: Any, started: float,
+                           previous: asyncio.Future[bool] | None, done: asyncio.Future[bool]) -> None:
+        """Publish one record's outputs; its last stage (an outcome that reports the others) only
+        once the record before it went out as handled. When that one was given up instead, this
+        record was handled on a state that is not on the topic: it is handled again, on the worker,
+        after the handler has heard of the give-up, as a redelivery would be."""
         name = self.handler.name
         assert track.window is not None
         window = track.window
         holding = True
+        as_handled = True
         producer = self._ack_producers[self._next_ack_producer % len(self._ack_producers)] if self._ack_producers else None
         self._next_ack_producer += 1
+        last = max((o.stage for o in outputs), default=0)
+
+        def on_worker(step: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
+            nonlocal holding
+            answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            async def job() -> list[Output]:
+                try:
+                    await step()
+                    answered.set_result(None)
+                except BaseException as error:
+                    answered.set_exception(error)
+                    raise
+                return []
+
+            assert track.queue is not None
+            if holding:  # the worker may be waiting for a place in the window: give this one up first
+                window.release()
+                holding = False
+            track.queue.put_nowait(job)
+            return answered
+
+        async def again() -> None:
+            nonlocal as_handled
+            outputs, message = await self._handle(record, delivery)
+            try:
+                await self.publish(outputs)
+            except UndeliverableOutput as exc:
+                as_handled = False
+                await self._publish_give_up(message, delivery, exc)
+
         try:
             try:
-                await self.publish(outputs, producer)
+                await self.publish([o for o in outputs if o.stage < last], producer)
+                if previous is not None and not await previous:
+                    await on_worker(again)
+                else:
+                    await self.publish([o for o in outputs if o.stage == last], producer)
             except UndeliverableOutput as exc:
                 metrics.processing_errors.labels(name, tp.topic).inc()
                 log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
-                answered = asyncio.get_running_loop().create_future()
+                as_handled = False
                 refused = exc
-
-                async def give_up() -> list[Output]:
-                    try:
-                        await self._publish_give_up(message, delivery, refused)
-                        answered.set_result(None)
-                    except BaseException as error:
-                        answered.set_exception(error)
-                        raise
-                    return []
-
-                assert track.queue is not None
-                # The worker may be waiting for a place in the window: give this one up first.
-                window.release()
-                holding = False
-                track.queue.put_nowait(give_up)
-                await answered
+                await on_worker(lambda: self._publish_give_up(message, delivery, refused))
             track.finish(record.offset)
+            done.set_result(as_handled)
         except asyncio.CancelledError:
+            done.cancel()  # what comes after is not finished either: it is redelivered
             raise
         except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
+            done.cancel()
             log.exception("%s: could not finish %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
         finally:
             if holding:
