@@ -50,6 +50,13 @@ DLQ_VALUE_LIMIT = 10_000
 COMMIT_TIMEOUT_S = 10.0
 TOPIC_CHECK_INTERVAL_S = 2.0
 CLOSE_TIMEOUT_S = 5.0
+# Records of one partition of a pipelined handler handled while earlier ones still await their
+# acknowledgements: bounds what a partition holds in memory when the broker is slow or away.
+PIPELINE_DEPTH = 32
+# Producers a pipelined handler spreads its acknowledgements over when the broker takes one record
+# per batch: aiokafka keeps one produce request in flight per connection with one batch per
+# partition, so one producer moves one record of a partition per round trip; several move several.
+PIPELINE_PRODUCERS = 4
 # After a partition lost records below the committed offset, reading resumes this much before the
 # time of the last record committed: record times come from the producers' clocks.
 LOST_OFFSETS_CLOCK_MARGIN_MS = 60_000
@@ -148,6 +155,9 @@ class Handler(Protocol):
     name: str
     inputs: dict[str, Any]
     ordered: bool  # True: one record at a time per partition (stateful services)
+    # With `ordered`: records are still handled one at a time and in order, but the next one is
+    # handled while the outputs of the previous ones are being acknowledged (see ServiceRunner).
+    pipelined: bool
 
     async def start(self, ctx: Context) -> None: ...
 
@@ -168,6 +178,7 @@ class BaseHandler:
     name = "service"
     inputs: dict[str, Any] = {}
     ordered = False
+    pipelined = False
 
     @property
     def topics(self) -> list[str]:
@@ -198,7 +209,7 @@ class BaseHandler:
 class _PartitionTrack:
     """Offsets of one partition in arrival order; commits the longest finished prefix."""
 
-    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp")
+    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp", "acks", "window", "last_ack")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()
@@ -208,6 +219,11 @@ class _PartitionTrack:
         self.worker: asyncio.Task[None] | None = None
         self.stamps: dict[int, int] = {}  # offset -> record timestamp (ms), until committable
         self.stamp: int | None = None  # timestamp of the last record of the committable prefix
+        self.acks: set[asyncio.Task[None]] = set()  # pipelined handlers: publishes under way
+        self.window: asyncio.Semaphore | None = None  # pipelined handlers: PIPELINE_DEPTH
+        # pipelined handlers: whether the latest record's outputs went out as handled (False: it
+        # was given up, and the records handled after it saw a state that is not on the topic)
+        self.last_ack: asyncio.Future[bool] | None = None
 
     def add(self, offset: int, timestamp: int | None = None) -> None:
         self.order.append(offset)
@@ -262,6 +278,8 @@ class ServiceRunner:
         self._paused = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._ack_producers: list[AIOKafkaProducer] = []  # pipelined handlers: see PIPELINE_PRODUCERS
+        self._next_ack_producer = 0
         self._commit_lock = asyncio.Lock()
         self._decoders = {topic: decoder(model) for topic, model in handler.inputs.items()}
         self._next_topic_check = 0.0
@@ -283,7 +301,7 @@ class ServiceRunner:
 
     # -- what handlers may call -------------------------------------------------------------
 
-    async def publish(self, outputs: Iterable[Output]) -> None:
+    async def publish(self, outputs: Iterable[Output], producer: AIOKafkaProducer | None = None) -> None:
         """Produce and wait for every acknowledgement; retries while the broker is away.
 
         Every output is encoded before any is sent, so one that cannot be encoded sends nothing;
@@ -291,7 +309,8 @@ class ServiceRunner:
         one after the other (see Output.stage); a retry sends again only the stages not yet
         acknowledged.
         """
-        assert self._producer is not None
+        producer = producer or self._producer
+        assert producer is not None
         encoded = [(o, _encode_output(o), encode_key(o.key)) for o in outputs]
         if not encoded:
             return
@@ -299,7 +318,7 @@ class ServiceRunner:
         delay = 0.2
         while stages:
             try:
-                await self._send_acknowledged(stages[0])
+                await self._send_acknowledged(stages[0], producer)
                 stages.pop(0)
             except KafkaError as exc:
                 if self._stopping.is_set() and delay > 5:
@@ -310,12 +329,11 @@ class ServiceRunner:
         for output, _, _ in encoded:
             metrics.messages_produced.labels(self.handler.name, output.topic).inc()
 
-    async def _send_acknowledged(self, encoded: list[tuple[Output, bytes, bytes | None]]) -> None:
-        assert self._producer is not None
+    async def _send_acknowledged(self, encoded: list[tuple[Output, bytes | None, bytes | None]], producer: AIOKafkaProducer) -> None:
         futures = []
         for output, value, key in encoded:
             try:
-                futures.append(await self._producer.send(output.topic, value, key=key))
+                futures.append(await producer.send(output.topic, value, key=key))
             except NON_RETRIABLE_PRODUCE as exc:
                 raise _refused(output, value, exc) from exc
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -357,6 +375,12 @@ class ServiceRunner:
             fetch_max_bytes=self.settings.kafka.max_message_bytes * 8,
         )
         await _retry_start(self._producer.start, f"{name} producer")
+        self._ack_producers = [self._producer]
+        if self.handler.pipelined and _one_record_per_batch(self.settings):
+            for _ in range(PIPELINE_PRODUCERS - 1):
+                extra = make_producer(self.settings)
+                self._ack_producers.append(extra)  # before start: stopped in any case
+                await _retry_start(extra.start, f"{name} producer")
         self._consumer.subscribe(list(self.handler.inputs), listener=_Listener(self))
         await _retry_start(self._consumer.start, f"{name} consumer")
         await self.handler.start(self)
@@ -399,8 +423,9 @@ class ServiceRunner:
             # Bounded: after the broker lost its groups or topics, leaving or flushing can wait for ever.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._consumer.stop(), CLOSE_TIMEOUT_S)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), CLOSE_TIMEOUT_S)
+            for producer in self._ack_producers or [self._producer]:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S)
             self._forget_lag(list(self._tracks))
             self.state.running = False
             log.info("%s: stopped", name)
@@ -423,6 +448,7 @@ class ServiceRunner:
     def _ensure_worker(self, tp: TopicPartition, track: _PartitionTrack) -> None:
         if track.queue is None:
             track.queue = asyncio.Queue()
+            track.window = asyncio.Semaphore(PIPELINE_DEPTH)
             track.worker = asyncio.create_task(self._partition_worker(tp, track))
 
     async def _partition_worker(self, tp: TopicPartition, track: _PartitionTrack) -> None:
@@ -431,6 +457,8 @@ class ServiceRunner:
             item = await track.queue.get()
             if callable(item):
                 await self._run_job(tp, item)
+            elif self.handler.pipelined:
+                await self._process_pipelined(tp, track, item)
             else:
                 await self._process(tp, track, item)
 
@@ -455,20 +483,136 @@ class ServiceRunner:
                 except UndeliverableOutput as exc:
                     metrics.processing_errors.labels(name, tp.topic).inc()
                     log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
-                    answers = self._give_up(message, delivery, exc)
-                    try:
-                        await self.publish(answers)
-                    except UndeliverableOutput:  # the handler's answer cannot go either: the letter alone
-                        await self.publish(answers[:1])
+                    await self._publish_give_up(message, delivery, exc)
             track.finish(record.offset)
         except asyncio.CancelledError:
             raise
         except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
             log.exception("%s: could not finish %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
         finally:
-            self._in_flight -= 1
-            metrics.in_flight.labels(name).set(self._in_flight)
-            metrics.processing_seconds.labels(name, tp.topic).observe(time.perf_counter() - started)
+            self._record_done(tp, started)
+
+    async def _process_pipelined(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
+        """Handle one record in order, then acknowledge its outputs in the background.
+
+        The next record of the partition is handled while these outputs travel, so a partition's
+        throughput is no longer one round trip to the broker (or more: stages) per record. What
+        still holds: records are handled one at a time and in offset order (the handler's state
+        sees them as before); an offset is finished, and so committable, only once all its outputs
+        are acknowledged; commits follow offset order (_PartitionTrack). Outputs of consecutive
+        records may be acknowledged in either order, which no consumer relies on: each message
+        carries its own ids. A record whose outputs are refused for good is answered on the
+        worker, between records, because the handler's `on_dead_letter` may change its state.
+        """
+        name = self.handler.name
+        started = time.perf_counter()
+        delivery = _delivery_of(record)
+        assert track.window is not None
+        handed_off = False
+        try:
+            await track.window.acquire()
+            try:
+                async with self.key_lock(delivery.key):  # handled before the next record of its key
+                    outputs, message = await self._handle(record, delivery)
+                previous, track.last_ack = track.last_ack, asyncio.get_running_loop().create_future()
+                ack = asyncio.create_task(self._acknowledge(tp, track, record, delivery, outputs, message, started,
+                                                            previous, track.last_ack))
+                handed_off = True
+            finally:
+                if not handed_off:
+                    track.window.release()
+            track.acks.add(ack)
+            ack.add_done_callback(track.acks.discard)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # left uncommitted: it is redelivered
+            log.exception("%s: could not handle %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
+        finally:
+            if not handed_off:
+                self._record_done(tp, started)
+
+    async def _acknowledge(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord, delivery: Delivery,
+                           outputs: list[Output], message: Any, started: float,
+                           previous: asyncio.Future[bool] | None, done: asyncio.Future[bool]) -> None:
+        """Publish one record's outputs; its last stage (an outcome that reports the others) only
+        once the record before it went out as handled. When that one was given up instead, this
+        record was handled on a state that is not on the topic: it is handled again, on the worker,
+        after the handler has heard of the give-up, as a redelivery would be."""
+        name = self.handler.name
+        assert track.window is not None
+        window = track.window
+        holding = True
+        as_handled = True
+        producer = self._ack_producers[self._next_ack_producer % len(self._ack_producers)] if self._ack_producers else None
+        self._next_ack_producer += 1
+        last = max((o.stage for o in outputs), default=0)
+
+        def on_worker(step: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
+            nonlocal holding
+            answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            async def job() -> list[Output]:
+                try:
+                    await step()
+                    answered.set_result(None)
+                except BaseException as error:
+                    answered.set_exception(error)
+                    raise
+                return []
+
+            assert track.queue is not None
+            if holding:  # the worker may be waiting for a place in the window: give this one up first
+                window.release()
+                holding = False
+            track.queue.put_nowait(job)
+            return answered
+
+        async def again() -> None:
+            nonlocal as_handled
+            outputs, message = await self._handle(record, delivery)
+            try:
+                await self.publish(outputs)
+            except UndeliverableOutput as exc:
+                as_handled = False
+                await self._publish_give_up(message, delivery, exc)
+
+        try:
+            try:
+                await self.publish([o for o in outputs if o.stage < last], producer)
+                if previous is not None and not await previous:
+                    await on_worker(again)
+                else:
+                    await self.publish([o for o in outputs if o.stage == last], producer)
+            except UndeliverableOutput as exc:
+                metrics.processing_errors.labels(name, tp.topic).inc()
+                log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
+                as_handled = False
+                refused = exc
+                await on_worker(lambda: self._publish_give_up(message, delivery, refused))
+            track.finish(record.offset)
+            done.set_result(as_handled)
+        except asyncio.CancelledError:
+            done.cancel()  # what comes after is not finished either: it is redelivered
+            raise
+        except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
+            done.cancel()
+            log.exception("%s: could not finish %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
+        finally:
+            if holding:
+                window.release()
+            self._record_done(tp, started)
+
+    async def _publish_give_up(self, message: Any, delivery: Delivery, exc: Exception) -> None:
+        answers = self._give_up(message, delivery, exc)
+        try:
+            await self.publish(answers)
+        except UndeliverableOutput:  # the handler's answer cannot go either: the letter alone
+            await self.publish(answers[:1])
+
+    def _record_done(self, tp: TopicPartition, started: float) -> None:
+        self._in_flight -= 1
+        metrics.in_flight.labels(self.handler.name).set(self._in_flight)
+        metrics.processing_seconds.labels(self.handler.name, tp.topic).observe(time.perf_counter() - started)
 
     async def _handle_with_retries(self, record: ConsumerRecord, delivery: Delivery | None = None) -> list[Output]:
         return (await self._handle(record, delivery or _delivery_of(record)))[0]
@@ -637,6 +781,8 @@ class ServiceRunner:
         for tp, track in list(self._tracks.items()):
             if (partitions is None or tp in partitions) and track.worker is not None:
                 track.worker.cancel()
+                for ack in list(track.acks):
+                    ack.cancel()
 
     # -- rebalancing ------------------------------------------------------------------------
 
@@ -657,6 +803,8 @@ class ServiceRunner:
         if old is not None:
             if old.worker is not None:
                 old.worker.cancel()
+            for ack in list(old.acks):
+                ack.cancel()
             self._in_flight -= _queued_records(old)
         self._tracks.pop(tp, None)
         self._consumer.seek(tp, position)  # records fetched meanwhile went to the old track: read them again
@@ -774,6 +922,10 @@ class ServiceRunner:
             log.info("%s: took over partitions %s", self.handler.name, sorted(tp.partition for tp in assigned))
             self.state.ready = self._retries == {asyncio.current_task()}
             return
+
+
+def _one_record_per_batch(settings: Settings) -> bool:
+    return settings.kafka_client_overrides.get("producer", {}).get("max_batch_size") == 1
 
 
 def _queued_records(track: _PartitionTrack) -> int:

@@ -123,11 +123,16 @@ class EmbeddedBroker(ChildServer):
     def client_overrides() -> dict[str, dict[str, Any]]:
         """The client settings this broker needs, for `Settings.kafka.client_overrides`.
 
-        kafka_single_record_batches: Tansu's memory engine sets the high watermark after the first
-        record of a batch, hiding the rest until the next write, so each record travels in a batch
+        kafka_single_record_batches: Tansu answers ListOffsets (latest), which `end_offsets` and
+        every "read to the end" use, with the base offset of a partition's last batch plus one:
+        after a multi-record batch the end falls short of all but its first record, until the next
+        write. Fetches themselves return whole batches (also from an offset inside one), and the
+        high watermark in a fetch answer is right; but a state rebuild would stop short and a
+        committed offset would look past the end (lost records). So each record travels in a batch
         of its own (a record larger than the batch size travels alone); lingering would then only
-        delay every record. And Tansu holds an empty fetch for the whole `fetch_max_wait_ms` even when
-        records arrive meanwhile, which adds that much latency to every hop: keep the wait short.
+        delay every record. And Tansu answers a fetch only after `fetch_max_wait_ms` (half of it
+        from 250 ms on), records or not, which adds that much latency to every hop: keep the wait
+        short (0 is not sooner: Tansu then answers every fetch empty).
         """
         return {
             "producer": {"max_batch_size": 1, "linger_ms": 0},

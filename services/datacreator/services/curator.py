@@ -58,6 +58,7 @@ REOPENED_KEPT = 16
 class CuratorHandler(BaseHandler):
     name = "curator"
     ordered = True
+    pipelined = True  # curated in order; acknowledgements overlap the next candidates (bus/runtime.py)
 
     def __init__(self, settings: Settings, embedder: Embedder | None = None) -> None:
         self.settings = settings
