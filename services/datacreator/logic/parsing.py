@@ -54,6 +54,7 @@ def _nested(depth: int, string: str = _STRING, plain: str = _PLAIN) -> str:
 _INNER = _nested(SPAN_DEPTH - 1)
 # A closed bracketed span: [...] or {...}, strings skipped.
 _SPAN = re.compile(f"[\\[{{]{_INNER}[\\]}}]", re.S)
+_SPAN_OR_OPENER = re.compile(f"{_SPAN.pattern}|[\\[{{]", re.S)
 # Members of the answer's top object up to the next list, closer, cut-off string or end; a key
 # whose value is a list stops it too, so the key is read from there. (No capture group inside a
 # possessive repeat: CPython 3.11's re gets its span wrong.)
@@ -187,7 +188,7 @@ def _unwrap(value: Any, example_keys: Collection[str] | None) -> list[Any]:
             return [item for inner in value for item in inner]  # [[...]]: one level of nesting too many
         return value
     if isinstance(value, dict):
-        if example_keys and value and set(value) <= set(example_keys):
+        if example_keys and value and set(value).issubset(example_keys):
             return [value]
         lists = [inner for key, inner in value.items() if key.lower() in WRAPPER_KEYS and isinstance(inner, list)]
         if lists:
@@ -217,15 +218,15 @@ def _ended_open(exc: ValueError) -> bool:
 def _segments(text: str, budget: _Budget) -> list[tuple[int, int, bool]]:
     """Top-level bracketed spans as (start, end, closed); quotes count only inside brackets."""
     spans: list[tuple[int, int, bool]] = []
-    pos = 0
-    while (opener := _OPENER.search(text, pos)) is not None and budget.take():
-        start = opener.start()
-        span = _SPAN.match(text, start)
-        if span is None:
+    # Each match is a closed span, or a lone opener where the span never closes (the last one).
+    for match in _SPAN_OR_OPENER.finditer(text):
+        if not budget.take():
+            break
+        start, end = match.span()
+        if end - start == 1:  # a closed span is two characters at least
             spans.append((start, len(text), False))
             break
-        spans.append((start, span.end(), True))
-        pos = span.end()
+        spans.append((start, end, True))
     return spans
 
 
@@ -372,41 +373,57 @@ def _parse_block(text: str, example_keys: Collection[str] | None, result: ParseR
         spans = _segments(text, budget)
     loaded = _load_closed([text[start:end] for start, end, closed in spans if closed])
     values = iter(loaded) if loaded is not None else None
-    parts: list[ParseResult] = []
+    # (items, errors, holds objects) per segment: thousands of JSON lines take one pass here.
+    parts: list[tuple[list[Any], list[ParseError], bool]] = []
     for start, end, closed in spans:
-        part = ParseResult()
-        segment = text[start:end]
-        value = next(values) if closed and values is not None else _FAILED
-        if closed and value is not _FAILED:
-            part.items.extend(_unwrap(value, example_keys))
-        elif closed:
-            try:
-                part.items.extend(_unwrap(_loads(segment), example_keys))
-            except ValueError:
-                _salvage(segment, example_keys, part, budget)
+        value = (next(values) if values is not None else _load_one(text[start:end])) if closed else _FAILED
+        if value is not _FAILED:
+            items = _unwrap(value, example_keys)
+            parts.append((items, [], any(isinstance(i, dict) for i in items)))
         else:
-            _salvage(segment, example_keys, part, budget)
-        parts.append(part)
+            part = ParseResult()
+            _salvage(text[start:end], example_keys, part, budget)
+            parts.append((part.items, part.errors, any(isinstance(i, dict) for i in part.items)))
     # Bracketed prose ("[5]") next to real output: keep only the parts that hold objects.
-    if any(any(isinstance(i, dict) for i in p.items) for p in parts):
-        parts = [p for p in parts if not p.items or any(isinstance(i, dict) for i in p.items)]
-    for part in parts:
-        result.items.extend(part.items)
-        result.errors.extend(part.errors)
+    if any(objects for _, _, objects in parts):
+        parts = [p for p in parts if not p[0] or p[2]]
+    for items, errors, _ in parts:
+        result.items.extend(items)
+        result.errors.extend(errors)
 
 
 _FAILED = object()
 
 
+def _load_one(segment: str) -> Any:
+    try:
+        return _loads(segment)
+    except ValueError:
+        return _FAILED
+
+
 def _load_closed(segments: list[str]) -> list[Any] | None:
-    """The values of closed segments (JSON lines, several blocks) from one parse, or None when one fails."""
+    """The values of closed segments (JSON lines, several blocks), `_FAILED` for those that do not
+    parse: halves are parsed in one call each, so a few bad lines among thousands cost a few
+    calls per bad line, not one per line. None when there are fewer than two."""
     if len(segments) < 2:
         return None
-    try:
-        values = _loads("[" + ",".join(segments) + "]")
-    except ValueError:
-        return None
-    return values if isinstance(values, list) and len(values) == len(segments) else None
+    values: list[Any] = []
+    pending = [segments]
+    while pending:
+        group = pending.pop()
+        try:
+            loaded = _loads("[" + ",".join(group) + "]") if len(group) > 1 else [_loads(group[0])]
+        except ValueError:
+            loaded = None
+        if isinstance(loaded, list) and len(loaded) == len(group):
+            values.extend(loaded)
+        elif len(group) == 1:
+            values.append(_FAILED)
+        else:
+            middle = len(group) // 2
+            pending += [group[middle:], group[:middle]]  # the first half is taken first
+    return values
 
 
 def _refuse(value: Any) -> Any:
@@ -501,6 +518,8 @@ def _parse(raw: str | None, example_keys: Collection[str] | None = None) -> Pars
     object that wraps the list.
     """
     result = ParseResult()
+    if example_keys is not None and not isinstance(example_keys, frozenset):
+        example_keys = frozenset(example_keys)  # looked up once per object of the answer
     if raw is None or not raw.strip():
         result.errors.append(ParseError("empty output", ""))
         return result
