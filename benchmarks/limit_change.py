@@ -3,12 +3,13 @@
 Two generator replicas (LLM clients with their own Redis limiters on one shared key, as generator
 replicas run) saturate the simulator, configured with the provider's limits as they were. After
 `--change-at` seconds the simulator halves its RPM and TPM (`--factor`), as a provider does when it
-moves a key to a lower tier; the clients are not told. Two runs side by side:
+moves a key to a lower tier; the clients' configuration keeps the old limits. Three runs side by side:
 
-- `shared hold`: a 429's Retry-After (or its `x-ratelimit-reset-*`) pauses the endpoint in Redis
-  for every replica (`RateLimiter.hold`, as the generator runs today);
-- `no hold`: the same limiter with `hold` doing nothing, so only the refused call waits (how the
-  generator ran before the hold was used).
+- `follows limit`: the generator as it runs: the limit the provider announces in
+  `x-ratelimit-limit-*` is enforced by every replica (shared in Redis), and a 429's Retry-After
+  (or its `x-ratelimit-reset-*`) pauses the endpoint in Redis for every replica;
+- `shared hold`: the pause only, the announced limit ignored (the generator before it followed it);
+- `no hold`: neither, so only the refused call waits (the generator before the hold was used).
 
 The table counts the simulator's 429 answers per window before and after the change, the most in
 any one second after it, and what was admitted after the change against the new limit.
@@ -34,11 +35,18 @@ from datacreator.config import EndpointConfig
 from datacreator.llm.client import LLMClient
 from datacreator.logic.prompt import build_messages, estimate_call_tokens
 from datacreator.logic.retry import CircuitBreaker, RetryPolicy
-from datacreator.ratelimit import RateLimiter, RedisRateLimiter
+from datacreator.ratelimit import ProviderView, RateLimiter, RedisRateLimiter
 
 
-class NoHoldLimiter(RedisRateLimiter):
-    """The shared limiter without the shared pause: a 429 delays only the call it answered."""
+class HoldOnlyLimiter(RedisRateLimiter):
+    """The shared limiter that ignores the limit the provider announces: only a 429 tells it."""
+
+    def _follow(self, view: ProviderView) -> None:
+        return None
+
+
+class NoHoldLimiter(HoldOnlyLimiter):
+    """Without the shared pause either: a 429 delays only the call it answered."""
 
     async def hold(self, seconds: float) -> None:
         return None
@@ -135,13 +143,13 @@ def print_table(results: list[Result], args: argparse.Namespace, rpm: int, tpm: 
     print()
     print(f"{info['nproc']} cores, {info['cpu']}, load {info['load_1m']}; 2 replicas x {args.concurrency} concurrent calls; "
           f"latency {args.latency:g} s; window {args.window:g} s; limit {rpm} req / {tpm} tok per window, "
-          f"x{args.factor:g} at {args.change_at:g} s of {args.duration:g} s (clients keep the old limit)")
-    header = (f"{'run':<12} {'429s per window before':<24} {'429s per window after the change':<40} {'peak/s':>6} "
+          f"x{args.factor:g} at {args.change_at:g} s of {args.duration:g} s (configured: the old limit)")
+    header = (f"{'run':<14} {'429s per window before':<24} {'429s per window after the change':<40} {'peak/s':>6} "
               f"{'429 share after':>16} {'admitted/new limit':>19} {'peak window':>12} {'failed':>7}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.name:<12} {' '.join(map(str, r.windows_before)):<24} {' '.join(map(str, r.windows_after)):<40} "
+        print(f"{r.name:<14} {' '.join(map(str, r.windows_before)):<24} {' '.join(map(str, r.windows_after)):<40} "
               f"{r.peak_429_per_s:>6} {f'{r.share_429_after:.1%} ({r.refused_after}/{r.calls_after})':>16} "
               f"{r.used_after(after):>19.1%} {f'{r.peak_admitted_after}/{r.new_limit_per_window}':>12} {r.failed_tasks:>7}")
     print()
@@ -158,7 +166,8 @@ async def main_async(args: argparse.Namespace) -> int:
     prefixes: list[str] = []
     results: list[Result] = []
     try:
-        for name, kind in (("shared hold", RedisRateLimiter), ("no hold", NoHoldLimiter)):
+        runs = (("follows limit", RedisRateLimiter), ("shared hold", HoldOnlyLimiter), ("no hold", NoHoldLimiter))
+        for name, kind in runs:
             prefix = f"bench:ratelimit:{uuid.uuid4().hex}"
             prefixes.append(prefix)
             limiters: list[Any] = [kind(args.redis_url, prefix, rpm, tpm, window_s=args.window, alias=f"bench-{i}") for i in range(2)]

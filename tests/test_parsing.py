@@ -235,3 +235,39 @@ def test_salvage_looks_back_a_bounded_distance() -> None:
         parsing._COLON_GAP = real
     assert calls["n"] == 2000 and calls["chars"] <= 2000 * 4  # a colon and a space between key and list
     assert not hasattr(parsing, "_KEY_BEFORE") and isinstance(real, re.Pattern)
+
+
+def test_a_cut_at_any_point_keeps_every_item_before_it() -> None:
+    items = [ITEM | {"question": f'q{i} {{"a": [1]}} \\"x\\"'} for i in range(4)]
+    text = orjson.dumps({"examples": items}).decode()
+    starts = [text.index(orjson.dumps(item).decode()) for item in items]
+    ends = [start + len(orjson.dumps(item)) for start, item in zip(starts, items, strict=True)]
+    for cut in range(starts[0], len(text) - 2):
+        result = parse_examples(text[:cut], KEYS3)
+        assert result.items == [item for item, end in zip(items, ends, strict=True) if end <= cut], cut
+        assert [e.reason for e in result.errors] in ([], ["truncated item"]), cut
+
+
+def test_garbage_made_of_brackets_is_read_a_bounded_amount() -> None:
+    result = parse_examples("{}" * 300_000, KEYS3)
+    assert len(result.items) == parsing.MAX_FRAGMENTS
+    assert "not read" in result.errors[-1].reason
+    # Deeper than salvage follows: one cut-off value, no item, nothing raised.
+    result = parse_examples("[{" * 500_000, KEYS3)
+    assert result.items == [] and [e.reason for e in result.errors] == ["truncated item"]
+    # Lists in the top object are looked at one by one (is it the item list?); lists among the
+    # items are skipped in one regex match.
+    result = parse_examples("{" + "[1], " * 300_000, KEYS3)
+    assert result.items == [] and "not read" in result.errors[-1].reason
+    result = parse_examples('{"examples": [' + "[]" * 300_000, KEYS3)
+    assert result.items == [] and [e.reason for e in result.errors] == ["item is not a JSON object"]
+
+
+def test_repeated_keys_are_found_whatever_the_strings_hold() -> None:
+    # Keys are counted with str.count: quotes and colons inside strings must not hide a repeat.
+    for raw in ('[{"a": "x\\":", "a": 1}]', '[{"a": "\\u0022:", "a": 1}]', '[{"a\\\\": 1, "a\\\\": 2}]',
+                '[{"a" : 1, "a": 2}]', '[{"a":\n1, "a"\n: 2}]'):
+        assert [e.code for e in parse_examples(raw).errors] == ["duplicate_key"], raw
+    for raw in ('[{"a": "x\\":", "b": 1}]', '[{"a\\\\": 1, "b": "\\\\\\":"}]', '[{"a" : 1, "b": 2}]'):
+        result = parse_examples(raw)
+        assert result.errors == [] and result.items == [json.loads(raw)[0]], raw

@@ -182,3 +182,61 @@ async def test_a_redis_outage_mid_run_never_lets_two_replicas_pass_the_limit(red
     assert max_in_window(times, window) <= rpm
     assert max_in_window(times, window, [k for _, k, _ in admitted]) <= tpm
     assert len(admitted) >= 0.5 * rpm * 6  # still working during and after the outage
+
+
+# ---------------------------------------------------------------------------------------------
+# The limits the provider announces (x-ratelimit-limit-*)
+
+
+def test_a_local_limiter_takes_a_lower_announced_limit_and_never_a_higher_one():
+    limiter = LocalRateLimiter(rpm=10, tpm=1000, window_s=5.0)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "4", "x-ratelimit-limit-tokens": "300"})
+    assert (limiter.rpm, limiter.tpm) == (4, 300)
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "3"})  # no limit named: kept
+    assert (limiter.rpm, limiter.tpm) == (4, 300)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "50", "x-ratelimit-limit-tokens": "600"})
+    assert (limiter.rpm, limiter.tpm) == (10, 600)  # back up, but never past the configured limit
+
+
+async def test_an_announced_lower_limit_holds_for_every_replica(redis_prefix, make_simulator):
+    # Configured for 10 calls per 2 s; the provider allows 4 and says so in its headers. Before,
+    # both replicas kept sending at 10 and the provider refused the rest.
+    window = 2.0
+    sim = make_simulator(rpm=4, rate_window_s=window)
+    cfg = EndpointConfig(base_url=sim.base_url, model="sim", structured_output="json_object", total_timeout_s=30)
+    policy = RetryPolicy(max_attempts=6, base_s=0.05, cap_s=0.5)
+    limiters = [RedisRateLimiter(REDIS_URL, redis_prefix, 10, None, window_s=window) for _ in range(2)]
+    replicas = [LLMClient(f"announced-{i}-{uuid.uuid4().hex[:6]}", cfg, limiter, policy) for i, limiter in enumerate(limiters)]
+    try:
+        assert (await replicas[0].complete(task())).ok
+        assert limiters[0].rpm == 4
+        assert limiters[0]._announce_task is not None
+        await limiters[0]._announce_task  # written to Redis right after the answer is read
+        await limiters[1].acquire(1)  # the other replica, before any answer of its own
+        assert limiters[1].rpm == 4
+        results = await asyncio.gather(*(replica.complete(task()) for replica in replicas for _ in range(3)))
+        assert all(r.ok for r in results)
+        assert sim.stats.status(429) == 0
+        assert sim.stats.max_admitted_in_window(window) <= 4
+    finally:
+        for client in replicas:
+            await client.aclose()
+
+
+async def test_an_announced_higher_limit_is_not_taken(redis_prefix):
+    one = RedisRateLimiter(REDIS_URL, redis_prefix, rpm=4, tpm=100, window_s=5.0)
+    two = RedisRateLimiter(REDIS_URL, redis_prefix, rpm=4, tpm=100, window_s=5.0)
+    try:
+        await one.acquire(1)
+        one.observe_headers({"x-ratelimit-limit-requests": "2", "x-ratelimit-limit-tokens": "1000"})
+        assert one._announce_task is not None
+        await one._announce_task
+        await two.acquire(1)
+        assert (two.rpm, two.tpm) == (2, 100)
+        one.observe_headers({"x-ratelimit-limit-requests": "400", "x-ratelimit-limit-tokens": "1000"})
+        await one._announce_task
+        await two.acquire(1)
+        assert (one.rpm, one.tpm) == (two.rpm, two.tpm) == (4, 100)
+    finally:
+        await one.aclose()
+        await two.aclose()

@@ -61,6 +61,10 @@ class ProviderView:
     reset_requests_s: float | None = None
     remaining_tokens: int | None = None
     reset_tokens_s: float | None = None
+    # The limits themselves (`x-ratelimit-limit-*`), per the provider's window: a key moved to
+    # another tier announces its new limit here before any 429.
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> ProviderView:
@@ -70,6 +74,8 @@ class ProviderView:
             reset_requests_s=parse_duration(h.get("x-ratelimit-reset-requests")),
             remaining_tokens=_int(h.get("x-ratelimit-remaining-tokens")),
             reset_tokens_s=parse_duration(h.get("x-ratelimit-reset-tokens")),
+            limit_requests=_positive(h.get("x-ratelimit-limit-requests")),
+            limit_tokens=_positive(h.get("x-ratelimit-limit-tokens")),
         )
 
     def reset_after(self) -> float | None:
@@ -99,3 +105,9 @@ def _int(value: str | None) -> int | None:
         return int(float(value))
     except ValueError:
         return None
+
+
+def _positive(value: str | None) -> int | None:
+    number = _int(value)
+    return number if number is not None and number > 0 else None
+

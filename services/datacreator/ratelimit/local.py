@@ -103,9 +103,8 @@ class LocalRateLimiter(WindowLimits):
         just now — and admits only as that frees up.
         """
         now = self._clock() if now is None else now
-        self.rpm, self.tpm = rpm, tpm
-        self._interval = self._span_s / rpm if rpm else 0.0
-        self._token_interval = self._span_s / tpm if tpm else 0.0
+        self.configured_rpm, self.configured_tpm = rpm, tpm
+        self._set_limits(rpm, tpm)
         self._requests = SlidingLog(self._span_s)
         self._tokens = SlidingLog(self._span_s)
         slices = 50
@@ -118,6 +117,12 @@ class LocalRateLimiter(WindowLimits):
             log.hold(limit * burst / self._span_s, now + self._span_s)
         self._tat = now + self.burst_s
         self._token_tat = now + self.token_burst_s
+        self._changed.set()
+
+    def _set_limits(self, rpm: int | None, tpm: int | None) -> None:
+        self.rpm, self.tpm = rpm, tpm
+        self._interval = self._span_s / rpm if rpm else 0.0
+        self._token_interval = self._span_s / tpm if tpm else 0.0
         self._changed.set()
 
     def admissions(self, since: float) -> list[tuple[float, float]]:
@@ -137,6 +142,10 @@ class LocalRateLimiter(WindowLimits):
 
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
         view = ProviderView.from_headers(headers)
+        limits = self.announced(view)
+        if limits != (self.rpm, self.tpm):
+            self._set_limits(*limits)
+            self._publish()
         if view.remaining_requests is None and view.remaining_tokens is None:
             return
         now = self._clock()

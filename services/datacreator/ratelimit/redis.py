@@ -72,11 +72,15 @@ class RedisRateLimiter(WindowLimits):
             f"{{{key_prefix}}}:token_tat",
             f"{{{key_prefix}}}:members",
             f"{{{key_prefix}}}:away",
+            f"{{{key_prefix}}}:announced",
         ]
         self.member = uuid.uuid4().hex
         self.member_ttl_s = member_ttl_s
         self.members = 1  # live replicas sharing the limit, as last seen
         self._span_ms = self._span_s * 1000
+        # Announced limits stay in Redis this long after the last answer that announced them.
+        self.announced_ttl_s = 5 * self._span_s
+        self._announced_at = -float("inf")
         self._interval_ms = self._span_ms / rpm if rpm else 0.0
         self._token_interval_ms = self._span_ms / tpm if tpm else 0.0
         self._op_timeout_s = op_timeout_s
@@ -90,6 +94,8 @@ class RedisRateLimiter(WindowLimits):
         self._hold_script = self._redis.register_script(_script("hold"))
         self._register_script = self._redis.register_script(_script("register"))
         self._carry_script = self._redis.register_script(_script("carry"))
+        self._announce_script = self._redis.register_script(_script("announce"))
+        self._announce_task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -109,15 +115,16 @@ class RedisRateLimiter(WindowLimits):
         started = time.monotonic()
         rid = uuid.uuid4().hex
         args = [
-            self.rpm or 0, self.tpm or 0, self._span_ms, tokens, rid, self._interval_ms, self.burst_s * 1000,
+            self.configured_rpm or 0, self.configured_tpm or 0, self._span_ms, tokens, rid, self._interval_ms, self.burst_s * 1000,
             self._token_interval_ms, self.token_burst_s * 1000, self.member, self.member_ttl_s * 1000,
         ]
         if self._heartbeat is None:
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         async with self._lock:
             while True:
-                admitted, value, count, used, members = await self._run(lambda: self._acquire_script(keys=self.keys, args=args))
+                admitted, value, count, used, members, rpm, tpm = await self._run(lambda: self._acquire_script(keys=self.keys, args=args))
                 self._count, self._used, self.members = int(count), int(used), max(int(members), 1)
+                self.rpm, self.tpm = int(rpm) or None, int(tpm) or None
                 if int(admitted):
                     break
                 self._changed.clear()
@@ -189,8 +196,39 @@ class RedisRateLimiter(WindowLimits):
         self._count, self._used = int(count), int(used)
         return int(added)
 
+    async def announce(self, rpm: int | None, tpm: int | None) -> None:
+        """Enforce these limits (the provider's, at most the configured ones) in every replica."""
+        def shared(limit: int | None, configured: int | None) -> int:
+            return 0 if not limit or not configured or limit >= configured else limit  # 0: as configured
+
+        args = [shared(rpm, self.configured_rpm), shared(tpm, self.configured_tpm), self.announced_ttl_s * 1000]
+        self._announced_at = time.monotonic()
+        await self._run(lambda: self._announce_script(keys=self.keys[8:9], args=args))
+        self._changed.set()
+
+    def _follow(self, view: ProviderView) -> None:
+        """Take the limits the provider announces, now here and in Redis for the other replicas.
+        Renewed about once a window while they hold, so they outlive a quiet spell only briefly."""
+        if view.limit_requests is None and view.limit_tokens is None:
+            return
+        limits = self.announced(view)
+        due = time.monotonic() - self._announced_at > self._span_s
+        if limits == (self.rpm, self.tpm) and not (due and limits != (self.configured_rpm, self.configured_tpm)):
+            return
+        self.rpm, self.tpm = limits
+        if self._announce_task is None or self._announce_task.done():
+            self._announced_at = time.monotonic()
+            self._announce_task = asyncio.get_running_loop().create_task(self._announce_quietly(*limits))
+
+    async def _announce_quietly(self, rpm: int | None, tpm: int | None) -> None:
+        try:
+            await self.announce(rpm, tpm)
+        except RateLimiterUnavailable:
+            self._announced_at = -float("inf")  # try again on the next answer
+
     def observe_headers(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
         view = ProviderView.from_headers(headers)
+        self._follow(view)
         if view.remaining_requests is None and view.remaining_tokens is None:
             return
         # Cheap local check first: only a provider that counts more than we did when it admitted
@@ -229,7 +267,7 @@ class RedisRateLimiter(WindowLimits):
         return ratios
 
     async def aclose(self) -> None:
-        for task in (self._sync_task, self._heartbeat):
+        for task in (self._sync_task, self._heartbeat, self._announce_task):
             if task and not task.done():
                 task.cancel()
         await self._redis.aclose()

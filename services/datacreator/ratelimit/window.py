@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from datacreator.ratelimit.base import NO_HOOKS, Hooks, Reservation, default_burst, default_margin, default_token_burst
+from datacreator.ratelimit.headers import ProviderView
 
 
 class SlidingLog:
@@ -70,6 +71,10 @@ class WindowLimits:
         self, rpm: int | None, tpm: int | None, window_s: float, margin_s: float | None, burst_s: float | None,
         alias: str, hooks: Hooks = NO_HOOKS,
     ) -> None:
+        # What the endpoint is configured with, and (rpm, tpm) what is enforced: lower when the
+        # provider announces a lower limit, never higher than configured.
+        self.configured_rpm = rpm
+        self.configured_tpm = tpm
         self.rpm = rpm
         self.tpm = tpm
         self.window_s = window_s
@@ -83,6 +88,16 @@ class WindowLimits:
     @property
     def span_s(self) -> float:
         return self._span_s
+
+    def announced(self, view: ProviderView) -> tuple[int | None, int | None]:
+        """The limits to enforce after the provider's `x-ratelimit-limit-*`: the configured ones,
+        lowered to what it announces (a header it leaves out keeps the limit as it is)."""
+        rpm, tpm = self.rpm, self.tpm
+        if view.limit_requests is not None and self.configured_rpm:
+            rpm = min(self.configured_rpm, view.limit_requests)
+        if view.limit_tokens is not None and self.configured_tpm:
+            tpm = min(self.configured_tpm, view.limit_tokens)
+        return rpm, tpm
 
     def _clamp(self, tokens: int) -> int:
         tokens = max(int(tokens), 0)

@@ -1,7 +1,9 @@
--- KEYS: requests zset, tokens zset, token sum, pacing schedule, hold, token pacing schedule, members, away.
+-- KEYS: requests zset, tokens zset, token sum, pacing schedule, hold, token pacing schedule, members, away,
+-- announced limits.
 -- ARGV: rpm, tpm, span_ms, tokens, id, interval_ms, burst_ms (0 = no limit), token_interval_ms,
--- token_burst_ms, member, member_ttl_ms.
--- Returns {admitted, wait_ms or admitted_at_ms, requests in window, tokens in window, live members}.
+-- token_burst_ms, member, member_ttl_ms (rpm and tpm as configured).
+-- Returns {admitted, wait_ms or admitted_at_ms, requests in window, tokens in window, live members,
+-- rpm, tpm (as enforced)}.
 local rpm = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[4])
@@ -13,6 +15,18 @@ local token_interval = tonumber(ARGV[8])
 local token_burst = tonumber(ARGV[9])
 local ttat = tonumber(redis.call('GET', KEYS[6]) or '0')
 if ttat < now then ttat = now end
+-- A lower limit the provider announced (announce.lua): enforced, and paced at its rate.
+local announced = redis.call('HMGET', KEYS[9], 'requests', 'tokens')
+local announced_rpm, announced_tpm = tonumber(announced[1]), tonumber(announced[2])
+if rpm > 0 and announced_rpm and announced_rpm < rpm then
+  interval = interval * rpm / announced_rpm
+  rpm = announced_rpm
+end
+if tpm > 0 and announced_tpm and announced_tpm < tpm then
+  token_interval = token_interval * tpm / announced_tpm
+  tpm = announced_tpm
+end
+local enforced_rpm, enforced_tpm = rpm, tpm
 redis.call('ZADD', KEYS[7], now + tonumber(ARGV[11]), ARGV[10])
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
 redis.call('PEXPIRE', KEYS[7], tonumber(ARGV[11]))
@@ -61,7 +75,7 @@ if tpm > 0 and used + tokens > tpm then
 end
 if wait > 0 then
   touch()
-  return {0, tostring(wait), count, used, members}
+  return {0, tostring(wait), count, used, members, enforced_rpm, enforced_tpm}
 end
 redis.call('ZADD', KEYS[1], now, ARGV[5])
 redis.call('ZADD', KEYS[2], now, ARGV[5] .. '|' .. tokens)
@@ -69,4 +83,4 @@ redis.call('SET', KEYS[4], tostring(tat + interval), 'PX', ttl)
 redis.call('SET', KEYS[6], tostring(ttat + tokens * token_interval), 'PX', ttl)
 used = used + tokens
 touch()
-return {1, tostring(now), count + 1, used, members}
+return {1, tostring(now), count + 1, used, members, enforced_rpm, enforced_tpm}
