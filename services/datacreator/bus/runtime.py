@@ -925,7 +925,7 @@ class ServiceRunner:
 
 
 def _one_record_per_batch(settings: Settings) -> bool:
-    return settings.kafka_client_overrides.get("producer", {}).get("max_batch_size") == 1
+    return settings.kafka.client_overrides.get("producer", {}).get("max_batch_size") == 1
 
 
 def _queued_records(track: _PartitionTrack) -> int:
