@@ -12,8 +12,8 @@ import sys
 # listing them needs none of their dependencies.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "run": ("benchmarks.run", "quota, overhead, batching, peers, scaling and bus, side by side"),
-    "rate_limit": ("benchmarks.rate_limit", "share of a provider's rate limit used, share refused"),
-    "limit_change": ("benchmarks.limit_change", "429s when the provider lowers its limit mid-run, with and without the shared hold"),
+    "rate_limit": ("benchmarks.rate_limit", "share of a provider's rate limit used, share refused; with --outage S, 2 replicas through a Redis outage"),
+    "limit_change": ("benchmarks.limit_change", "429s when the provider lowers its limit mid-run: following its announced limit, the shared hold only, neither"),
     "curator": ("benchmarks.curator", "curation cost per candidate (parse, validate, dedup)"),
     "diversity": ("benchmarks.diversity", "diversity of created examples per strategy"),
     "models": ("benchmarks.models", "the embedded models side by side"),

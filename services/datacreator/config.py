@@ -68,6 +68,10 @@ class EndpointConfig(BaseModel):
     tpm_counts: Literal["max_tokens", "usage"] = Field(
         "max_tokens", description="What a call costs against TPM: prompt + max_tokens (as most providers count) or the usage returned."
     )
+    tokenizer: str | None = Field(
+        None, description='The endpoint\'s tokenizer for TPM reservations: "gguf:/path/model.gguf" or "embedded:<model>" '
+        "(set for the embedded LLM); without one, a per-script estimate. Calls settle with the reported usage either way.",
+    )
 
     def key(self) -> SecretStr | None:
         return _secret_from(self.api_key, self.api_key_file, self.api_key_env)

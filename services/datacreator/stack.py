@@ -40,7 +40,8 @@ async def start_llm(llm: str, model: str | None = None, **simulator_config: Any)
 
         server = EmbeddedLLM(model or DEFAULT_MODEL)
         await server.start()
-        return LLMTarget(server.base_url, server.model_alias, server)
+        # Its GGUF file holds the tokenizer: reservations count the prompt as the server will.
+        return LLMTarget(server.base_url, server.model_alias, server, extra={"tokenizer": f"embedded:{server.model_alias}"})
     if llm.startswith(("http://", "https://")):
         return LLMTarget(llm.rstrip("/"), model or "default")
     raise ValueError(f"--llm takes embedded, simulator or an http(s) base URL, not {llm!r}")
@@ -56,7 +57,7 @@ async def stop_llm(target: LLMTarget) -> None:
 
 
 def endpoint_json(target: LLMTarget, **options: Any) -> str:
-    config = {"base_url": target.base_url, "model": target.model, **options}
+    config = {"base_url": target.base_url, "model": target.model, **target.extra, **options}
     return json.dumps({"default": config})
 
 

@@ -22,6 +22,7 @@ import orjson
 from datacreator import metrics
 from datacreator.config import EndpointConfig, Settings
 from datacreator.contracts import GenerationTask, Usage
+from datacreator.llm import tokenizer as tokenizers
 from datacreator.logic.cost import call_cost_usd
 from datacreator.logic.prompt import (
     build_messages,
@@ -128,6 +129,9 @@ class LLMClient:
             transport=transport,
         )
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
+        self._tokenizer: tokenizers.Tokenizer | None = None
+        self._tokenizer_loaded = not getattr(cfg, "tokenizer", None)
+        self._tokenizer_lock = asyncio.Lock()
 
     # -- public ------------------------------------------------------------------------------
 
@@ -138,7 +142,7 @@ class LLMClient:
         started = time.monotonic()
         model = task.model.name or self.cfg.model
         messages = messages if messages is not None else build_messages(task)
-        estimate = estimate_call_tokens(messages, task.model.max_tokens)
+        estimate = await self.estimate(messages, task.model.max_tokens)
         attempts = 0
         billed = 0  # prompt tokens of failed attempts a provider may bill (timed out, malformed answer)
         last = _Attempt("connection", error="no attempt made")
@@ -159,7 +163,7 @@ class LLMClient:
                             last.usage = Usage(prompt_tokens=last.usage.prompt_tokens + billed, completion_tokens=last.usage.completion_tokens)
                         return self._success(last, model, started, attempts, throttled)
                     if last.outcome in ("timeout", "malformed"):
-                        billed += estimate_prompt_tokens(messages)
+                        billed += estimate - task.model.max_tokens  # the prompt
                     if last.format_rejected:
                         attempts -= 1  # a setting to change, not a fault of the endpoint
                         continue
@@ -183,6 +187,18 @@ class LLMClient:
             error=error, cost_usd=call_cost_usd(usage, self.cfg.input_price_per_1m, self.cfg.output_price_per_1m), model=model,
             throttled=throttled,
         )
+
+    async def estimate(self, messages: list[dict[str, str]], max_tokens: int) -> int:
+        """Tokens to reserve for a call: the prompt by the endpoint's tokenizer when it has one
+        (counted in a worker thread), else by the per-script estimate; plus `max_tokens`."""
+        if not self._tokenizer_loaded:
+            async with self._tokenizer_lock:
+                if not self._tokenizer_loaded:
+                    self._tokenizer = await asyncio.to_thread(tokenizers.load, self.cfg.tokenizer or "")
+                    self._tokenizer_loaded = True
+        if self._tokenizer is None:
+            return estimate_call_tokens(messages, max_tokens)
+        return await asyncio.to_thread(estimate_call_tokens, messages, max_tokens, self._tokenizer.count)
 
     async def aclose(self) -> None:
         await self._http.aclose()

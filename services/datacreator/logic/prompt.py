@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from datacreator.contracts import GenerationTask
@@ -125,17 +126,18 @@ def estimate_text_tokens(text: str) -> int:
     return math.ceil(dense + medium / 2 + rest / 4)
 
 
-def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """A tokenizer-free estimate (per script, see `estimate_text_tokens`), plus each message's framing."""
+def estimate_prompt_tokens(messages: list[dict[str, Any]], count: Callable[[str], int] = estimate_text_tokens) -> int:
+    """Tokens of a prompt: each message's content by `count` (the endpoint's tokenizer, else the
+    per-script estimate, see `estimate_text_tokens`), plus each message's framing."""
     total = _TOKENS_PER_REPLY
     for message in messages:
         content = message.get("content") or ""
         if not isinstance(content, str):
             content = json.dumps(content, ensure_ascii=False)
-        total += estimate_text_tokens(content) + _TOKENS_PER_MESSAGE
+        total += count(content) + _TOKENS_PER_MESSAGE
     return total
 
 
-def estimate_call_tokens(messages: list[dict[str, Any]], max_tokens: int) -> int:
+def estimate_call_tokens(messages: list[dict[str, Any]], max_tokens: int, count: Callable[[str], int] = estimate_text_tokens) -> int:
     """Tokens a call may use at most: what a provider counts against tokens per minute when it admits it."""
-    return estimate_prompt_tokens(messages) + max_tokens
+    return estimate_prompt_tokens(messages, count) + max_tokens
