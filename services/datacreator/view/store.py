@@ -62,6 +62,19 @@ class RequestIndex:
 
     # -- feeding --------------------------------------------------------------------------
 
+    def _insert(self, row: Row) -> None:
+        """Keep rows in creation order: the curator acknowledges a partition's examples over several
+        producers, so one can land a few records after a newer one; walking back from the end finds
+        its place in a step or two."""
+        rows = self.rows
+        if not rows or rows[-1].created_at <= row.created_at:
+            rows.append(row)
+            return
+        at = len(rows) - 1
+        while at > 0 and rows[at - 1].created_at > row.created_at:
+            at -= 1
+        rows.insert(at, row)
+
     def add_example(self, example: Example, raw: bytes) -> bool:
         if example.example_id in self.ids:
             return False  # a redelivery: same id, same example
@@ -71,7 +84,7 @@ class RequestIndex:
         label = None if value is None else _label_key(value)
         row = Row(example.example_id, example.created_at, example.task_id, example.chain, example.step,
                   tuple(example.reference_ids), label, raw)
-        self.rows.append(row)
+        self._insert(row)
         self.ids.add(row.example_id)
         if label is not None:
             self.labels[label] += 1
