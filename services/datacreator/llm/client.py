@@ -130,7 +130,7 @@ class LLMClient:
         )
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._tokenizer: tokenizers.Tokenizer | None = None
-        self._tokenizer_loaded = not getattr(cfg, "tokenizer", None)
+        self._tokenizer_loaded = not cfg.tokenizer
         self._tokenizer_lock = asyncio.Lock()
 
     # -- public ------------------------------------------------------------------------------
