@@ -80,7 +80,7 @@ def make_task(task_id: str, seed: dict[str, Any] | None = None, **fields: Any) -
     """The benchmarks' one GenerationTask factory: a task made from `seed` (SEED_EXAMPLE by default),
     its schema and label inferred as the planner does; any other field can be given."""
     from datacreator.contracts import GenerationTask, ModelSpec, Reference, Strategy
-    from datacreator.logic.schema import example_schema, infer_label
+    from datacreator.logic.shape import example_schema, infer_label
 
     seed = SEED_EXAMPLE if seed is None else seed
     field, space = infer_label(seed)

@@ -35,12 +35,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import SEED_EXAMPLE as SEED
-from datacreator import client
+from datacreator import remote
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, ModelSpec, RequestStatus, Strategy
-from datacreator.logic.embeddings import example_text, shared_embedder
+from datacreator.logic.embeddings import example_text
+from datacreator.minilm import shared_embedder
 from datacreator.logic.planning import resolve_label
-from datacreator.logic.schema import get_path
+from datacreator.logic.shape import get_path
 from datacreator.report import distinct_n, mean_cosine_distance
 from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
 
@@ -138,17 +139,17 @@ async def run(args: argparse.Namespace) -> str:
                 tree_branching=args.branching, model=ModelSpec(temperature=args.temperature),
             )
             started = time.monotonic()
-            await client.submit(settings, request)
+            await remote.submit(settings, request)
             try:
-                final = await client.wait_for_final(settings, request.request_id, _progress(strategy), args.timeout)
+                final = await remote.wait_for_final(settings, request.request_id, _progress(strategy), args.timeout)
                 state = final.state.value
             except TimeoutError:
                 # Too slow for the time given: stop it and measure what it made so far.
-                await client.cancel(settings, request.request_id, reason="benchmark timeout")
-                final = await client.wait_for_final(settings, request.request_id, timeout_s=120)
+                await remote.cancel(settings, request.request_id, reason="benchmark timeout")
+                final = await remote.wait_for_final(settings, request.request_id, timeout_s=120)
                 state = f"TIMEOUT after {args.timeout:.0f} s"
             seconds = time.monotonic() - started
-            examples = await client.collect_examples(settings, request.request_id)
+            examples = await remote.collect_examples(settings, request.request_id)
             rows.append(measure(strategy.value, state, [e.data for e in examples], final.llm_calls, seconds, request))
             print(f"{strategy.value}: {final.state.value}, {len(examples)} examples, {final.llm_calls} calls, "
                   f"{seconds:.1f} s" + (f" ({final.error})" if final.error else ""), file=sys.stderr)

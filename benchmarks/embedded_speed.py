@@ -23,7 +23,7 @@ import httpx
 
 from datacreator.llm.embedded import DEFAULT_MODEL, EmbeddedLLM
 from datacreator.logic.prompt import SYSTEM_PROMPT, build_user_prompt
-from datacreator.logic.schema import batch_schema, example_schema
+from datacreator.logic.shape import batch_schema, example_schema
 
 REQUEST = "examples/requests/multiple_choice.json"
 

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from datacreator import client
+from datacreator import remote
 from datacreator.bus.codec import PoisonMessage, decode
 from datacreator.bus.readback import read_to_end
 from datacreator.config import Settings
@@ -125,24 +125,24 @@ async def run_one(settings: Settings, model: str, path: str, args: argparse.Name
     name = Path(path).stem
     overrides = {"target_count": args.target, "examples_per_call": args.per_call, "chains": args.chains,
                  "request_id": f"bench-{name}-{uuid.uuid4().hex[:8]}"}
-    request = client.load_request(path, **overrides)
+    request = remote.load_request(path, **overrides)
     if args.strategy:
         request = request.model_copy(update={"strategy": args.strategy})
     if args.temperature is not None:
         request = request.model_copy(update={"model": request.model.model_copy(update={"temperature": args.temperature})})
     started = time.monotonic()
-    await client.submit(settings, request)
+    await remote.submit(settings, request)
     try:
-        status = await client.wait_for_final(settings, request.request_id, timeout_s=args.timeout)
+        status = await remote.wait_for_final(settings, request.request_id, timeout_s=args.timeout)
     except TimeoutError:
-        await client.cancel(settings, request.request_id, "benchmark timeout")
+        await remote.cancel(settings, request.request_id, "benchmark timeout")
         await asyncio.sleep(1.0)
-        status = await client.latest_status(settings, request.request_id)
+        status = await remote.latest_status(settings, request.request_id)
     wall = time.monotonic() - started
     run = from_status(model, name, status, request.target_count, wall)
     run.samples = await rejection_samples(settings, request.request_id, args.show_rejections)
     if args.show_examples > 0:
-        run.examples = [e.data for e in (await client.collect_examples(settings, request.request_id))[: args.show_examples]]
+        run.examples = [e.data for e in (await remote.collect_examples(settings, request.request_id))[: args.show_examples]]
     return run
 
 

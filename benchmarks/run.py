@@ -38,15 +38,15 @@ from aiokafka.partitioner import murmur2
 
 from benchmarks import common, peers
 from benchmarks.results import write_results
-from datacreator import client
-from datacreator.bus.clients import make_producer
+from datacreator import remote
+from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import encode, encode_key
 from datacreator.bus.readback import read_to_end
 from datacreator.config import Settings
 from datacreator.contracts import Candidate, CreationRequest, Example, GenerationTask, ModelSpec, RequestStatus, TaskOutcome
 from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.ratelimit import max_in_window
-from datacreator.services.app import CORE_SERVICES
+from datacreator.serve import CORE_SERVICES
 from datacreator.stack import EmbeddedStack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,8 +130,8 @@ def request(target: int, endpoint: str, chains: int, per_call: int, request_id: 
 async def run_to_end(settings: Settings, req: CreationRequest, timeout_s: float = 3600) -> tuple[RequestStatus, float]:
     """Submit and wait; the wall time runs from submission to the planner's finished_at."""
     submitted = time.time()
-    await client.submit(settings, req)
-    final = await client.wait_for_final(settings, req.request_id, timeout_s=timeout_s)
+    await remote.submit(settings, req)
+    final = await remote.wait_for_final(settings, req.request_id, timeout_s=timeout_s)
     return final, (final.finished_at or time.time()) - submitted
 
 
@@ -193,10 +193,10 @@ async def quota(bench: Bench) -> None:
             ids = ids_per_partition(PARTITIONS)
             for rid in ids:
                 # more chains than the limit needs, so that the limiter, not the chains' turn-around, binds
-                await client.submit(live, request(1_000_000, alias, chains=32, per_call=plan.examples_per_call, request_id=rid))
+                await remote.submit(live, request(1_000_000, alias, chains=32, per_call=plan.examples_per_call, request_id=rid))
             await asyncio.sleep(duration + 2 * plan.latency_s + 1)
             for rid in ids:
-                await client.cancel(live, rid, "benchmark run over")
+                await remote.cancel(live, rid, "benchmark run over")
         finally:
             await stop_stack(stack)
         stats = await asyncio.to_thread(bench.sim.stats)

@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         args.text_fields = args.text_fields or ["text"]
         scorers: dict[str, Scorer] = {"tfidf+lr": tfidf_scorer}
         if not args.no_embeddings:
-            from datacreator.logic.embeddings import shared_embedder
+            from datacreator.minilm import shared_embedder
 
             scorers["minilm+lr"] = embedding_scorer(shared_embedder().embed)
         sides = (texts_and_labels(load_rows(args.created), args.text_fields, args.label_field),

@@ -20,7 +20,7 @@ from datacreator.contracts import (
     Strategy,
     Usage,
 )
-from datacreator.logic.schema import example_schema, infer_label
+from datacreator.logic.shape import example_schema, infer_label
 
 M = TypeVar("M", bound=BaseModel)
 

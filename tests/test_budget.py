@@ -101,7 +101,7 @@ def test_operator_caps_reject_at_validation(monkeypatch) -> None:
     monkeypatch.setenv("DATACREATOR_MAX_COST_PER_REQUEST", "20")
     monkeypatch.setenv("DATACREATOR_DEFAULT_MAX_COST_USD", "2")
     settings = Settings()
-    from datacreator.services.planner import PlannerHandler
+    from datacreator.handlers.planner import PlannerHandler
 
     limits = PlannerHandler(settings).limits
     known = {"default"}

@@ -97,18 +97,18 @@ async def test_an_unknown_request_id(broker, command, tmp_path):
 
 async def test_cancel_of_a_request_no_planner_has_taken_yet_is_sent(bus_settings, tmp_path):
     """A request that is on the requests topic but has no status yet is known: its cancel goes out."""
-    from datacreator import client
+    from datacreator import remote
     from datacreator.contracts import CancelRequest, CreationRequest
     from datacreator.export import find_request
 
     request = CreationRequest(request_id="queued-1", instruction=MCQ_INSTRUCTION, formatting_example=MCQ, target_count=3)
-    await client.submit(bus_settings, request)
+    await remote.submit(bus_settings, request)
     env = {"DATACREATOR_KAFKA_BOOTSTRAP": bus_settings.kafka.bootstrap,
            **{f"DATACREATOR_TOPICS__{name.upper()}": topic for name, topic in bus_settings.topics.model_dump().items()}}
     result = await asyncio.to_thread(datacreator, "cancel", "queued-1", env=env)
     assert result.returncode == 0, result.stderr
     assert "cancel sent for queued-1" in result.stdout
-    cancels = [m async for m in client.read_messages(bus_settings, bus_settings.topics.requests, CancelRequest)]
+    cancels = [m async for m in remote.read_messages(bus_settings, bus_settings.topics.requests, CancelRequest)]
     assert [c.request_id for c in cancels] == ["queued-1"]
     assert await find_request(bus_settings, "queued-1") is not None
 

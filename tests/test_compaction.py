@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from aiokafka.consumer.fetcher import ConsumerRecord
 
-from datacreator import client
+from datacreator import remote
 from datacreator.bus import runtime
-from datacreator.bus.clients import make_consumer, make_producer
+from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.codec import decode, encode, encode_key
 from datacreator.bus.readback import StatusWatcher, read_to_end
 from datacreator.bus.runtime import ServiceRunner
@@ -38,8 +38,8 @@ from datacreator.contracts import (
     TaskOutcome,
 )
 from datacreator.logic.dedup import example_id
-from datacreator.services import planner as planner_module
-from datacreator.services.planner import PlannerHandler
+from datacreator.handlers import planner as planner_module
+from datacreator.handlers.planner import PlannerHandler
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
 pytestmark = pytest.mark.timeout(90)
@@ -109,9 +109,9 @@ async def test_a_status_landing_after_the_final_one_does_not_reopen_the_request(
     topic = bus_settings.topics.status
     await produce(bus_settings, topic, [(rid, running), (rid, completed), (rid, running), (rid, older_running)])
 
-    latest = await client.latest_status(bus_settings, rid)
+    latest = await remote.latest_status(bus_settings, rid)
     assert latest is not None and (latest.state, latest.version) == (RequestState.COMPLETED, 3)
-    final = await client.wait_for_final(bus_settings, rid, timeout_s=20)
+    final = await remote.wait_for_final(bus_settings, rid, timeout_s=20)
     assert final.state is RequestState.COMPLETED
     watcher = StatusWatcher(bus_settings)  # what a following watcher (generators, curators) holds
     for record in await _records(bus_settings, topic):
@@ -223,7 +223,7 @@ async def test_a_cancel_and_an_outcome_of_one_request_write_one_at_a_time(bus_se
         await produce(settings, t.outcomes, [(rid, outcome)])
         await asyncio.wait_for(producers[0].holding.wait(), 20)
         await produce(settings, t.requests, [(rid, CancelRequest(request_id=rid))])
-        final = await client.wait_for_final(settings, rid, timeout_s=30)
+        final = await remote.wait_for_final(settings, rid, timeout_s=30)
         assert final.state is RequestState.CANCELLED
     finally:
         runner.request_stop()
@@ -282,7 +282,7 @@ async def test_a_finished_requests_snapshot_is_deleted_after_the_retention(bus_s
     try:
         await _first_task(settings, rid)
         await produce(settings, t.requests, [(rid, CancelRequest(request_id=rid))])
-        await client.wait_for_final(settings, rid, timeout_s=30)
+        await remote.wait_for_final(settings, rid, timeout_s=30)
 
         async def tombstoned() -> bool:
             last = (await compacted(settings, t.planner_state)).get(rid)
@@ -397,8 +397,8 @@ async def test_the_curator_restores_in_batches_and_keeps_partitions_that_stay(bu
     rebalance. Now the index is built in slices, and a partition given back unchanged keeps its
     state; one that someone published on meanwhile is read again."""
     from datacreator.logic import dedup
-    from datacreator.services import curator as curator_module
-    from datacreator.services.curator import CuratorHandler
+    from datacreator.handlers import curator as curator_module
+    from datacreator.handlers.curator import CuratorHandler
 
     t = bus_settings.topics
     rid = "req-restore"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from datacreator.bus.clients import make_producer
+from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import encode, encode_key
 from datacreator.consumer import ExampleStream, iter_examples, stream_examples
 from datacreator.contracts import Example, RequestState, RequestStatus, Strategy

@@ -16,7 +16,7 @@ from datacreator.contracts import (
 )
 from datacreator.logic.curation import CuratorState, RequestCuration
 from datacreator.logic.dedup import example_id
-from datacreator.logic.schema import example_schema
+from datacreator.logic.shape import example_schema
 from tests.helpers import SEED, candidate, item, make_task
 
 
@@ -190,8 +190,12 @@ def test_extra_keys_follow_the_task() -> None:
 
 @pytest.mark.slow
 def test_semantic_dedup_from_the_task_uses_the_shared_model() -> None:
+    from datacreator.minilm import shared_embedder
+
     task = make_task(dedup=DedupSpec(semantic_threshold=0.9))
-    curation = RequestCuration.for_task(task)
+    with pytest.raises(ValueError, match="needs an embedder"):
+        RequestCuration.for_task(task)
+    curation = CuratorState(embedder_factory=shared_embedder).for_task(task)  # as the curator builds it
     spider = {"question": "How many legs does a spider have?", "options": {"A": "six", "B": "eight", "C": "ten", "D": "four"},
               "answer": "B"}
     paraphrase = {**spider, "question": "What is the number of legs on a spider?"}

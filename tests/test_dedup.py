@@ -159,7 +159,7 @@ def test_semantic_threshold_with_known_vectors() -> None:
 
 @pytest.mark.slow
 def test_semantic_with_minilm() -> None:
-    from datacreator.logic.embeddings import MiniLMEmbedder
+    from datacreator.minilm import MiniLMEmbedder
 
     index = DedupIndex(near_threshold=0.85, semantic_threshold=0.9, embedder=MiniLMEmbedder())
     index.add(SPIDER, "id-1")
@@ -199,7 +199,7 @@ async def test_semantic_dedup_embeds_off_the_event_loop_in_one_batch() -> None:
     from datacreator.bus.runtime import Delivery
     from datacreator.config import Settings
     from datacreator.contracts import Candidate, DedupSpec
-    from datacreator.services.curator import CuratorHandler
+    from datacreator.handlers.curator import CuratorHandler
     from tests.helpers import item, make_task
 
     calls: list[tuple[str, int]] = []

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from datacreator import cli
 from datacreator.bus import runtime
 from datacreator.bus.admin import TopicMismatch, ensure_topics
-from datacreator.bus.clients import make_consumer, make_producer
+from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.codec import decode, encode
 from datacreator.bus.readback import read_to_end
 from datacreator.bus.runtime import BaseHandler, Delivery, Output, ServiceRunner
@@ -36,8 +36,8 @@ from datacreator.contracts import (
     TaskOutcome,
 )
 from datacreator.embedded.broker import EmbeddedBroker
-from datacreator.services.app import ServiceGroup
-from datacreator.services.planner import PlannerHandler
+from datacreator.serve import ServiceGroup
+from datacreator.handlers.planner import PlannerHandler
 from tests.fixtures.broker import unique_topics
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
@@ -265,7 +265,7 @@ async def test_a_message_keyed_otherwise_than_its_request_id_goes_to_the_dlq_and
 
 async def test_a_curator_candidate_keyed_otherwise_goes_to_the_dlq() -> None:
     """The runner's record path, no broker: a candidate's request id is its task's."""
-    from datacreator.services.curator import CuratorHandler
+    from datacreator.handlers.curator import CuratorHandler
 
     settings = Settings(endpoints_json='{"default": {"base_url": "http://127.0.0.1:9", "model": "m"}}')
     runner = ServiceRunner(settings, CuratorHandler(settings))

@@ -20,7 +20,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from datacreator.bus import readback, runtime
 from datacreator.bus.admin import ensure_topics
-from datacreator.bus.clients import make_consumer, make_producer
+from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.codec import decode, encode
 from datacreator.bus.readback import read_to_end
 from datacreator.bus.runtime import Delivery, Output, ServiceRunner, dead_letter
@@ -38,9 +38,9 @@ from datacreator.embedded.broker import EmbeddedBroker
 from datacreator.llm.client import CallResult
 from datacreator.logic.curation import CuratorState
 from datacreator.logic.planning import PlannerLimits
-from datacreator.services.curator import CuratorHandler
-from datacreator.services.generator import GeneratorHandler
-from datacreator.services.planner import PlannerHandler
+from datacreator.handlers.curator import CuratorHandler
+from datacreator.handlers.generator import GeneratorHandler
+from datacreator.handlers.planner import PlannerHandler
 from tests.fixtures.broker import unique_topics
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 

@@ -23,7 +23,7 @@ import yaml
 
 from datacreator.bus.runtime import ServiceRunner
 from datacreator.config import Settings, TopicNames
-from datacreator.services.app import SERVICE_NAMES, build_handler
+from datacreator.serve import SERVICE_NAMES, build_handler
 from datacreator.simulator.config import MODEL_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +203,7 @@ def test_compose_generator_replicas_follow_the_variable() -> None:
 
 
 def test_compose_generators_know_their_count_and_the_sink_writes_to_a_volume(monkeypatch: pytest.MonkeyPatch) -> None:
-    from datacreator.services.sink import SinkHandler
+    from datacreator.handlers.sink import SinkHandler
 
     services = resolved_compose()["services"]
     generator = services["generator"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from datacreator import client
+from datacreator import remote
 from datacreator.cli import main as cli_main
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, RequestState
@@ -36,8 +36,8 @@ from datacreator.llm.embedded import (
     locate,
     rewrite_response_format,
 )
-from datacreator.logic.schema import batch_schema, example_schema
-from datacreator.services.app import ServiceGroup
+from datacreator.logic.shape import batch_schema, example_schema
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,16 +155,16 @@ async def test_default_model_creates_valid_multiple_choice_examples(bus_settings
     except ModelNotInstalled as exc:
         pytest.skip(f"the default model is not installed: {exc}")
 
-    request = client.load_request(MCQ_REQUEST, request_id=f"mcq-{uuid.uuid4().hex[:8]}", target_count=5, chains=1)
+    request = remote.load_request(MCQ_REQUEST, request_id=f"mcq-{uuid.uuid4().hex[:8]}", target_count=5, chains=1)
     async with EmbeddedLLM(DEFAULT_MODEL) as llm:
         endpoint = endpoint_json(LLMTarget(llm.base_url, llm.model_alias), max_concurrency=1,
                                  read_timeout_s=200.0, total_timeout_s=200.0, max_attempts=2)
         settings = bus_settings.with_updates(endpoints_json=endpoint)
         group = await ServiceGroup(settings).start()
         try:
-            await client.submit(settings, request)
-            final = await client.wait_for_final(settings, request.request_id, timeout_s=220)
-            examples = await client.collect_examples(settings, request.request_id)
+            await remote.submit(settings, request)
+            final = await remote.wait_for_final(settings, request.request_id, timeout_s=220)
+            examples = await remote.collect_examples(settings, request.request_id)
         finally:
             await group.stop()
         pid = llm.pid

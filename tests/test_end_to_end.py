@@ -7,9 +7,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.contracts import CreationRequest, RequestState, Strategy
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import MCQ, MCQ_INSTRUCTION, example_records
 
@@ -28,8 +28,8 @@ async def test_request_becomes_exactly_target_count_examples(bus_settings, simul
             instruction=MCQ_INSTRUCTION,
             formatting_example=MCQ, target_count=23, examples_per_call=5, strategy=strategy, chains=3,
         )
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=60)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=60)
         assert final.state == RequestState.COMPLETED, final.error
         assert final.accepted == 23
         assert final.llm_calls >= 5
@@ -54,8 +54,8 @@ async def test_invalid_request_is_rejected_with_a_reason(bus_settings, simulator
     group = await ServiceGroup(settings).start()
     try:
         bad = {"request_id": "bad-1", "instruction": "x", "formatting_example": "not an object", "target_count": 3}
-        await client.publish_raw(settings, settings.topics.requests, "bad-1", orjson.dumps(bad))
-        final = await client.wait_for_final(settings, "bad-1", timeout_s=30)
+        await remote.publish_raw(settings, settings.topics.requests, "bad-1", orjson.dumps(bad))
+        final = await remote.wait_for_final(settings, "bad-1", timeout_s=30)
         assert final.state == RequestState.REJECTED
         assert "formatting_example" in (final.error or "")
     finally:

@@ -163,7 +163,7 @@ async def test_export_from_the_bus(bus_settings, tmp_path, examples, capsys):
 def test_export_into_a_directory_keeps_the_request_id_inside_it(tmp_path, request_id) -> None:
     # Before: the id was joined into the path unchecked ("../../escape" wrote outside --out).
     from datacreator.export import output_paths
-    from datacreator.services.sink import request_dir_name
+    from datacreator.handlers.sink import request_dir_name
 
     out = tmp_path / "out"
     out.mkdir()

@@ -26,8 +26,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from datacreator import client
-from datacreator.bus.clients import make_producer
+from datacreator import remote
+from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import PoisonMessage, decode, decode_request
 from datacreator.bus.readback import read_to_end
 from datacreator.contracts import (
@@ -45,8 +45,8 @@ from datacreator.contracts import (
     Usage,
 )
 from datacreator.logic.planning import PlannerLimits
-from datacreator.services.app import ServiceGroup, build_handler
-from datacreator.services.sink import SinkHandler
+from datacreator.serve import ServiceGroup, build_handler
+from datacreator.handlers.sink import SinkHandler
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import rejection_reason
 from tests.test_poison import FAST_GROUPS, sample_task
@@ -340,8 +340,8 @@ async def test_a_thousand_bad_messages_are_all_answered_and_the_services_keep_go
 
         request = CreationRequest(instruction="Write quiz questions about nature.", formatting_example=SEED,
                                   target_count=5, examples_per_call=5, chains=1)
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=60)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=60)
         assert final.state == RequestState.COMPLETED and final.accepted == 5
     finally:
         await producer.stop()

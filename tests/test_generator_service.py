@@ -22,14 +22,14 @@ import orjson
 import pytest
 import redis
 
-from datacreator import client
+from datacreator import remote
 from datacreator.bus.codec import decode
 from datacreator.bus.readback import read_to_end
 from datacreator.bus.runtime import ServiceRunner, make_producer
 from datacreator.config import Settings
 from datacreator.contracts import Candidate, CreationRequest, DeadLetter, GenerationTask, ModelSpec, RequestState, Strategy
-from datacreator.services.app import ServiceGroup
-from datacreator.services.generator import GeneratorHandler
+from datacreator.serve import ServiceGroup
+from datacreator.handlers.generator import GeneratorHandler
 from tests.helpers import make_task
 from tests.test_poison import FAST_GROUPS
 
@@ -182,8 +182,8 @@ async def test_status_totals_equal_the_providers_usage(bus_settings, make_simula
                               target_count=12, examples_per_call=4, chains=1)
     group = await ServiceGroup(settings).start()
     try:
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=60)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=60)
     finally:
         await group.stop()
     assert final.state == RequestState.COMPLETED

@@ -28,10 +28,10 @@ from datacreator.contracts import (
     Usage,
 )
 from datacreator.llm.client import CallResult
-from datacreator.services.curator import CuratorHandler
-from datacreator.services.generator import GeneratorHandler
-from datacreator.services.planner import PlannerHandler
-from datacreator.services.sink import SinkHandler
+from datacreator.handlers.curator import CuratorHandler
+from datacreator.handlers.generator import GeneratorHandler
+from datacreator.handlers.planner import PlannerHandler
+from datacreator.handlers.sink import SinkHandler
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
 SETTINGS = Settings(endpoints_json='{"default": {"base_url": "http://127.0.0.1:9", "model": "m"}}')

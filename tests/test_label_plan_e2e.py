@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.contracts import CreationRequest, ModelSpec, RequestState, Strategy
 from datacreator.logic.labels import label_text
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import MCQ, MCQ_INSTRUCTION, example_records
 
@@ -47,8 +47,8 @@ async def test_request_ends_within_one_example_of_every_labels_target(
             target_count=110, examples_per_call=5, strategy=Strategy.random, chains=3,
             model=ModelSpec(temperature=0.8, top_p=0.95), **request_fields,
         )
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=120)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=120)
         assert final.state == RequestState.COMPLETED, final.error
         assert final.accepted == 110
         assert sum(final.rejected.values()) > 0, "the simulator's faults were meant to reject some items"

@@ -15,7 +15,7 @@ from datacreator.logic.curation import RequestCuration
 from datacreator.logic.labels import LabelPlan, integer_targets, label_text
 from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
 from datacreator.logic.prompt import build_messages, response_format
-from datacreator.logic.schema import batch_schema, example_schema, ordered_like
+from datacreator.logic.shape import batch_schema, example_schema, ordered_like
 from datacreator.logic.strategies import derive_rng
 from datacreator.simulator.generate import Faults, write_examples
 from tests.helpers import make_task

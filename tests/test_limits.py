@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from datacreator import client
-from datacreator.bus.clients import make_producer
+from datacreator import remote
+from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import PoisonMessage, decode_request
 from datacreator.contracts import (
     MAX_EXAMPLES_PER_CALL,
@@ -20,7 +20,7 @@ from datacreator.contracts import (
     RequestState,
 )
 from datacreator.logic.planning import PlannerLimits
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import rejection_reason
 from tests.test_poison import FAST_GROUPS, partition_of
@@ -121,17 +121,17 @@ async def test_limits_through_the_planner_and_the_active_request_cap(bus_setting
             await producer.send_and_wait(settings.topics.requests, request.model_dump_json().encode(),
                                          key=request.request_id.encode(), partition=partition)
         for request_id, (_, expected) in cases.items():
-            final = await client.wait_for_final(settings, request_id, timeout_s=30)
+            final = await remote.wait_for_final(settings, request_id, timeout_s=30)
             assert final.state == RequestState.REJECTED and expected in (final.error or ""), (request_id, final.error)
-        third = await client.wait_for_final(settings, "active-2", timeout_s=30)
+        third = await remote.wait_for_final(settings, "active-2", timeout_s=30)
         assert third.state == RequestState.REJECTED
         assert third.error == "too many active requests (2); the limit is 2"
         for request in running[:2]:
-            status = await client.latest_status(settings, request.request_id)
+            status = await remote.latest_status(settings, request.request_id)
             assert status is not None and status.state in (RequestState.ACCEPTED, RequestState.RUNNING)
-            await client.cancel(settings, request.request_id)
+            await remote.cancel(settings, request.request_id)
         for request in running[:2]:
-            assert (await client.wait_for_final(settings, request.request_id, timeout_s=30)).state == RequestState.CANCELLED
+            assert (await remote.wait_for_final(settings, request.request_id, timeout_s=30)).state == RequestState.CANCELLED
     finally:
         await producer.stop()
         await group.stop()

@@ -15,12 +15,12 @@ from collections import Counter
 import httpx
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.bus.codec import decode
 from datacreator.bus.readback import read_to_end
 from datacreator.config import TopicNames
 from datacreator.contracts import CreationRequest, Rejection, RejectReason, RequestState, Strategy
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from datacreator.top import MetricsSnapshot, scrape
 from tests.helpers import MCQ
@@ -103,8 +103,8 @@ async def test_counters_match_what_the_bus_and_the_llm_saw(bus_settings, make_si
             formatting_example=MCQ, target_count=20, examples_per_call=5, strategy=Strategy.random, chains=3,
         )
         faults = asyncio.create_task(faults_in_turn(sim))
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=60)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=60)
         await asyncio.wait_for(faults, 1)
         assert final.state == RequestState.COMPLETED, final.error
         after = await settled(url, topics)

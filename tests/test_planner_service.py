@@ -16,12 +16,12 @@ from collections import Counter, defaultdict
 import pytest
 import pytest_asyncio
 
-from datacreator import client
+from datacreator import remote
 from datacreator.bus.admin import ensure_topics
 from datacreator.config import Settings
 from datacreator.contracts import Budget, CreationRequest, Example, ModelSpec, RequestState, Strategy
 from datacreator.embedded.broker import EmbeddedBroker
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.fixtures.broker import unique_topics
 from tests.helpers import MCQ, MCQ_INSTRUCTION, example_records
@@ -97,8 +97,8 @@ def _check_lineage(examples: list[Example], request: CreationRequest) -> None:
 async def test_each_strategy_completes_with_lineage(running, strategy):
     settings = await running()
     request = _request(strategy=strategy, tree_branching=2)
-    await client.submit(settings, request)
-    final = await client.wait_for_final(settings, request.request_id, timeout_s=40)
+    await remote.submit(settings, request)
+    final = await remote.wait_for_final(settings, request.request_id, timeout_s=40)
     assert final.state is RequestState.COMPLETED, final.error
     assert final.accepted == request.target_count
 
@@ -112,8 +112,8 @@ async def test_each_strategy_completes_with_lineage(running, strategy):
 async def test_exact_target_under_a_high_rejection_rate(running):
     settings = await running(wrong_structure_rate=0.15, label_out_of_space_rate=0.15, seed=7)
     request = _request(target_count=25, examples_per_call=5)
-    await client.submit(settings, request)
-    final = await client.wait_for_final(settings, request.request_id, timeout_s=40)
+    await remote.submit(settings, request)
+    final = await remote.wait_for_final(settings, request.request_id, timeout_s=40)
     assert final.state is RequestState.COMPLETED, final.error
     assert final.rejected.get("structure_mismatch", 0) > 0 and final.rejected.get("label_out_of_space", 0) > 0
     ids = {e.example_id for e in await example_records(settings, request.request_id)}
@@ -123,8 +123,8 @@ async def test_exact_target_under_a_high_rejection_rate(running):
 async def test_call_budget_stops_with_what_was_made(running):
     settings = await running()
     request = _request(target_count=200, examples_per_call=5, chains=2, budget=Budget(max_llm_calls=3))
-    await client.submit(settings, request)
-    final = await client.wait_for_final(settings, request.request_id, timeout_s=30)
+    await remote.submit(settings, request)
+    final = await remote.wait_for_final(settings, request.request_id, timeout_s=30)
     assert final.state is RequestState.BUDGET_EXHAUSTED
     assert final.llm_calls == 3 and final.tasks_in_flight == 0
     examples = await example_records(settings, request.request_id)
@@ -138,8 +138,8 @@ async def test_cost_budget_stops_with_what_was_made(running):
     settings = await running(endpoint_options={"input_price_per_1m": 100.0, "output_price_per_1m": 100.0, "max_attempts": 2})
     request = _request(target_count=500, examples_per_call=5, chains=2, budget=Budget(max_cost_usd=1.0),
                        model=ModelSpec(max_tokens=256))
-    await client.submit(settings, request)
-    final = await client.wait_for_final(settings, request.request_id, timeout_s=30)
+    await remote.submit(settings, request)
+    final = await remote.wait_for_final(settings, request.request_id, timeout_s=30)
     assert final.state is RequestState.BUDGET_EXHAUSTED, final.error
     assert 0 < final.cost_usd <= 1.0 and final.llm_calls >= 2 and final.accepted < 500
     assert f"${final.cost_usd:.4f}" in final.error
@@ -150,8 +150,8 @@ async def test_cost_budget_stops_with_what_was_made(running):
 async def test_copying_model_fails_as_stalled(running):
     settings = await running(settings_changes={"stall_calls": 4}, copy_rate=1.0)
     request = _request(target_count=20, chains=2)
-    await client.submit(settings, request)
-    final = await client.wait_for_final(settings, request.request_id, timeout_s=30)
+    await remote.submit(settings, request)
+    final = await remote.wait_for_final(settings, request.request_id, timeout_s=30)
     assert final.state is RequestState.FAILED
     assert "copy_of_reference" in (final.error or "")
     assert final.accepted == 0 and 4 <= final.llm_calls <= 4 + request.chains
@@ -162,10 +162,10 @@ async def test_copying_model_fails_as_stalled(running):
 async def test_cancel_stops_and_drops_work_in_flight(running):
     settings = await running(latency_s=0.05)
     request = _request(target_count=100_000, examples_per_call=5, chains=4)
-    await client.submit(settings, request)
-    await client.wait_for_status(settings, request.request_id, lambda s: s.accepted >= 20, timeout_s=30)
-    await client.cancel(settings, request.request_id, reason="enough for now")
-    final = await client.wait_for_final(settings, request.request_id, timeout_s=20)
+    await remote.submit(settings, request)
+    await remote.wait_for_status(settings, request.request_id, lambda s: s.accepted >= 20, timeout_s=30)
+    await remote.cancel(settings, request.request_id, reason="enough for now")
+    final = await remote.wait_for_final(settings, request.request_id, timeout_s=20)
     assert final.state is RequestState.CANCELLED and final.error == "enough for now"
 
     await asyncio.sleep(1.0)  # let what was already on its way settle
@@ -173,7 +173,7 @@ async def test_cancel_stops_and_drops_work_in_flight(running):
     await asyncio.sleep(2.0)
     later = {e.example_id for e in await example_records(settings, request.request_id)}
     assert later == settled and len(settled) < request.target_count
-    after = await client.latest_status(settings, request.request_id)
+    after = await remote.latest_status(settings, request.request_id)
     assert after is not None and after.state is RequestState.CANCELLED
 
 
@@ -182,16 +182,16 @@ async def test_small_requests_finish_while_a_big_one_runs(running):
     settings = await running(latency_s=0.05)
     big = _request(target_count=100_000, examples_per_call=5, chains=4)
     small = [_request(target_count=10, examples_per_call=5, chains=2) for _ in range(3)]
-    await client.submit(settings, big)
-    await client.wait_for_status(settings, big.request_id, lambda s: s.accepted > 0, timeout_s=30)
+    await remote.submit(settings, big)
+    await remote.wait_for_status(settings, big.request_id, lambda s: s.accepted > 0, timeout_s=30)
     for request in small:
-        await client.submit(settings, request)
-    finals = await asyncio.gather(*(client.wait_for_final(settings, r.request_id, timeout_s=30) for r in small))
+        await remote.submit(settings, request)
+    finals = await asyncio.gather(*(remote.wait_for_final(settings, r.request_id, timeout_s=30) for r in small))
     assert all(f.state is RequestState.COMPLETED and f.accepted == 10 for f in finals)
-    big_now = await client.latest_status(settings, big.request_id)
+    big_now = await remote.latest_status(settings, big.request_id)
     assert big_now is not None and not big_now.state.final and big_now.accepted < big.target_count
-    await client.cancel(settings, big.request_id)
-    await client.wait_for_final(settings, big.request_id, timeout_s=20)
+    await remote.cancel(settings, big.request_id)
+    await remote.wait_for_final(settings, big.request_id, timeout_s=20)
 
 
 # -- a planner process killed mid-request ------------------------------------------------------
@@ -243,15 +243,15 @@ async def test_killed_planner_resumes_from_its_snapshots(fresh_broker, make_simu
     second: subprocess.Popen | None = None
     try:
         request = _request(target_count=60, examples_per_call=3, chains=2)
-        await client.submit(settings, request)
-        before = await client.wait_for_status(settings, request.request_id, lambda s: s.accepted >= 12, timeout_s=30)
+        await remote.submit(settings, request)
+        before = await remote.wait_for_status(settings, request.request_id, lambda s: s.accepted >= 12, timeout_s=30)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
-        mid = await client.latest_status(settings, request.request_id)
+        mid = await remote.latest_status(settings, request.request_id)
         assert mid is not None and not mid.state.final, "killed before the request could finish"
 
         second = _start_planner(settings, tmp_path / "planner-2.log")
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=40)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=40)
         assert final.state is RequestState.COMPLETED, final.error
         assert final.accepted == 60
         assert final.started_at == before.started_at, "the plan was resumed, not started again"

@@ -30,7 +30,7 @@ from datacreator.logic.planning import (
     task_id_for,
     validate_request,
 )
-from datacreator.logic.schema import example_schema
+from datacreator.logic.shape import example_schema
 from datacreator.logic.strategies import CachedEmbedder, derive_rng, shuffled
 
 SEED = {"question": "Which is a fruit?", "options": {"A": "apple", "B": "brick"}, "answer": "A"}

@@ -16,8 +16,8 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from datacreator import client
-from datacreator.bus.clients import make_producer
+from datacreator import remote
+from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import decode
 from datacreator.bus.readback import read_to_end
 from datacreator.config import Settings
@@ -33,8 +33,8 @@ from datacreator.contracts import (
     TaskOutcome,
     Usage,
 )
-from datacreator.services.app import ServiceGroup, build_handler
-from datacreator.services.sink import SinkHandler
+from datacreator.serve import ServiceGroup, build_handler
+from datacreator.handlers.sink import SinkHandler
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import make_task
 
@@ -165,8 +165,8 @@ async def test_poison_on_every_input_topic_is_dead_lettered_and_the_partition_ke
 
     group = await ServiceGroup(settings, ("planner", "generator", "curator", "sink"), handler_factory=handlers).start()
     try:
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=60)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=60)
         assert final.state == RequestState.COMPLETED, final.error
         assert final.accepted == 6
 
@@ -210,10 +210,10 @@ async def test_invalid_but_well_formed_requests_are_rejected_naming_the_problem(
     group = await ServiceGroup(settings, ("planner",)).start()
     try:
         for request_id, (change, _) in cases.items():
-            await client.publish_raw(settings, settings.topics.requests, request_id,
+            await remote.publish_raw(settings, settings.topics.requests, request_id,
                                      orjson.dumps({**base, "request_id": request_id, **change}))
         for request_id, (_, expected) in cases.items():
-            final = await client.wait_for_final(settings, request_id, timeout_s=30)
+            final = await remote.wait_for_final(settings, request_id, timeout_s=30)
             assert final.state == RequestState.REJECTED
             assert expected in (final.error or ""), (request_id, final.error)
     finally:

@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.contracts import CreationRequest, RequestState, Strategy
 from datacreator.embedded.broker import EmbeddedBroker
-from datacreator.services.app import CORE_SERVICES
+from datacreator.serve import CORE_SERVICES
 from datacreator.stack import LLMTarget, endpoint_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +146,8 @@ async def test_prometheus_scrapes_the_stack_and_answers_queries(bus_settings, si
                 formatting_example={"question": "Where do you keep frozen peas?", "options": {"A": "freezer", "B": "shelf"}, "answer": "A"},
                 target_count=TARGET, examples_per_call=4, strategy=Strategy.random, chains=2,
             )
-            await client.submit(settings, request)
-            final = await client.wait_for_final(settings, request.request_id, timeout_s=40)
+            await remote.submit(settings, request)
+            final = await remote.wait_for_final(settings, request.request_id, timeout_s=40)
             assert final.state == RequestState.COMPLETED, final.error
 
             # Each service process counts from zero, so the scraped value is the request's own. Every

@@ -89,7 +89,7 @@ def test_embedding_sample_is_bounded():
 
 @pytest.mark.slow
 def test_minilm_distance_orders_diverse_above_repetitive():
-    from datacreator.logic.embeddings import shared_embedder
+    from datacreator.minilm import shared_embedder
 
     repetitive = [{"text": f"The movie was great and I loved it {n}"} for n in range(6)]
     diverse = [{"text": t} for t in ("The movie was great", "Stock prices fell sharply", "Boil the pasta for ten minutes",

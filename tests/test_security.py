@@ -28,13 +28,13 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr, ValidationError
 
-from datacreator import client
+from datacreator import remote
 from datacreator.bus.admin import ensure_topics, wait_for_broker
 from datacreator.bus.readback import read_to_end
 from datacreator.config import EndpointConfig, Settings
 from datacreator.contracts import CreationRequest, ModelSpec, RequestState
 from datacreator.embedded.broker import EmbeddedBroker, free_port
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from tests.fixtures.broker import unique_topics
 from tests.helpers import rejection_reason
 from tests.test_poison import FAST_GROUPS
@@ -229,7 +229,7 @@ async def test_clients_configured_for_ssl_work_through_mutual_tls(pki):
             kafka_client_overrides=EmbeddedBroker.client_overrides(),
         )
         await ensure_topics(settings)
-        await client.publish_raw(settings, settings.topics.requests, "tls-1", b'{"over": "tls"}')
+        await remote.publish_raw(settings, settings.topics.requests, "tls-1", b'{"over": "tls"}')
         values = [r.value async for r in read_to_end(settings, settings.topics.requests)]
         assert values == [b'{"over": "tls"}']
 
@@ -331,10 +331,10 @@ async def test_api_keys_appear_in_no_log_metric_or_message(bus_settings, broker,
                              model=ModelSpec(endpoint="echo"))
     group = await ServiceGroup(settings).start()
     try:
-        await client.submit(settings, good)
-        await client.submit(settings, echoed)
-        assert (await client.wait_for_final(settings, good.request_id, timeout_s=60)).state == RequestState.COMPLETED
-        failed = await client.wait_for_final(settings, echoed.request_id, timeout_s=60)
+        await remote.submit(settings, good)
+        await remote.submit(settings, echoed)
+        assert (await remote.wait_for_final(settings, good.request_id, timeout_s=60)).state == RequestState.COMPLETED
+        failed = await remote.wait_for_final(settings, echoed.request_id, timeout_s=60)
         assert failed.state == RequestState.FAILED and failed.failed_calls >= 1
         assert sim.stats.status(200) >= 1  # the key was sent and accepted
         async with httpx.AsyncClient() as http:

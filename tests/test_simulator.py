@@ -170,7 +170,7 @@ def test_example_mode_keeps_value_types(simulator: SimulatorServer) -> None:
 )
 def test_answers_to_the_project_prompt_pass_its_validation(simulator: SimulatorServer, mode: str, example: dict[str, Any], label_space: list[str] | None) -> None:
     from datacreator.logic.prompt import build_messages, response_format
-    from datacreator.logic.schema import example_schema, get_path, infer_label
+    from datacreator.logic.shape import example_schema, get_path, infer_label
 
     field, space = ("label", label_space) if label_space else infer_label(example)
     task = make_task("t", request_id="r", seed=example, instruction="Create new examples.", num_examples=4,

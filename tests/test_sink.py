@@ -17,7 +17,7 @@ from datacreator.bus.codec import encode
 from datacreator.bus.runtime import Delivery, ServiceRunner
 from datacreator.config import Settings
 from datacreator.contracts import Example
-from datacreator.services.sink import SinkHandler, request_dir_name
+from datacreator.handlers.sink import SinkHandler, request_dir_name
 from tests.test_consumer import make_example, publish
 
 pytestmark = pytest.mark.timeout(90)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.bus.codec import encode
 from datacreator.bus.readback import StatusWatcher
 from datacreator.bus.runtime import Delivery
@@ -31,10 +31,10 @@ from datacreator.contracts import (
 )
 from datacreator.logic.dedup import example_id
 from datacreator.logic.retention import ReleaseClock
-from datacreator.services.app import SERVICE_NAMES, ServiceGroup
-from datacreator.services.curator import REOPENED_KEPT, CuratorHandler
-from datacreator.services.planner import PlannerHandler
-from datacreator.services.sink import PartitionFiles
+from datacreator.serve import SERVICE_NAMES, ServiceGroup
+from datacreator.handlers.curator import REOPENED_KEPT, CuratorHandler
+from datacreator.handlers.planner import PlannerHandler
+from datacreator.handlers.sink import PartitionFiles
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
@@ -175,9 +175,9 @@ async def test_services_release_the_state_of_ended_requests(bus_settings, simula
         requests = [CreationRequest(instruction=MCQ_INSTRUCTION, formatting_example=MCQ, target_count=3,
                                     examples_per_call=3, chains=1, strategy=Strategy.none) for _ in range(30)]
         for request in requests:
-            await client.submit(settings, request)
+            await remote.submit(settings, request)
         for request in requests:
-            final = await client.wait_for_final(settings, request.request_id, timeout_s=90)
+            final = await remote.wait_for_final(settings, request.request_id, timeout_s=90)
             assert final.state == RequestState.COMPLETED, final.error
         assert sum(1 for p in tmp_path.iterdir() if p.is_dir()) == 30
         loop = asyncio.get_running_loop()

@@ -154,7 +154,7 @@ def test_tree_children_bounded_by_branching() -> None:
 
 @pytest.mark.slow
 def test_real_sentence_model_orders_by_meaning() -> None:
-    from datacreator.logic.embeddings import shared_embedder
+    from datacreator.minilm import shared_embedder
 
     previous = Reference(example_id=None, data={"question": "The cat sat on the mat.", "answer": "yes"})
     candidates = [

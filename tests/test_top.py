@@ -13,9 +13,9 @@ import uuid
 import pytest
 from rich.console import Console
 
-from datacreator import client
+from datacreator import remote
 from datacreator.contracts import CreationRequest, RequestState, RequestStatus, Strategy
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from datacreator.top import MetricsSnapshot, Overview, metrics_url, render
 
@@ -105,7 +105,7 @@ async def test_top_shows_the_request_live_and_once(bus_settings, simulator):
             raise AssertionError(f"top never showed {wanted}; last screen:\n{screen}")
 
         await screen_until("(no requests yet)", "llm calls")  # up and reading the bus before the request
-        await client.submit(settings, request)
+        await remote.submit(settings, request)
         screen = await screen_until(request.request_id, "RUNNING")
         assert f"/{TARGET}" in screen
         screen = await screen_until(request.request_id, "COMPLETED", f"{TARGET}/{TARGET}", "ok ")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datacreator.contracts import RejectReason
-from datacreator.logic.schema import batch_schema, example_schema, get_path, infer_label
+from datacreator.logic.shape import batch_schema, example_schema, get_path, infer_label
 from datacreator.logic.validation import ExampleValidator
 
 MC = {"question": "Which planet is largest?", "options": {"A": "Mars", "B": "Jupiter", "C": "Venus", "D": "Earth"}, "answer": "B"}

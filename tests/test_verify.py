@@ -7,7 +7,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.config import EndpointConfig
 from datacreator.contracts import (
     Candidate,
@@ -33,7 +33,7 @@ from datacreator.logic.verify import (
     verify_targets,
 )
 from datacreator.ratelimit import LocalRateLimiter
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.simulator.app import Simulator
 from datacreator.simulator.config import SimulatorConfig
 from datacreator.stack import LLMTarget, endpoint_json
@@ -215,8 +215,8 @@ async def test_end_to_end_with_label_checks(bus_settings, make_simulator, mode):
     try:
         request = CreationRequest(instruction=MCQ_INSTRUCTION, formatting_example=MCQ, target_count=20, examples_per_call=5,
                                   strategy=Strategy.random, chains=2, verify=mode)
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=90)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=90)
         examples = await example_records(settings, request.request_id)
         rejections = await records_of(settings, settings.topics.rejected, Rejection, request.request_id)
     finally:

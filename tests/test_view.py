@@ -14,10 +14,10 @@ import subprocess
 import httpx
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.contracts import CreationRequest, Strategy
 from datacreator.export import export_request
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from datacreator.view.server import ViewServer
 from tests.helpers import MCQ, MCQ_INSTRUCTION
@@ -48,9 +48,9 @@ async def test_the_api_serves_examples_rejections_and_lineage_as_published(bus_s
     async with running_view(bus_settings, simulator) as (settings, view, http):
         request = CreationRequest(request_id="view-api", instruction=MCQ_INSTRUCTION, formatting_example=MCQ,
                                   target_count=40, examples_per_call=5, strategy=Strategy.tree, chains=2)
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=90)
-        published = await client.collect_examples(settings, request.request_id)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=90)
+        published = await remote.collect_examples(settings, request.request_id)
 
         async def caught_up():
             detail = (await http.get("/api/requests/view-api")).json()
@@ -145,7 +145,7 @@ async def test_the_page_fills_while_a_request_runs(bus_settings, make_simulator,
     async with running_view(bus_settings, simulator) as (settings, view, http):
         request = CreationRequest(request_id="view-page", instruction=MCQ_INSTRUCTION, formatting_example=MCQ,
                                   target_count=60, examples_per_call=5, strategy=Strategy.random, chains=2)
-        await client.submit(settings, request)
+        await remote.submit(settings, request)
         profile = tmp_path / "chromium-profile"
         browser = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -166,7 +166,7 @@ async def test_the_page_fills_while_a_request_runs(bus_settings, make_simulator,
                 tools = DevTools(ws)
                 accepted = "(() => { const m = /^(\\d+) of/.exec(document.querySelector('#progresstext').textContent); return m ? +m[1] : -1; })()"
                 first = await _until(lambda: tools.js(accepted + " > 0 ? " + accepted + " : 0"), 40)
-                status = await client.latest_status(settings, "view-page")
+                status = await remote.latest_status(settings, "view-page")
                 assert status is not None and not status.state.final, "the page is loaded while the request runs"
                 later = await _until(lambda: tools.js(f"{accepted} > {first} ? {accepted} : 0"), 40)
                 assert later > first  # progress moves without a reload

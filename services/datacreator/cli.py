@@ -181,10 +181,10 @@ def _warn_unpriced(settings: Settings, request: object | None = None) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from datacreator import client
+    from datacreator import remote
     from datacreator.stack import EmbeddedStack, start_llm, stop_llm
 
-    request = client.load_request(
+    request = remote.load_request(
         args.request, target_count=args.target_count, strategy=args.strategy, request_id=args.request_id,
         examples_per_call=args.examples_per_call,
     )
@@ -198,13 +198,13 @@ async def _run(args: argparse.Namespace) -> int:
         _warn_unpriced(settings, request)
         view = await _start_view(args, settings)
         started = time.monotonic()
-        writer = client.JsonlWriter(args.out, with_metadata=args.with_metadata) if args.out else None
-        streaming = asyncio.create_task(client.stream_examples(settings, request.request_id, writer)) if writer is not None else None
+        writer = remote.JsonlWriter(args.out, with_metadata=args.with_metadata) if args.out else None
+        streaming = asyncio.create_task(remote.stream_examples(settings, request.request_id, writer)) if writer is not None else None
         try:
-            await client.submit(settings, request)
+            await remote.submit(settings, request)
             try:
                 with _Progress(request.target_count, enabled=not args.quiet) as progress:
-                    final = await client.wait_for_final(settings, request.request_id, progress.update, timeout_s=args.timeout)
+                    final = await remote.wait_for_final(settings, request.request_id, progress.update, timeout_s=args.timeout)
             except TimeoutError as exc:
                 kept = f"; the {writer.written} examples created so far are in {args.out}" if writer is not None else ""
                 print(f"datacreator run: {exc}{kept}", file=sys.stderr)
@@ -212,7 +212,7 @@ async def _run(args: argparse.Namespace) -> int:
             wall = time.monotonic() - started
             if writer is not None:
                 # The follower may lag the final status: a full read fills in whatever it has not seen yet.
-                for example in await client.collect_examples(settings, request.request_id):
+                for example in await remote.collect_examples(settings, request.request_id):
                     writer.add(example)
         finally:
             if streaming is not None:
@@ -244,25 +244,25 @@ async def _start_view(args: argparse.Namespace, settings: Settings):  # type: ig
 
 
 async def _submit(args: argparse.Namespace) -> int:
-    from datacreator import client
+    from datacreator import remote
 
     settings = Settings()
-    request = client.load_request(args.request, target_count=args.target_count, strategy=args.strategy, request_id=args.request_id)
-    await client.submit(settings, request)
+    request = remote.load_request(args.request, target_count=args.target_count, strategy=args.strategy, request_id=args.request_id)
+    await remote.submit(settings, request)
     print(request.request_id)
     if not args.wait:
         return 0
     started = time.monotonic()
     with _Progress(request.target_count) as progress:
-        final = await client.wait_for_final(settings, request.request_id, progress.update, timeout_s=args.timeout)
+        final = await remote.wait_for_final(settings, request.request_id, progress.update, timeout_s=args.timeout)
     print(_summary(final, time.monotonic() - started, None))
     return 0 if final.state.value == "COMPLETED" else 1
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from datacreator import client
+    from datacreator import remote
 
-    status = await client.latest_status(Settings(), args.request_id)
+    status = await remote.latest_status(Settings(), args.request_id)
     if status is None:
         raise UsageError(f"no request {args.request_id!r} on the bus (no status for it)")
     print(status.model_dump_json(indent=2))
@@ -270,20 +270,20 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _cancel(args: argparse.Namespace) -> int:
-    from datacreator import client
+    from datacreator import remote
     from datacreator.export import find_request
 
     settings = Settings()
     # A request just submitted has no status until a planner takes it: it is then on the requests topic.
-    if await client.latest_status(settings, args.request_id) is None and await find_request(settings, args.request_id) is None:
+    if await remote.latest_status(settings, args.request_id) is None and await find_request(settings, args.request_id) is None:
         raise UsageError(f"no request {args.request_id!r} on the bus (no status and no request for it)")
-    await client.cancel(settings, args.request_id, args.reason)
+    await remote.cancel(settings, args.request_id, args.reason)
     print(f"cancel sent for {args.request_id}")
     return 0
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from datacreator.services.app import CORE_SERVICES, serve
+    from datacreator.serve import CORE_SERVICES, serve
 
     names = list(CORE_SERVICES) if args.service == "all" else [args.service]
     await serve(Settings(), names)
@@ -351,9 +351,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _schemas(args: argparse.Namespace) -> int:
-    from datacreator import schemas
+    from datacreator import contract_files
 
-    for path in schemas.write(args.out):
+    for path in contract_files.write(args.out):
         print(path)
     return 0
 

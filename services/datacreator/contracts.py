@@ -58,7 +58,7 @@ class RequestState(StrEnum):
 
 
 class RejectReason(StrEnum):
-    """Why a candidate example did not reach the examples topic."""
+    """Why an item of a candidate (a model's answer) did not reach the examples topic."""
 
     unparseable = "unparseable"
     structure_mismatch = "structure_mismatch"

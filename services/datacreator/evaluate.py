@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from datacreator.logic.schema import get_path
+from datacreator.logic.shape import get_path
 
 # -- rows, texts and labels -------------------------------------------------------------------
 

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from datacreator.client import collect_examples, read_messages
+from datacreator.remote import collect_examples, read_messages
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, Rejection, RejectReason, RequestStatus
 from datacreator.logic.dedup import DedupIndex
 from datacreator.logic.embeddings import Embedder, example_text
-from datacreator.logic.schema import get_path, infer_label, is_label_name
+from datacreator.logic.shape import get_path, infer_label, is_label_name
 from datacreator.logic.verify import disagreement_shares
 
 QUALITY_REASONS = frozenset(r.value for r in (
@@ -386,7 +386,7 @@ async def report_command(
         raise UsageError(f"no request {request_id!r} on the bus (no status, no examples)")
     embedder = None
     if embeddings and len(data.examples) > 1:
-        from datacreator.logic.embeddings import shared_embedder
+        from datacreator.minilm import shared_embedder
 
         embedder = shared_embedder()
     report = build_report(data, embedder, label_field)

@@ -13,7 +13,7 @@ from typing import Any
 
 from datacreator.config import Settings
 from datacreator.embedded.broker import EmbeddedBroker
-from datacreator.services.app import CORE_SERVICES, ServiceGroup
+from datacreator.serve import CORE_SERVICES, ServiceGroup
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from datacreator.bus import KafkaError
 from datacreator.bus.readback import StatusWatcher
-from datacreator.client import latest_statuses
+from datacreator.remote import latest_statuses
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus
 

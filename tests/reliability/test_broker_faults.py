@@ -15,11 +15,11 @@ import time
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from datacreator import client
+from datacreator import remote
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus
 from datacreator.embedded.broker import EmbeddedBroker
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.fixtures.broker import unique_topics
 from tests.helpers import records_of
@@ -73,9 +73,9 @@ async def test_broker_restart_with_empty_storage(fresh_broker, make_simulator):
     group = await ServiceGroup(settings).start()
     try:
         lost = mcq_request(400, examples_per_call=5, chains=2)
-        await client.submit(settings, lost)
+        await remote.submit(settings, lost)
         deadline = time.monotonic() + 20
-        while (await client.latest_status(settings, lost.request_id) or RequestStatus(request_id="-", state=RequestState.ACCEPTED)).accepted < 20:
+        while (await remote.latest_status(settings, lost.request_id) or RequestStatus(request_id="-", state=RequestState.ACCEPTED)).accepted < 20:
             assert time.monotonic() < deadline, "the first request made no progress"
             await asyncio.sleep(0.2)
 
@@ -86,8 +86,8 @@ async def test_broker_restart_with_empty_storage(fresh_broker, make_simulator):
         assert group._task is not None and not group._task.done(), "the services stopped after the restart"
 
         fresh = mcq_request(40, examples_per_call=5, chains=2)
-        await client.submit(settings, fresh)
-        final = await client.wait_for_final(settings, fresh.request_id, timeout_s=40)
+        await remote.submit(settings, fresh)
+        final = await remote.wait_for_final(settings, fresh.request_id, timeout_s=40)
         assert final.state == RequestState.COMPLETED, final.error
         final = await settled_status(settings, fresh.request_id)
         ledger = await asyncio.wait_for(read_ledger(settings, fresh.request_id), 30)
@@ -122,8 +122,8 @@ async def test_services_create_missing_topics_at_start(fresh_broker, make_simula
         topics = await _topics(settings)
         assert topics == {name: 3 for name in settings.topics.all()}
         request = mcq_request(25)
-        await client.submit(settings, request)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=30)
+        await remote.submit(settings, request)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=30)
         assert final.state == RequestState.COMPLETED, final.error
         check_examples(await read_ledger(settings, request.request_id), 25)
         record_faults("test_missing_topics", "topics missing when services start", len(topics), {"state": final.state.value})

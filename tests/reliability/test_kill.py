@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.contracts import RequestState
 from tests.reliability.common import fault_settings, mcq_request, sink_rows, wait_until
 from tests.reliability.ledger import check_accounting, check_examples, read_ledger, settled_status, summary
@@ -57,10 +57,10 @@ async def test_sigkill_each_service_during_one_request(fresh_broker, make_simula
     try:
         await fleet.start_all()
         request = mcq_request(400, examples_per_call=5, chains=2)
-        await client.submit(settings, request)
+        await remote.submit(settings, request)
         killer = asyncio.create_task(_kill_loop(procs, schedule, rng, done, killed))
         try:
-            final = await client.wait_for_final(settings, request.request_id, timeout_s=90)
+            final = await remote.wait_for_final(settings, request.request_id, timeout_s=90)
         finally:
             done.set()
             await killer

@@ -10,9 +10,9 @@ import asyncio
 
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.contracts import RequestState
-from datacreator.services.app import ServiceGroup
+from datacreator.serve import ServiceGroup
 from tests.reliability.common import fault_settings, mcq_request
 from tests.reliability.ledger import check_accounting, check_examples, read_ledger, settled_status, summary
 from tests.reliability.procs import record_faults
@@ -25,10 +25,10 @@ async def _run(settings, target: int, during=None, timeout_s: float = 45, **fiel
     group = await ServiceGroup(settings).start()
     try:
         request = mcq_request(target, **fields)
-        await client.submit(settings, request)
+        await remote.submit(settings, request)
         side = asyncio.create_task(during()) if during else None
         try:
-            await client.wait_for_final(settings, request.request_id, timeout_s=timeout_s)
+            await remote.wait_for_final(settings, request.request_id, timeout_s=timeout_s)
         finally:
             if side is not None:
                 side.cancel()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.contracts import RequestState
 from tests.reliability.common import fault_settings, mcq_request
 from tests.reliability.ledger import check_accounting, check_examples, read_ledger, settled_status, summary
@@ -71,7 +71,7 @@ async def test_replicas_share_partitions_and_survive_a_kill_each(fresh_broker, m
             assert all(held.values()), f"{service}: a replica holds nothing: {held}"
 
         request = mcq_request(2000, examples_per_call=10, chains=16)
-        await client.submit(settings, request)
+        await remote.submit(settings, request)
         await asyncio.sleep(3.0)  # mid-way: a few hundred examples in
         victims = {s: rng.choice(fleet.by_service(s)) for s in REPLICAS}
         for victim in victims.values():
@@ -80,7 +80,7 @@ async def test_replicas_share_partitions_and_survive_a_kill_each(fresh_broker, m
             assert await victim.wait_exit(5) is not None
 
         after = {s: await _assignments(settings, fleet.by_service(s), s, 40) for s in REPLICAS}
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=90)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=90)
         assert final.state == RequestState.COMPLETED, final.error
         for service, held in after.items():
             assert victims[service].label not in held

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from datacreator import client
+from datacreator import remote
 from datacreator.bus.codec import decode
 from datacreator.bus.readback import read_to_end
 from datacreator.contracts import Candidate, GenerationTask, RequestState
@@ -52,13 +52,13 @@ async def test_sigterm_each_service_then_restart(fresh_broker, make_simulator, t
     try:
         await fleet.start_all()
         request = mcq_request(240, examples_per_call=5, chains=3)
-        await client.submit(settings, request)
+        await remote.submit(settings, request)
         for service, proc in procs.items():
             await asyncio.sleep(1.0)
             exits[service] = await proc.terminate(settings.runtime.shutdown_timeout_s + EXIT_SLACK_S)
             proc.start()
             await proc.wait_ready(40)
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=60)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=60)
         for service, (code, seconds) in exits.items():
             assert code == 0, f"{service} exited with {code} after SIGTERM"
             assert seconds <= settings.runtime.shutdown_timeout_s + EXIT_SLACK_S, f"{service} took {seconds:.1f} s to exit"
@@ -100,13 +100,13 @@ async def test_sigterm_with_calls_longer_than_the_shutdown_timeout(fresh_broker,
     try:
         await fleet.start_all()
         request = mcq_request(20, examples_per_call=5, chains=2)
-        await client.submit(settings, request)
+        await remote.submit(settings, request)
         await asyncio.sleep(2.0)  # two calls under way, none answered
         code, seconds = await generator.terminate(settings.runtime.shutdown_timeout_s + EXIT_SLACK_S)
         assert code == 0, generator.log_tail()
         assert seconds <= settings.runtime.shutdown_timeout_s + EXIT_SLACK_S, f"the generator took {seconds:.1f} s to exit"
         generator.start()
-        final = await client.wait_for_final(settings, request.request_id, timeout_s=50)
+        final = await remote.wait_for_final(settings, request.request_id, timeout_s=50)
         assert final.state == RequestState.COMPLETED, final.error
         final = await settled_status(settings, request.request_id)
         ledger = await read_ledger(settings, request.request_id)

@@ -12,7 +12,7 @@ from aiokafka import TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from datacreator.bus.clients import make_consumer, refresh_metadata
+from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.bus.codec import M, PoisonMessage, decode
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus

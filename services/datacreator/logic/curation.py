@@ -26,7 +26,7 @@ from datacreator.contracts import (
 from datacreator.logic.dedup import DedupIndex, Fingerprint, example_id, normalise
 from datacreator.logic.embeddings import Embedder
 from datacreator.logic.parsing import parse_examples
-from datacreator.logic.schema import ordered_like
+from datacreator.logic.shape import ordered_like
 from datacreator.logic.validation import ExampleValidator
 from datacreator.logic.verify import LabelChecks
 
@@ -105,9 +105,7 @@ class RequestCuration:
             )
         self._example_keys = frozenset(self.validator.top_level_keys) or None
         if semantic_threshold is not None and embedder is None:
-            from datacreator.logic.embeddings import shared_embedder
-
-            embedder = shared_embedder()
+            raise ValueError("semantic dedup needs an embedder (datacreator.minilm.shared_embedder)")
         self.dedup = DedupIndex(near_threshold, num_perm, semantic_threshold, embedder)
         self.accepted_count = 0
         # example id (16 raw bytes) -> task id it was accepted from; task ids are interned.

@@ -4,7 +4,7 @@ The index keeps no texts: a 16-byte digest per example for exact matches, its Mi
 (one uint32 per permutation) and one small int per LSH band for near matches, and an embedding
 row when semantic dedup is on. The band tables are plain dicts rather than datasketch's
 MinHashLSH storage (a set per bucket and a key table), which held about 3x the memory per
-example; the bands and rows come from datasketch's own optimiser, and every LSH candidate is
+example; the bands and rows come from datasketch's own optimiser, and every example sharing an LSH band is
 verified against its stored signature, so a near duplicate means an estimated Jaccard >= threshold.
 """
 
@@ -31,8 +31,8 @@ _WORD = re.compile(r"\w+")
 _K1 = np.uint64(0x9E3779B97F4A7C15)
 _K2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _EMPTY_ROW = np.uint32(0xFFFFFFFF)
-# Weight of false positives vs false negatives when choosing bands: candidates are verified
-# against the stored signatures, so a missed pair costs more than an extra candidate.
+# Weight of false positives vs false negatives when choosing bands: band matches are verified
+# against the stored signatures, so a missed pair costs more than an extra match.
 LSH_WEIGHTS = (0.1, 0.9)
 
 
@@ -196,15 +196,15 @@ class DedupIndex:
         if fp.digest in self._exact:
             return RejectReason.duplicate
         if self._hasher is not None and fp.signature is not None and fp.signature[0] != _EMPTY_ROW and self._count:
-            candidates: list[int] = []
+            sharing: list[int] = []  # stored examples that share a band with this one
             if fp.band_keys is None:
                 fp.band_keys = self._band_keys(fp.signature)
             for band in fp.band_keys:
                 hit = self._buckets.get(band)
                 if hit is not None:
-                    candidates.extend(hit) if isinstance(hit, list) else candidates.append(hit)
-            if candidates:
-                similarity = (self._signatures[candidates] == fp.signature).mean(axis=1)
+                    sharing.extend(hit) if isinstance(hit, list) else sharing.append(hit)
+            if sharing:
+                similarity = (self._signatures[sharing] == fp.signature).mean(axis=1)
                 if self.near_threshold is not None and float(similarity.max()) >= self.near_threshold:
                     return RejectReason.near_duplicate
         if self._vectors is not None and fp.vector is not None and self._count:

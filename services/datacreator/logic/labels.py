@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from datacreator.contracts import AcceptedRef
-from datacreator.logic.schema import get_path
+from datacreator.logic.shape import get_path
 
 # Examples of each label kept for label-aware self-reference (the most recent ones), and in all:
 # they ride in every plan snapshot.
@@ -125,8 +125,8 @@ class LabelPlan(BaseModel):
             picks.append(self.labels[chosen])
         return picks
 
-    def references_for(self, label: Any, candidates: Sequence[AcceptedRef]) -> list[AcceptedRef]:
-        """Label-aware self-reference: the candidates of `label`, else the request's latest of it."""
+    def references_for(self, label: Any, choices: Sequence[AcceptedRef]) -> list[AcceptedRef]:
+        """Label-aware self-reference: the choices of `label`, else the request's latest of it."""
         text = label_text(label)
-        same = [c for c in candidates if label_of(c.data, self.field) == text]
+        same = [c for c in choices if label_of(c.data, self.field) == text]
         return same or list(self.recent.get(text, []))

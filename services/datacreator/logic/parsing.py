@@ -1,4 +1,4 @@
-"""Parse a model's answer into candidate examples, keeping every good item of a messy answer.
+"""Parse a model's answer into items (examples not yet checked), keeping every good item of a messy answer.
 
 Handles a bare JSON list, an object holding the list, one object, JSON in ``` fences, prose
 around the JSON, several fenced blocks, trailing commas, one broken item among good ones, and

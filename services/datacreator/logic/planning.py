@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from datacreator.contracts import (
     MAX_TARGET_COUNT,
@@ -48,7 +48,7 @@ from datacreator.contracts import (
 )
 from datacreator.logic.budget import BudgetLedger, OperatorCaps, check_caps
 from datacreator.logic.labels import LabelPlan, label_of
-from datacreator.logic.schema import example_schema, get_path, infer_label, label_path_in_objects
+from datacreator.logic.shape import example_schema, get_path, infer_label, label_path_in_objects
 from datacreator.logic.strategies import EmbedFn, as_embed_fn, derive_rng, select_reference, shuffled, tree_children
 from datacreator.logic.validation import request_fields_problem
 from datacreator.logic.verify import add_tally
@@ -250,7 +250,9 @@ class ChainState(_State):
     step: int = 0  # number of the chain's next call
     reference: Reference  # formatting example of the chain's latest call
     last_good: Reference  # formatting example of its latest call that yielded accepted examples
-    candidates: list[AcceptedRef] = Field(default_factory=list)  # accepted by the latest call
+    # accepted by the latest call: what its next formatting example is chosen from ("candidates"
+    # in snapshots written before the rename, still read)
+    choices: list[AcceptedRef] = Field(default_factory=list, validation_alias=AliasChoices("choices", "candidates"))
     pending: bool = False  # the latest call's outcome is in, the next reference not yet chosen
 
 
@@ -486,7 +488,7 @@ class RequestPlan:
             self._count_labels(outcome.accepted)
         if entry.expansion is None:
             chain = s.chains[entry.chain]
-            chain.candidates = list(outcome.accepted)
+            chain.choices = list(outcome.accepted)
             chain.pending = True
             if outcome.accepted:
                 chain.last_good = entry.references[0]
@@ -659,7 +661,7 @@ class RequestPlan:
         labels = self._plan_labels("chain", chain.index, chain.step)
         if chain.pending:
             chain.reference = self._choose(chain, embed, labels[0] if labels else None)
-            chain.candidates = []
+            chain.choices = []
             chain.pending = False
         entry = InFlight(
             task_id=task_id_for(self.request_id, chain.index, chain.step),
@@ -679,16 +681,16 @@ class RequestPlan:
         request = s.request
         if request.strategy is Strategy.none:
             return Reference(example_id=None, data=request.formatting_example)
-        candidates = s.pool if request.reference_pool == "all_accepted" else chain.candidates
+        choices = s.pool if request.reference_pool == "all_accepted" else chain.choices
         if s.labels is not None and label is not None:
             # Label-aware self-reference: an example of the label this call needs most, so the
             # formatting example's own label stops pulling every call toward one label.
-            candidates = s.labels.references_for(label, candidates) or candidates
-        if not candidates:
+            choices = s.labels.references_for(label, choices) or choices
+        if not choices:
             s.counts.fallbacks += 1
             return chain.last_good
         rng = derive_rng(self.request_id, "choose", chain.index, chain.step)
-        chosen = select_reference(request.strategy, chain.reference, candidates, rng, embed)
+        chosen = select_reference(request.strategy, chain.reference, choices, rng, embed)
         return Reference(example_id=chosen.example_id, data=chosen.data)
 
     def _plan_labels(self, *position: object) -> list[Any] | None:

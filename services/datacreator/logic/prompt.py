@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from datacreator.contracts import GenerationTask
-from datacreator.logic.schema import batch_schema
+from datacreator.logic.shape import batch_schema
 
 SYSTEM_PROMPT = "You create training data. Answer with JSON only."
 

@@ -47,37 +47,37 @@ def derive_rng(*parts: object) -> random.Random:
 def select_reference(
     strategy: Strategy,
     previous: Reference,
-    candidates: Sequence[AcceptedRef],
+    choices: Sequence[AcceptedRef],
     rng: random.Random,
     embed: EmbedFn | None = None,
 ) -> AcceptedRef:
-    """Pick the next formatting example among `candidates`.
+    """Pick the next formatting example among `choices`.
 
-    `previous` is the formatting example of the call that produced the candidates.
+    `previous` is the formatting example of the call that produced the choices (the examples it had accepted).
     random: uniform; contrastive: least cosine similarity to `previous`; similar: the greatest
-    (ties go to the earliest candidate). `none` and `tree` choose no single successor.
+    (ties go to the earliest choice). `none` and `tree` choose no single successor.
     """
     strategy = Strategy(strategy)
-    if not candidates:
-        raise ValueError("no candidates to choose a reference from")
+    if not choices:
+        raise ValueError("no accepted examples to choose a reference from")
     if strategy is Strategy.random:
-        return candidates[rng.randrange(len(candidates))]
+        return choices[rng.randrange(len(choices))]
     if strategy in EMBEDDING_STRATEGIES:
         if embed is None:
             raise ValueError(f"strategy {strategy.value!r} needs an embedding function")
-        if len(candidates) == 1:
-            return candidates[0]
-        scores = similarities(previous, candidates, embed)
+        if len(choices) == 1:
+            return choices[0]
+        scores = similarities(previous, choices, embed)
         index = int(np.argmin(scores)) if strategy is Strategy.contrastive else int(np.argmax(scores))
-        return candidates[index]
+        return choices[index]
     raise ValueError(f"strategy {strategy.value!r} does not pick a single reference")
 
 
-def similarities(anchor: Item, candidates: Sequence[Item], embed: EmbedFn) -> np.ndarray:
-    """Cosine similarity of each candidate to `anchor` (one embedding call for all of them)."""
-    vectors = np.asarray(embed([anchor, *candidates]), dtype=np.float32)
-    if vectors.shape[0] != len(candidates) + 1:
-        raise ValueError(f"embedding function returned {vectors.shape[0]} rows for {len(candidates) + 1} examples")
+def similarities(anchor: Item, choices: Sequence[Item], embed: EmbedFn) -> np.ndarray:
+    """Cosine similarity of each choice to `anchor` (one embedding call for all of them)."""
+    vectors = np.asarray(embed([anchor, *choices]), dtype=np.float32)
+    if vectors.shape[0] != len(choices) + 1:
+        raise ValueError(f"embedding function returned {vectors.shape[0]} rows for {len(choices) + 1} examples")
     return vectors[1:] @ vectors[0]
 
 

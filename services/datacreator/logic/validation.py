@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from datacreator.contracts import RejectReason
-from datacreator.logic.schema import OPTION_NAMES, example_schema, get_path, infer_label
+from datacreator.logic.shape import OPTION_NAMES, example_schema, get_path, infer_label
 
 _MISSING = object()
 # Characters that render as nothing but are not Unicode format characters (category Cf):
@@ -371,8 +371,8 @@ def snapshot_size_problem(
     """Why the planner's snapshot of `request` could outgrow a record the broker accepts, or None.
 
     The snapshot is one record on a compacted topic (Kafka's default limit is ~1 MB). What grows
-    with the request: each chain keeps its reference, its last good one and the candidates of its
-    latest call (examples_per_call), and a call in flight carries its reference; the tree keeps a
+    with the request: each chain keeps its reference, its last good one and the choices of its
+    latest call (its accepted examples, up to examples_per_call), and a call in flight carries its reference; the tree keeps a
     level of nodes and the next one; reference_pool=all_accepted keeps a pool. Everything else
     (the request itself, its schema) is there once.
     """

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from datacreator.logic.schema import json_type
+from datacreator.logic.shape import json_type
 
 from . import text
 
@@ -507,9 +507,9 @@ def _outside(space: list[Any], rng: random.Random) -> Any:
         free = [c for c in string.ascii_uppercase if c not in space]
         if free:
             return rng.choice(free)
-    for candidate in ("other", "none of the above", "unknown label", "out-of-space label"):
-        if candidate not in space:
-            return candidate
+    for outside in ("other", "none of the above", "unknown label", "out-of-space label"):
+        if outside not in space:
+            return outside
     return "label-" + "".join(rng.choices(string.ascii_lowercase, k=8))
 
 

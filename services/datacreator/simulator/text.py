@@ -138,7 +138,7 @@ def text(rng: random.Random, target_len: int, min_len: int = 0, max_len: int | N
         out = ""
         while len(out) < target_len * 0.9:
             room = target_len - len(out)
-            # of a few candidate sentences, the one that best fills the room left
+            # of a few possible sentences, the one that best fills the room left
             maker = short_sentence if room < 55 else sentence
             best = min((maker(rng) for _ in range(3)), key=lambda s: abs(len(s) + 1 - room))
             out = f"{out} {best}" if out else best

@@ -215,7 +215,7 @@ class ViewServer:
             embedder = None
             if self.embeddings:
                 if loading is None:
-                    from datacreator.logic.embeddings import shared_embedder
+                    from datacreator.minilm import shared_embedder
 
                     loading = asyncio.create_task(asyncio.to_thread(shared_embedder))
                 if loading.done():

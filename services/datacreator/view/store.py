@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from datacreator.contracts import CreationRequest, Example, Rejection, RequestStatus
-from datacreator.logic.schema import get_path
+from datacreator.logic.shape import get_path
 from datacreator.report import _label_key, distinct_n, find_label_field
 
 SEED = "seed"  # the lineage node of the request's own formatting example

@@ -19,19 +19,19 @@ CORE_SERVICES = ("planner", "generator", "curator")
 
 def build_handler(name: str, settings: Settings) -> Handler:
     if name == "planner":
-        from datacreator.services.planner import PlannerHandler
+        from datacreator.handlers.planner import PlannerHandler
 
         return PlannerHandler(settings)
     if name == "generator":
-        from datacreator.services.generator import GeneratorHandler
+        from datacreator.handlers.generator import GeneratorHandler
 
         return GeneratorHandler(settings)
     if name == "curator":
-        from datacreator.services.curator import CuratorHandler
+        from datacreator.handlers.curator import CuratorHandler
 
         return CuratorHandler(settings)
     if name == "sink":
-        from datacreator.services.sink import SinkHandler
+        from datacreator.handlers.sink import SinkHandler
 
         return SinkHandler(settings)
     raise ValueError(f"unknown service {name!r}; choose from {', '.join(SERVICE_NAMES)}")

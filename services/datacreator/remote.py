@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from datacreator.bus.clients import make_producer
+from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import M, PoisonMessage, decode, encode, encode_key
 from datacreator.bus.readback import StatusWatcher, follow_topics, read_models
 from datacreator.config import Settings

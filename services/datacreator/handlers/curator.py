@@ -30,7 +30,8 @@ from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
 from datacreator.config import Settings
 from datacreator.contracts import Candidate, Example, Rejection, RejectReason, RequestState, RequestStatus, TaskOutcome
 from datacreator.logic.curation import CuratorState, Published, RequestCuration, Restored
-from datacreator.logic.embeddings import Embedder, shared_embedder
+from datacreator.logic.embeddings import Embedder
+from datacreator.minilm import shared_embedder
 
 log = logging.getLogger(__name__)
 

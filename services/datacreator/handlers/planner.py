@@ -35,7 +35,8 @@ from datacreator.contracts import (
     RequestStatus,
     TaskOutcome,
 )
-from datacreator.logic.embeddings import Embedder, shared_embedder
+from datacreator.logic.embeddings import Embedder
+from datacreator.minilm import shared_embedder
 from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
 from datacreator.logic.retention import ReleaseClock
 from datacreator.logic.strategies import needs_embeddings

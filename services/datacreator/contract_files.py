@@ -18,7 +18,7 @@ CHANNELS: dict[str, tuple[list[str], str]] = {
     "tasks": (["generation_task"], "One LLM call's worth of work, planner to generators. Key: request_id."),
     "candidates": (["candidate"], "Raw model answers, generators to curator. Key: request_id."),
     "examples": (["example"], "The product: accepted, de-duplicated examples. Key: request_id."),
-    "rejected": (["rejection"], "Candidate examples that were dropped, with a reason code. Key: request_id."),
+    "rejected": (["rejection"], "Items of candidates that were dropped, with a reason code. Key: request_id."),
     "outcomes": (["task_outcome"], "What each task produced after curation, curator to planner. Key: request_id."),
     "status": (["request_status"], "Latest state and counts of each request (compacted). Key: request_id."),
     "dlq": (["dead_letter"], "Messages that could not be processed, with the error and their origin."),
