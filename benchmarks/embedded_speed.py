@@ -22,20 +22,31 @@ from typing import Any
 import httpx
 
 from datacreator.llm.embedded import DEFAULT_MODEL, EmbeddedLLM
+from datacreator.logic.parsing import parse_examples
 from datacreator.logic.prompt import SYSTEM_PROMPT, build_user_prompt
 from datacreator.logic.shape import batch_schema, example_schema
 
 REQUEST = "examples/requests/multiple_choice.json"
 
-# name -> (n_threads or None for the default, extra server arguments, structured output)
-CONFIGS: dict[str, tuple[int | None, tuple[str, ...], str]] = {
-    "default": (None, (), "json_schema"),
-    "threads=2": (2, (), "json_schema"),
-    "no grammar (json_object)": (None, (), "json_object"),
-    "cache=ram": (None, ("--cache", "true"), "json_schema"),
-    "flash_attn": (None, ("--flash_attn", "true"), "json_schema"),
-    "n_batch=128": (None, ("--n_batch", "128", "--n_ubatch", "128"), "json_schema"),
-    "n_ctx=2048": (None, ("--n_ctx", "2048"), "json_schema"),
+# name -> (n_threads or None for the default, extra server arguments, structured output, environment)
+LOOKUP = ("--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", "10")
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+CONFIGS: dict[str, tuple[int | None, tuple[str, ...], str, dict[str, str]]] = {
+    "default": (None, (), "json_schema", {}),
+    "threads=1": (1, (), "json_schema", {}),
+    "threads=2": (2, (), "json_schema", {}),
+    "threads=2, OpenMP passive": (2, (), "json_schema", PASSIVE),
+    "prompt lookup": (None, LOOKUP, "json_schema", {}),
+    "threads=2, prompt lookup": (2, LOOKUP, "json_schema", {}),
+    "threads=2, passive, prompt lookup": (2, LOOKUP, "json_schema", PASSIVE),
+    "no grammar (json_object)": (None, (), "json_object", {}),
+    "unconstrained": (None, (), "none", {}),
+    "threads=2, unconstrained": (2, (), "none", {}),
+    "threads=2, unconstrained, prompt lookup": (2, LOOKUP, "none", {}),
+    "cache=ram": (None, ("--cache", "true"), "json_schema", {}),
+    "flash_attn": (None, ("--flash_attn", "true"), "json_schema", {}),
+    "n_batch=128": (None, ("--n_batch", "128", "--n_ubatch", "128"), "json_schema", {}),
+    "n_ctx=2048": (None, ("--n_ctx", "2048"), "json_schema", {}),
 }
 
 
@@ -58,10 +69,19 @@ def _valid(item: Any, example: dict[str, Any]) -> bool:
 
 
 async def _run_config(name: str, request: dict[str, Any], calls: int, n: int) -> dict[str, Any]:
-    threads, extra, mode = CONFIGS[name]
+    threads, extra, mode, env = CONFIGS[name]
     llm = EmbeddedLLM(DEFAULT_MODEL, n_threads=threads, server_args=extra)
     started = time.monotonic()
-    await llm.start()
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the server is started with this process's environment
+    try:
+        await llm.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     load_s = time.monotonic() - started
     example = request["formatting_example"]
     seen = {json.dumps(example, sort_keys=True)}
@@ -79,7 +99,7 @@ async def _run_config(name: str, request: dict[str, Any], calls: int, n: int) ->
                 if mode == "json_schema":
                     body["response_format"] = {"type": "json_schema", "json_schema": {
                         "name": "examples", "schema": batch_schema(example_schema(example), n)}}
-                else:
+                elif mode == "json_object":
                     body["response_format"] = {"type": "json_object"}
                 t0 = time.monotonic()
                 response = await http.post(f"{llm.base_url}/chat/completions", json=body)
@@ -87,10 +107,11 @@ async def _run_config(name: str, request: dict[str, Any], calls: int, n: int) ->
                 answer = response.json()
                 tokens += answer.get("usage", {}).get("completion_tokens", 0)
                 try:
-                    got = json.loads(answer["choices"][0]["message"]["content"]).get("examples", [])
-                except (ValueError, KeyError, AttributeError):
-                    got = []
-                for item in got if isinstance(got, list) else []:
+                    content = answer["choices"][0]["message"]["content"]
+                except (KeyError, IndexError, TypeError):
+                    content = None
+                # The curator's own parser, so an unconstrained answer (fences, prose) counts as it would.
+                for item in parse_examples(content, example.keys()).items:
                     items += 1
                     key = json.dumps(item, sort_keys=True)
                     if _valid(item, example) and key not in seen:

@@ -23,8 +23,8 @@ STABLE_KEYS: dict[str, str] = {
     "quota_used": "share of the binding rate limit used, the lowest over the replica counts run (run: quota; rate_limit)",
     "share_429": "share of calls answered 429, the highest over the replica counts run (run: quota; rate_limit)",
     "scaling_100k_examples_per_s": "examples/s of one 100k-example request on the embedded stack (run --full: scaling)",
-    "first_run_s": "install plus the README's first command on a fresh machine (no benchmark measures it yet)",
-    "embedded_examples_per_min": "examples accepted per minute on the embedded LLM, first model asked for (models)",
+    "first_run_s": "install plus the README's first command on a fresh clone with empty caches (first_run)",
+    "embedded_examples_per_min": "examples accepted per minute on the embedded LLM, first model asked for (models; first_run: its first command)",
 }
 
 
