@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "soak": ("benchmarks.soak", "memory over 1,000 small requests: RSS and held state per 100"),
     "embedded_speed": ("benchmarks.embedded_speed", "llama.cpp server settings for the embedded model, side by side"),
     "restore": ("benchmarks.restore", "curator state rebuilt from the examples topic after a rebalance"),
+    "pipelining": ("benchmarks.pipelining", "the curator's acknowledgements pipelined against serial publishing, overhead-bound, alternating rounds"),
 }
 
 
