@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "embedded_speed": ("benchmarks.embedded_speed", "llama.cpp server settings for the embedded model, side by side"),
     "restore": ("benchmarks.restore", "curator state rebuilt from the examples topic after a rebalance"),
     "first_run": ("benchmarks.first_run", "install plus the README's first command on a fresh clone with empty caches"),
+    "pipelining": ("benchmarks.pipelining", "the curator's acknowledgements pipelined against serial publishing, overhead-bound, alternating rounds"),
 }
 
 

@@ -8,13 +8,15 @@ running. Prints one table and writes results.json and benchmarks.png:
 2. overhead per-call latency the bus adds (zero-latency simulator), examples/s, CPU per example
 3. batching prompt tokens per accepted example at examples_per_call = 1, 5, 10
 4. peers    datacreator vs a cookbook-style asyncio client and Bespoke Curator: at the rate limit
-            and with no limit, same simulator, limits, examples, concurrency
+            (datacreator with the most generator replicas of the quota section) and with no
+            limit, same simulator, limits, examples, concurrency
 5. scaling  wall time and memory for 1k, 10k (and 100k with --full) examples
 6. bus      the cost of the single-record batches the embedded broker needs (one-off)
 
     python -m benchmarks run            # ~5-10 minutes
     python -m benchmarks run --quick    # ~2 minutes
     python -m benchmarks run --full     # adds 100k examples to the scaling section
+    python -m benchmarks run --window 60 --replicas 1 4   # a 60 s rate-limit window, 1 and 4 replicas
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,8 @@ from aiokafka.partitioner import murmur2
 from benchmarks import common, peers
 from benchmarks.results import write_results
 from datacreator import remote
-from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import encode, encode_key
+from datacreator.bus.factory import make_producer
 from datacreator.bus.readback import read_to_end
 from datacreator.config import Settings
 from datacreator.contracts import Candidate, CreationRequest, Example, GenerationTask, ModelSpec, RequestStatus, TaskOutcome
@@ -82,6 +84,25 @@ class Plan:
         if full:
             plan.scaling = (1_000, 10_000, 100_000)
         return plan
+
+    def with_window(self, window_s: float) -> Plan:
+        """The same plan on a rate-limit window of `window_s`: the limit scales with the window, so
+        that the calls allowed per second stay the same; each quota run lasts a whole number of
+        windows, at least 2 (a share of the limit over part of a window says little); the
+        at-limit run of the peers section spans at least as many windows as before, or it
+        would end inside the first window and never meet the limit."""
+        if window_s <= 0:
+            raise ValueError(f"the window must be positive, not {window_s:g} s")
+        scale = window_s / self.window_s
+        windows = max(2, math.ceil(self.quota_duration_s / window_s - 1e-9))
+        return replace(self, window_s=window_s, quota_rpm=max(1, round(self.quota_rpm * scale)),
+                       quota_duration_s=windows * window_s,
+                       peer_limited_n=max(self.peer_limited_n, round(self.peer_limited_n * scale)))
+
+    def details(self) -> dict[str, Any]:
+        """What results.json records of the plan: the window and replica counts a run used."""
+        return {"window_s": self.window_s, "quota_rpm": self.quota_rpm, "quota_duration_s": self.quota_duration_s,
+                "replicas": list(self.replicas), "peer_limited_n": self.peer_limited_n}
 
 
 @dataclass
@@ -135,6 +156,17 @@ async def run_to_end(settings: Settings, req: CreationRequest, timeout_s: float 
     return final, (final.finished_at or time.time()) - submitted
 
 
+async def run_all_to_end(settings: Settings, reqs: list[CreationRequest], timeout_s: float = 3600) -> tuple[list[RequestStatus], float]:
+    """Submit every request, then wait for each; the wall time runs from the first submission to
+    the last finished_at. Waited for one after the other: one status reader polls the broker, not
+    one per request, and a request that ended meanwhile is found on the status topic."""
+    submitted = time.time()
+    for req in reqs:
+        await remote.submit(settings, req)
+    finals = [await remote.wait_for_final(settings, req.request_id, timeout_s=timeout_s) for req in reqs]
+    return finals, max(final.finished_at or time.time() for final in finals) - submitted
+
+
 async def start_stack(stack: EmbeddedStack) -> Settings:
     started = time.monotonic()
     try:
@@ -171,6 +203,15 @@ def ids_per_partition(count: int) -> list[str]:
 # 1. Quota use through the pipeline
 
 
+async def first_admission(sim: common.SimulatorProcess, timeout_s: float = 120.0) -> None:
+    """Wait until the simulator has admitted a call. A run's share of the limit is counted from its
+    first admission, so its clock starts there: on a loaded machine the first call may leave
+    seconds after the submission, and a run timed from then would stop before its last window."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not (await asyncio.to_thread(sim.stats))["admitted"]:
+        await asyncio.sleep(0.2)
+
+
 async def quota(bench: Bench) -> None:
     plan = bench.plan
     per_call = common.call_tokens(plan.examples_per_call)
@@ -191,9 +232,12 @@ async def quota(bench: Bench) -> None:
         live = await start_stack(stack)
         try:
             ids = ids_per_partition(PARTITIONS)
+            submitted = time.monotonic()
             for rid in ids:
                 # more chains than the limit needs, so that the limiter, not the chains' turn-around, binds
                 await remote.submit(live, request(1_000_000, alias, chains=32, per_call=plan.examples_per_call, request_id=rid))
+            await first_admission(bench.sim)
+            first_call_s = time.monotonic() - submitted
             await asyncio.sleep(duration + 2 * plan.latency_s + 1)
             for rid in ids:
                 await remote.cancel(live, rid, "benchmark run over")
@@ -210,14 +254,15 @@ async def quota(bench: Bench) -> None:
         share_429 = counts["429"] / counts["calls"] if counts["calls"] else 0.0
         peak = max_in_window(admitted_at, window)
         result = {"replicas": replicas, "request_share": request_share, "token_share": token_share, "share_429": share_429,
-                  "calls": counts["calls"], "429": counts["429"], "max_in_window": peak, "rpm": rpm, "tpm": tpm}
+                  "calls": counts["calls"], "429": counts["429"], "max_in_window": peak, "rpm": rpm, "tpm": tpm,
+                  "first_call_s": first_call_s}
         out.append(result)
         used = max(request_share, token_share)
         bench.row("quota", f"{replicas} generator replica(s): limit used ({'requests' if request_share >= token_share else 'tokens'})",
                   f"{used:.1%}", ">= 97%", used >= 0.97)
         bench.row("quota", f"{replicas} generator replica(s): 429 share ({counts['429']}/{counts['calls']}), peak {peak}/{rpm}",
                   f"{share_429:.2%}", "<= 0.5%", share_429 <= 0.005 and peak <= rpm)
-    bench.results["quota"] = {"window_s": window, "duration_s": duration, "runs": out}
+    bench.results["quota"] = {"window_s": window, "duration_s": duration, "replicas": list(plan.replicas), "runs": out}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +278,43 @@ async def _load(settings: Settings, topic: str, model: type, request_id: str) ->
     return items
 
 
+@dataclass
+class CallTimes:
+    """Per LLM call of one request, in seconds, from the records' `created_at` on its topics."""
+
+    added: list[float] = field(default_factory=list)  # task -> its first example, minus the LLM's own time
+    llm: list[float] = field(default_factory=list)  # the LLM latency the generator measured
+    curator: list[float] = field(default_factory=list)  # candidate -> its first example
+    loop: list[float] = field(default_factory=list)  # outcome -> the chain's next task (the planner)
+
+
+async def call_times(settings: Settings, request_id: str) -> CallTimes:
+    """What the bus and the services add to each call of a finished request, read back from its topics."""
+    tasks = {t.task_id: t for t in await _load(settings, settings.topics.tasks, GenerationTask, request_id)}
+    candidates = {c.task.task_id: c for c in await _load(settings, settings.topics.candidates, Candidate, request_id)}
+    first_example: dict[str, float] = {}
+    for example in await _load(settings, settings.topics.examples, Example, request_id):
+        first_example[example.task_id] = min(example.created_at, first_example.get(example.task_id, math.inf))
+    outcomes = {o.task_id: o for o in await _load(settings, settings.topics.outcomes, TaskOutcome, request_id)}
+    times = CallTimes()
+    successor = {(t.chain, t.step): t for t in tasks.values()}
+    for task_id, task in tasks.items():
+        cand = candidates.get(task_id)
+        if cand is None or task_id not in first_example:
+            continue
+        times.llm.append(cand.latency_s)
+        times.added.append(first_example[task_id] - task.created_at - cand.latency_s)
+        times.curator.append(first_example[task_id] - cand.created_at)
+        nxt = successor.get((task.chain, task.step + 1))
+        if nxt is not None and task_id in outcomes:
+            times.loop.append(nxt.created_at - outcomes[task_id].created_at)
+    return times
+
+
+def p50_p99_ms(values: list[float]) -> dict[str, float]:
+    return {"p50": 1000 * common.percentile(values, 50), "p99": 1000 * common.percentile(values, 99)}
+
+
 async def overhead(bench: Bench, settings: Settings, stack: EmbeddedStack, alias: str) -> None:
     plan = bench.plan
     bench.sim.configure(rpm=None, tpm=None, latency="fixed", latency_s=0.0)
@@ -242,29 +324,12 @@ async def overhead(bench: Bench, settings: Settings, stack: EmbeddedStack, alias
     before = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
     final, wall = await run_to_end(settings, req)
     cpu = {name: common.cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-    tasks = {t.task_id: t for t in await _load(settings, settings.topics.tasks, GenerationTask, req.request_id)}
-    candidates = {c.task.task_id: c for c in await _load(settings, settings.topics.candidates, Candidate, req.request_id)}
-    first_example: dict[str, float] = {}
-    for example in await _load(settings, settings.topics.examples, Example, req.request_id):
-        first_example[example.task_id] = min(example.created_at, first_example.get(example.task_id, math.inf))
-    outcomes = {o.task_id: o for o in await _load(settings, settings.topics.outcomes, TaskOutcome, req.request_id)}
-    added, llm, loop = [], [], []
-    successor = {(t.chain, t.step): t for t in tasks.values()}
-    for task_id, task in tasks.items():
-        cand = candidates.get(task_id)
-        if cand is None or task_id not in first_example:
-            continue
-        llm.append(cand.latency_s)
-        added.append(first_example[task_id] - task.created_at - cand.latency_s)
-        nxt = successor.get((task.chain, task.step + 1))
-        if nxt is not None and task_id in outcomes:
-            loop.append(nxt.created_at - outcomes[task_id].created_at)
+    times = await call_times(settings, req.request_id)
+    added, llm, loop = times.added, times.llm, times.loop
     rate = final.accepted / wall
     result = {
         "examples": final.accepted, "calls": final.llm_calls, "wall_s": wall, "examples_per_s": rate,
-        "added_ms": {"p50": 1000 * common.percentile(added, 50), "p99": 1000 * common.percentile(added, 99)},
-        "llm_ms": {"p50": 1000 * common.percentile(llm, 50), "p99": 1000 * common.percentile(llm, 99)},
-        "loop_ms": {"p50": 1000 * common.percentile(loop, 50), "p99": 1000 * common.percentile(loop, 99)},
+        "added_ms": p50_p99_ms(added), "llm_ms": p50_p99_ms(llm), "loop_ms": p50_p99_ms(loop),
         "cpu_ms_per_example": {name: 1000 * seconds / max(1, final.accepted) for name, seconds in cpu.items()},
         "added_samples_ms": [1000 * a for a in added], "concurrency": plan.concurrency,
     }
@@ -302,26 +367,79 @@ async def batching(bench: Bench, settings: Settings, alias: str) -> None:
 # 4. Side by side with the peers
 
 
-async def side_by_side(bench: Bench, settings: Settings, limited_alias: str, open_alias: str, curator_reason: str | None) -> None:
-    """Concurrency is concurrent LLM calls: the endpoint's max_concurrency for datacreator, a semaphore
-    for the peers. datacreator runs twice as many self-reference chains as call slots, so that a chain
-    whose answer is still on the bus does not leave a slot idle."""
+@dataclass
+class Ours:
+    """datacreator's run in one regime of the peers section."""
+
+    examples: int
+    wall_s: float
+    replicas: int
+    slots: int  # concurrent calls per generator replica
+    requests: int
+    chains: int
+
+
+async def ours_open(bench: Bench, settings: Settings, alias: str, n: int) -> Ours:
+    """One request on the shared stack (one generator), with the peers' call slots."""
+    conc = bench.plan.concurrency
+    final, wall = await run_to_end(settings, request(n, alias, chains=2 * conc, per_call=bench.plan.examples_per_call))
+    return Ours(final.accepted, wall, 1, conc, 1, 2 * conc)
+
+
+async def ours_at_limit(bench: Bench, n: int, replicas: int) -> Ours:
+    """A stack of its own with `replicas` generator services sharing the Redis limit. The peers'
+    call slots are split between the replicas; with more than one replica the work is one request
+    per tasks partition (a request's tasks share a partition, so one request would keep a single
+    replica busy), with the chains split between them."""
+    plan = bench.plan
+    conc, per_call = plan.concurrency, plan.examples_per_call
+    slots = max(1, conc // replicas)
+    alias = common.unique_alias("limited")
+    bench.aliases.append(alias)
+    settings = bench.settings({alias: bench.endpoint(plan.quota_rpm, None, concurrency=slots)}, generator_replicas=replicas)
+    stack = EmbeddedStack(settings, services=("planner", "curator") + ("generator",) * replicas)
+    live = await start_stack(stack)
+    try:
+        ids: list[str | None] = [None] if replicas == 1 else list(ids_per_partition(PARTITIONS))
+        shares = [n // len(ids) + (1 if i < n % len(ids) else 0) for i in range(len(ids))]
+        chains = max(1, 2 * conc // len(ids))
+        reqs = [request(share, alias, chains=chains, per_call=per_call, request_id=rid) for rid, share in zip(ids, shares)]
+        finals, wall = await run_all_to_end(live, reqs)
+    finally:
+        await stop_stack(stack)
+    return Ours(sum(final.accepted for final in finals), wall, replicas, slots, len(reqs), chains * len(reqs))
+
+
+def _describe(ours: Ours) -> str:
+    if ours.replicas == 1:
+        return f"1 generator replica, {ours.slots} concurrent calls ({ours.chains} chains)"
+    return (f"{ours.replicas} generator replicas x {ours.slots} concurrent calls "
+            f"({ours.requests} requests, {ours.chains} chains)")
+
+
+async def side_by_side(bench: Bench, settings: Settings, open_alias: str, curator_reason: str | None) -> None:
+    """Concurrency is concurrent LLM calls: the endpoint's max_concurrency for datacreator (split
+    between its generator replicas), a semaphore for the peers. datacreator runs twice as many
+    self-reference chains as call slots, so that a chain whose answer is still on the bus does not
+    leave a slot idle. At the rate limit datacreator runs the largest replica count of the plan."""
     plan = bench.plan
     rpm, window, per_call, conc = plan.quota_rpm, plan.window_s, plan.examples_per_call, plan.concurrency
     messages = common.peer_messages(per_call)
     call_tokens = common.call_tokens(per_call)
     regimes = [
-        ("at the rate limit", limited_alias, rpm, plan.peer_limited_n, 0.97),
-        ("no limit (overhead-bound)", open_alias, None, plan.peer_open_n, 1.2),
+        ("at the rate limit", rpm, plan.peer_limited_n, 0.97, max(plan.replicas)),
+        ("no limit (overhead-bound)", None, plan.peer_open_n, 1.2, 1),
     ]
     out = []
-    for regime, alias, limit, n, goal in regimes:
+    for regime, limit, n, goal, replicas in regimes:
         bench.sim.configure(rpm=limit, tpm=None, rate_window_s=window, latency="normal", latency_s=plan.peer_latency_s,
                             latency_sd_s=plan.peer_latency_s / 5)
         runs: dict[str, dict[str, Any]] = {}
         bench.sim.reset()
-        final, wall = await run_to_end(settings, request(n, alias, chains=2 * conc, per_call=per_call))
-        runs["datacreator"] = {"examples": final.accepted, "wall_s": wall, **common.call_counts(bench.sim.stats())}
+        ours = await (ours_at_limit(bench, n, replicas) if limit else ours_open(bench, settings, open_alias, n))
+        runs["datacreator"] = {"examples": ours.examples, "wall_s": ours.wall_s, "replicas": ours.replicas,
+                               "slots_per_replica": ours.slots, "requests": ours.requests, "chains": ours.chains,
+                               **common.call_counts(bench.sim.stats())}
         bench.sim.reset()
         config = {"base_url": bench.sim.base_url, "messages": messages, "target": n, "examples_per_call": per_call,
                   "concurrency": conc, "max_tokens": common.MAX_TOKENS, "call_tokens": call_tokens, "rpm": limit,
@@ -344,7 +462,7 @@ async def side_by_side(bench: Bench, settings: Settings, limited_alias: str, ope
         dc = runs["datacreator"]
         for name, run in runs.items():
             if name == "datacreator":
-                bench.row("peers", f"{regime}: datacreator, {n} examples, {conc} concurrent calls ({2 * conc} chains)",
+                bench.row("peers", f"{regime}: datacreator, {n} examples, {_describe(ours)}",
                           f"{dc['wall_s']:.1f} s, {dc['examples_per_s']:.0f} ex/s, 429s {dc['429']}, retries {dc['retries']}")
                 continue
             bench.row("peers", f"{regime}: {name} / datacreator",
@@ -353,9 +471,10 @@ async def side_by_side(bench: Bench, settings: Settings, limited_alias: str, ope
                       f"({run['examples']} ex, {run['429']} 429s)")
         best = max(r["examples_per_s"] for name, r in runs.items() if name != "datacreator")
         ratio = dc["examples_per_s"] / best
-        bench.row("peers", f"{regime}: datacreator ex/s / best peer's", f"{ratio:.2f}x", f">= {goal}x", ratio >= goal)
+        bench.row("peers", f"{regime}: datacreator ex/s / best peer's ({ours.replicas} generator replica(s))",
+                  f"{ratio:.2f}x", f">= {goal}x", ratio >= goal)
         out.append({"regime": regime, "rpm": limit, "window_s": window, "n": n, "concurrency": conc,
-                    "latency_s": plan.peer_latency_s, "runs": runs, "ratio_to_best_peer": ratio})
+                    "replicas": ours.replicas, "latency_s": plan.peer_latency_s, "runs": runs, "ratio_to_best_peer": ratio})
     bench.results["peers"] = {"regimes": out, "curator": curator_reason or "run"}
 
 
@@ -518,6 +637,10 @@ def plot(bench: Bench, path: Path) -> str | None:
 
 async def run(args: argparse.Namespace) -> int:
     plan = Plan.for_mode(args.quick, args.full)
+    if args.window is not None:
+        plan = plan.with_window(args.window)
+    if args.replicas:
+        plan = replace(plan, replicas=tuple(args.replicas))
     sections = [s for s in SECTIONS if s in (args.only or SECTIONS)]
     started = time.monotonic()
     info = common.machine()
@@ -536,13 +659,12 @@ async def run(args: argparse.Namespace) -> int:
                     curator_reason = await asyncio.to_thread(peers.curator_available)
                 if curator_reason:
                     bench.row("peers", "Bespoke Curator", f"not run: {curator_reason}"[:160])
-            limited, capped, opened = common.unique_alias("limited"), common.unique_alias("capped"), common.unique_alias("open")
-            bench.aliases += [limited, capped, opened]
+            capped, opened = common.unique_alias("capped"), common.unique_alias("open")
+            bench.aliases += [capped, opened]
             settings = bench.settings({
-                limited: bench.endpoint(plan.quota_rpm, None, concurrency=plan.concurrency),  # peers, at the limit
                 capped: bench.endpoint(None, None, concurrency=plan.concurrency),  # peers, no limit
                 opened: bench.endpoint(None, None),
-            })
+            })  # peers at the limit: a stack of their own (ours_at_limit)
             stack = EmbeddedStack(settings, services=CORE_SERVICES)
             live = await start_stack(stack)
             try:
@@ -551,7 +673,7 @@ async def run(args: argparse.Namespace) -> int:
                 if "batching" in rest:
                     await batching(bench, live, opened)
                 if "peers" in rest:
-                    await side_by_side(bench, live, limited, capped, curator_reason)
+                    await side_by_side(bench, live, capped, curator_reason)
                 if "scaling" in rest:
                     await scaling(bench, live, stack, opened)
                 if "bus" in rest:
@@ -565,6 +687,7 @@ async def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     info = common.machine()
     bench.results["mode"] = "quick" if args.quick else ("full" if args.full else "default")
+    bench.results["plan"] = plan.details()
     bench.results["elapsed_s"] = elapsed
     bench.results["rows"] = [r.__dict__ for r in bench.rows]
     header = (f"datacreator benchmarks ({bench.results['mode']}, {elapsed:.0f} s) on {info['nproc']} cores, {info['cpu']}, "
@@ -603,16 +726,31 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="smaller runs, about 2 minutes")
     mode.add_argument("--full", action="store_true", help="adds 100k examples to the scaling section")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--window", type=float, metavar="S",
+                        help="rate-limit window of the simulator and the limiter in seconds (default 5, --quick 2); "
+                             "the limit scales with it, calls per second stay the same")
+    parser.add_argument("--replicas", type=_positive_int, nargs="+", metavar="N",
+                        help="generator replica counts of the quota section (default 1 2 4, --quick 1 2); "
+                             "the largest also runs datacreator at the rate limit in the peers section")
     parser.add_argument("--no-curator", action="store_true", help="skip Bespoke Curator even when its venv exists")
     parser.add_argument("--redis-url", default=os.environ.get("DATACREATOR_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where results.json and benchmarks.png go")
     parser.add_argument("--verbose", action="store_true", help="log the services' warnings")
     args = parser.parse_args(argv)
+    if args.window is not None and args.window <= 0:
+        parser.error(f"--window must be positive, not {args.window:g}")
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_until_signalled(run(args)))
+    return asyncio.run(until_signalled(run(args)))
 
 
-async def _until_signalled(main_coro: Any) -> int:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a replica count is at least 1, not {value}")
+    return value
+
+
+async def until_signalled(main_coro: Any) -> int:
     """SIGTERM cancels the run, so that the simulator, the broker and the peers are stopped."""
     task = asyncio.ensure_future(main_coro)
     with contextlib.suppress(NotImplementedError, RuntimeError):

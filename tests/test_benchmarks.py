@@ -11,7 +11,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from benchmarks import common, peers
-from benchmarks.run import PARTITIONS, ids_per_partition
+from benchmarks.run import PARTITIONS, Plan, ids_per_partition
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +48,31 @@ def test_request_ids_cover_every_partition():
     partitioner = DefaultPartitioner()
     partitions = list(range(PARTITIONS))
     assert [partitioner(rid.encode(), partitions, partitions) for rid in ids] == partitions
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_longer_window_keeps_the_call_rate_and_spans_whole_windows(quick):
+    plan = Plan.for_mode(quick, False)
+    assert plan.with_window(plan.window_s) == plan  # the modes' own windows change nothing
+    for window in (4.0, 60.0):
+        scaled = plan.with_window(window)
+        assert scaled.quota_rpm / window == pytest.approx(plan.quota_rpm / plan.window_s, rel=0.01)
+        windows = scaled.quota_duration_s / window
+        assert windows == int(windows) >= 2 and scaled.quota_duration_s >= min(plan.quota_duration_s, 2 * window)
+        assert scaled.peer_limited_n / scaled.quota_rpm >= plan.peer_limited_n / plan.quota_rpm - 1e-9
+        assert scaled.replicas == plan.replicas
+    assert Plan().with_window(60.0).quota_rpm == 1440 and Plan().with_window(60.0).quota_duration_s == 120
+
+
+def test_the_pipelining_benchmark_restores_the_curators_flag():
+    from benchmarks.pipelining import curator_pipelined
+    from datacreator.handlers.curator import CuratorHandler
+
+    shipped = CuratorHandler.pipelined
+    with pytest.raises(RuntimeError), curator_pipelined(not shipped):
+        assert CuratorHandler.pipelined is (not shipped)
+        raise RuntimeError
+    assert CuratorHandler.pipelined is shipped
 
 
 @pytest.mark.slow
