@@ -39,9 +39,9 @@ from datacreator import remote
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, ModelSpec, RequestStatus, Strategy
 from datacreator.logic.embeddings import example_text
-from datacreator.minilm import shared_embedder
 from datacreator.logic.planning import resolve_label
 from datacreator.logic.shape import get_path
+from datacreator.minilm import shared_embedder
 from datacreator.report import distinct_n, mean_cosine_distance
 from datacreator.stack import EmbeddedStack, endpoint_json, start_llm, stop_llm
 

@@ -23,9 +23,9 @@ from datacreator.bus.codec import encode
 from datacreator.bus.runtime import Delivery
 from datacreator.config import Settings
 from datacreator.contracts import Candidate, Example, GenerationTask, ModelSpec, Reference, Strategy
+from datacreator.handlers import curator as curator_module
 from datacreator.logic.dedup import example_id
 from datacreator.logic.shape import example_schema
-from datacreator.handlers import curator as curator_module
 
 SEED = {"question": "Which planet in our solar system is the largest?",
         "options": {"A": "Mars", "B": "Jupiter", "C": "Venus", "D": "Earth"}, "answer": "B"}

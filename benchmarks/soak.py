@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import encode, encode_key
+from datacreator.bus.factory import make_producer
 from datacreator.bus.readback import StatusWatcher
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, ModelSpec, RequestStatus, Strategy

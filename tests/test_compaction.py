@@ -20,8 +20,8 @@ from aiokafka.consumer.fetcher import ConsumerRecord
 
 from datacreator import remote
 from datacreator.bus import runtime
-from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.codec import decode, encode, encode_key
+from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.readback import StatusWatcher, read_to_end
 from datacreator.bus.runtime import ServiceRunner
 from datacreator.config import Settings
@@ -37,9 +37,9 @@ from datacreator.contracts import (
     Strategy,
     TaskOutcome,
 )
-from datacreator.logic.dedup import example_id
 from datacreator.handlers import planner as planner_module
 from datacreator.handlers.planner import PlannerHandler
+from datacreator.logic.dedup import example_id
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
 pytestmark = pytest.mark.timeout(90)
@@ -396,9 +396,9 @@ async def test_the_curator_restores_in_batches_and_keeps_partitions_that_stay(bu
     on the event loop, see docs/benchmarks.md) and re-read the whole examples topic at every
     rebalance. Now the index is built in slices, and a partition given back unchanged keeps its
     state; one that someone published on meanwhile is read again."""
-    from datacreator.logic import dedup
     from datacreator.handlers import curator as curator_module
     from datacreator.handlers.curator import CuratorHandler
+    from datacreator.logic import dedup
 
     t = bus_settings.topics
     rid = "req-restore"

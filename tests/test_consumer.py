@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import encode, encode_key
+from datacreator.bus.factory import make_producer
 from datacreator.consumer import ExampleStream, iter_examples, stream_examples
 from datacreator.contracts import Example, RequestState, RequestStatus, Strategy
 from datacreator.logic.dedup import example_id

@@ -23,8 +23,8 @@ from pydantic import BaseModel
 from datacreator import cli
 from datacreator.bus import runtime
 from datacreator.bus.admin import TopicMismatch, ensure_topics
-from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.codec import decode, encode
+from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.readback import read_to_end
 from datacreator.bus.runtime import BaseHandler, Delivery, Output, ServiceRunner
 from datacreator.config import Settings
@@ -36,8 +36,8 @@ from datacreator.contracts import (
     TaskOutcome,
 )
 from datacreator.embedded.broker import EmbeddedBroker
-from datacreator.serve import ServiceGroup
 from datacreator.handlers.planner import PlannerHandler
+from datacreator.serve import ServiceGroup
 from tests.fixtures.broker import unique_topics
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 

@@ -20,8 +20,8 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from datacreator.bus import readback, runtime
 from datacreator.bus.admin import ensure_topics
-from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.codec import decode, encode
+from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.readback import read_to_end
 from datacreator.bus.runtime import Delivery, Output, ServiceRunner, dead_letter
 from datacreator.config import Settings
@@ -35,12 +35,12 @@ from datacreator.contracts import (
     Usage,
 )
 from datacreator.embedded.broker import EmbeddedBroker
-from datacreator.llm.client import CallResult
-from datacreator.logic.curation import CuratorState
-from datacreator.logic.planning import PlannerLimits
 from datacreator.handlers.curator import CuratorHandler
 from datacreator.handlers.generator import GeneratorHandler
 from datacreator.handlers.planner import PlannerHandler
+from datacreator.llm.client import CallResult
+from datacreator.logic.curation import CuratorState
+from datacreator.logic.planning import PlannerLimits
 from tests.fixtures.broker import unique_topics
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 

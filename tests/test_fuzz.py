@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from datacreator import remote
-from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import PoisonMessage, decode, decode_request
+from datacreator.bus.factory import make_producer
 from datacreator.bus.readback import read_to_end
 from datacreator.contracts import (
     MAX_CHAINS,
@@ -44,9 +44,9 @@ from datacreator.contracts import (
     TaskOutcome,
     Usage,
 )
+from datacreator.handlers.sink import SinkHandler
 from datacreator.logic.planning import PlannerLimits
 from datacreator.serve import ServiceGroup, build_handler
-from datacreator.handlers.sink import SinkHandler
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import rejection_reason
 from tests.test_poison import FAST_GROUPS, sample_task

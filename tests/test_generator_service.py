@@ -28,8 +28,8 @@ from datacreator.bus.readback import read_to_end
 from datacreator.bus.runtime import ServiceRunner, make_producer
 from datacreator.config import Settings
 from datacreator.contracts import Candidate, CreationRequest, DeadLetter, GenerationTask, ModelSpec, RequestState, Strategy
-from datacreator.serve import ServiceGroup
 from datacreator.handlers.generator import GeneratorHandler
+from datacreator.serve import ServiceGroup
 from tests.helpers import make_task
 from tests.test_poison import FAST_GROUPS
 

@@ -27,11 +27,11 @@ from datacreator.contracts import (
     TaskOutcome,
     Usage,
 )
-from datacreator.llm.client import CallResult
 from datacreator.handlers.curator import CuratorHandler
 from datacreator.handlers.generator import GeneratorHandler
 from datacreator.handlers.planner import PlannerHandler
 from datacreator.handlers.sink import SinkHandler
+from datacreator.llm.client import CallResult
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 
 SETTINGS = Settings(endpoints_json='{"default": {"base_url": "http://127.0.0.1:9", "model": "m"}}')

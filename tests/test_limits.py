@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from datacreator import remote
-from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import PoisonMessage, decode_request
+from datacreator.bus.factory import make_producer
 from datacreator.contracts import (
     MAX_EXAMPLES_PER_CALL,
     MAX_INSTRUCTION_CHARS,

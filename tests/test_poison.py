@@ -17,8 +17,8 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from datacreator import remote
-from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import decode
+from datacreator.bus.factory import make_producer
 from datacreator.bus.readback import read_to_end
 from datacreator.config import Settings
 from datacreator.contracts import (
@@ -33,8 +33,8 @@ from datacreator.contracts import (
     TaskOutcome,
     Usage,
 )
-from datacreator.serve import ServiceGroup, build_handler
 from datacreator.handlers.sink import SinkHandler
+from datacreator.serve import ServiceGroup, build_handler
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import make_task
 

@@ -29,12 +29,12 @@ from datacreator.contracts import (
     TaskOutcome,
     Usage,
 )
-from datacreator.logic.dedup import example_id
-from datacreator.logic.retention import ReleaseClock
-from datacreator.serve import SERVICE_NAMES, ServiceGroup
 from datacreator.handlers.curator import REOPENED_KEPT, CuratorHandler
 from datacreator.handlers.planner import PlannerHandler
 from datacreator.handlers.sink import PartitionFiles
+from datacreator.logic.dedup import example_id
+from datacreator.logic.retention import ReleaseClock
+from datacreator.serve import SERVICE_NAMES, ServiceGroup
 from datacreator.stack import LLMTarget, endpoint_json
 from tests.helpers import MCQ, MCQ_INSTRUCTION, candidate, item, make_task
 

@@ -25,12 +25,12 @@ import orjson
 
 from datacreator.bus.codec import PoisonMessage, decode_request
 from datacreator.bus.readback import read_to_end
-from datacreator.remote import collect_examples, latest_status
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, RequestState, RequestStatus
+from datacreator.handlers.sink import request_dir_name
 from datacreator.logic.labels import label_of
 from datacreator.logic.shape import example_schema
-from datacreator.handlers.sink import request_dir_name
+from datacreator.remote import collect_examples, latest_status
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import orjson
 
-from datacreator.bus.factory import make_producer
 from datacreator.bus.codec import M, PoisonMessage, decode, encode, encode_key
+from datacreator.bus.factory import make_producer
 from datacreator.bus.readback import StatusWatcher, follow_topics, read_models
 from datacreator.config import Settings
 from datacreator.contracts import CancelRequest, CreationRequest, Example, RequestStatus

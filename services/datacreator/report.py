@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from datacreator.remote import collect_examples, read_messages
 from datacreator.config import Settings
 from datacreator.contracts import CreationRequest, Example, Rejection, RejectReason, RequestStatus
 from datacreator.logic.dedup import DedupIndex
 from datacreator.logic.embeddings import Embedder, example_text
 from datacreator.logic.shape import get_path, infer_label, is_label_name
 from datacreator.logic.verify import disagreement_shares
+from datacreator.remote import collect_examples, read_messages
 
 QUALITY_REASONS = frozenset(r.value for r in (
     RejectReason.unparseable, RejectReason.structure_mismatch, RejectReason.label_out_of_space,

@@ -26,9 +26,9 @@ from rich.text import Text
 
 from datacreator.bus import KafkaError
 from datacreator.bus.readback import StatusWatcher
-from datacreator.remote import latest_statuses
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus
+from datacreator.remote import latest_statuses
 
 PREFIX = "datacreator_"
 

@@ -27,8 +27,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 
-from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.bus.codec import PoisonMessage, decode
+from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.bus.readback import StatusWatcher
 from datacreator.config import Settings
 from datacreator.contracts import Example, RequestStatus

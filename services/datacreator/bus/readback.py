@@ -12,8 +12,8 @@ from aiokafka import TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.bus.codec import M, PoisonMessage, decode
+from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus
 from datacreator.logic.retention import ReleaseClock

@@ -38,8 +38,8 @@ from pydantic import BaseModel
 
 from datacreator import metrics
 from datacreator.bus.admin import TopicMismatch, ensure_topics
-from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.bus.codec import PoisonMessage, decode_key, decoder, encode, encode_key, request_id_in
+from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
 

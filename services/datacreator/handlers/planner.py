@@ -36,11 +36,11 @@ from datacreator.contracts import (
     TaskOutcome,
 )
 from datacreator.logic.embeddings import Embedder
-from datacreator.minilm import shared_embedder
 from datacreator.logic.planning import PlannerLimits, RequestPlan, RequestRejected, validate_request
 from datacreator.logic.retention import ReleaseClock
 from datacreator.logic.strategies import needs_embeddings
 from datacreator.logic.validation import snapshot_size_problem
+from datacreator.minilm import shared_embedder
 
 log = logging.getLogger(__name__)
 
