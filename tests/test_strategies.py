@@ -102,7 +102,7 @@ def test_single_candidate_needs_no_embedding() -> None:
 
 
 def test_selection_errors() -> None:
-    with pytest.raises(ValueError, match="no candidates"):
+    with pytest.raises(ValueError, match="no accepted examples"):
         select_reference(Strategy.random, SEED, [], random.Random(0))
     with pytest.raises(ValueError, match="embedding function"):
         select_reference(Strategy.contrastive, SEED, CANDIDATES, random.Random(0), None)
