@@ -36,14 +36,13 @@ if [ -z "$wheel" ]; then
   # The compile takes the CPU and the rest of the install mostly the network and the disk, so the
   # two run side by side; the wheel is built outside the venv and installed once both are done.
   step "building llama-cpp-python $LLAMA_CPP_VERSION in the background (compiles llama.cpp once per machine)"
-  src=$(mktemp -d)
-  run .venv/bin/python -m pip download --no-deps --no-binary :all: -d "$src" "llama-cpp-python==$LLAMA_CPP_VERSION"
-  tar -xzf "$src"/llama_cpp_python-*.tar.gz -C "$src"
   # llama-cpp-python forces llama.cpp's common library on (chat parsers, argument parsing, an HTTP
   # client: 52 of the 127 compile steps, the slowest ones), yet its Python package never loads it.
-  # A later version without this line builds as it comes.
-  sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE BOOL/set(LLAMA_BUILD_COMMON OFF CACHE BOOL/' "$src/llama_cpp_python-$LLAMA_CPP_VERSION/CMakeLists.txt"
-  .venv/bin/python -m pip wheel --no-deps --no-cache-dir -w "$wheels" "$src/llama_cpp_python-$LLAMA_CPP_VERSION" >.venv/build.log 2>&1 &
+  # A -D cannot undo a FORCE, but a file included by llama.cpp's own project() runs after it and
+  # before llama.cpp reads the option.
+  printf 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "not loaded by llama-cpp-python" FORCE)\n' >.venv/llama-no-common.cmake
+  CMAKE_ARGS="$CMAKE_ARGS -DCMAKE_PROJECT_llama.cpp_INCLUDE=$PWD/.venv/llama-no-common.cmake" \
+    .venv/bin/python -m pip wheel --no-deps --no-cache-dir -w "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION" >.venv/build.log 2>&1 &
   build_pid=$!
   trap '[ -n "$build_pid" ] && kill "$build_pid" 2>/dev/null || true' EXIT
 fi
@@ -68,7 +67,6 @@ if [ -n "$build_pid" ]; then
   fi
   build_pid=""
   cat .venv/build.log >>"$log"
-  rm -rf "$src"
   wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -n 1)
 fi
 step "installing llama-cpp-python's server"
