@@ -37,7 +37,7 @@ if [ -z "$wheel" ]; then
   # two run side by side; the wheel is built outside the venv and installed once both are done.
   step "building llama-cpp-python $LLAMA_CPP_VERSION in the background (compiles llama.cpp once per machine)"
   # llama-cpp-python forces llama.cpp's common library on (chat parsers, argument parsing, an HTTP
-  # client: 52 of the 127 compile steps, the slowest ones), yet its Python package never loads it.
+  # client: 52 of the 130 build steps, the slowest ones), yet its Python package never loads it.
   # A -D cannot undo a FORCE, but a file included by llama.cpp's own project() runs after it and
   # before llama.cpp reads the option.
   printf 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "not loaded by llama-cpp-python" FORCE)\n' >.venv/llama-no-common.cmake
