@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
 
 from datacreator.bus.codec import PoisonMessage, decode
+from datacreator.bus.commit import commit
 from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.bus.readback import StatusWatcher
 from datacreator.config import Settings
@@ -204,7 +205,7 @@ class ExampleStream:
         assigned = {tp.partition for tp in consumer.assignment()}
         offsets = {TopicPartition(self.topic, p): o for p, o in self._finished.positions.items() if p in assigned}
         if offsets:
-            await consumer.commit(offsets)
+            await commit(consumer, offsets)
 
     # -- iteration --------------------------------------------------------------------------
 

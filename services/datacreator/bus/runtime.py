@@ -27,7 +27,6 @@ from aiokafka.errors import (
     CorruptRecordException,
     InvalidTopicError,
     KafkaError,
-    KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     RecordTooLargeError,
@@ -39,6 +38,7 @@ from pydantic import BaseModel
 from datacreator import metrics
 from datacreator.bus.admin import TopicMismatch, ensure_topics
 from datacreator.bus.codec import PoisonMessage, decode_key, decoder, encode, encode_key, request_id_in
+from datacreator.bus.commit import commit
 from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
@@ -740,10 +740,7 @@ class ServiceRunner:
                     # below it (unclean leader election) resumes from that time, not from its start.
                     offsets[tp] = OffsetAndMetadata(position, "" if track.stamp is None else f"ts={track.stamp}")
             if offsets:
-                try:
-                    await asyncio.wait_for(self._consumer.commit(offsets), COMMIT_TIMEOUT_S)
-                except TimeoutError:
-                    raise KafkaTimeoutError(f"commit not done within {COMMIT_TIMEOUT_S:g}s") from None
+                await commit(self._consumer, offsets, COMMIT_TIMEOUT_S)
                 for tp, meta in offsets.items():
                     if tp in self._tracks:
                         self._tracks[tp].committed = meta.offset
