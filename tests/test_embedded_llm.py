@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -107,6 +108,44 @@ async def test_json_schema_completion_on_smollm2_then_no_process_left():
         await llm.stop()
     assert not llm.running and llm.pid is None
     assert not _alive(pid)
+
+
+def test_two_server_processes_of_one_thread_each_where_there_are_two_cores(monkeypatch):
+    from datacreator.llm import embedded
+
+    monkeypatch.setattr(embedded, "_cores", lambda: 2)
+    assert embedded.default_layout() == (2, 1)
+    assert embedded.default_layout(1) == (1, 1)  # one server keeps a core for the broker and services
+    monkeypatch.setattr(embedded, "_cores", lambda: 8)
+    assert embedded.default_layout() == (2, 4) and embedded.default_layout(1) == (1, 7)
+    monkeypatch.setattr(embedded, "_cores", lambda: 1)
+    assert embedded.default_layout() == (1, 1)
+
+
+@pytest.mark.embedded_llm
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_the_embedded_llm_as_two_servers_behind_one_endpoint_then_no_process_left():
+    _smollm2_or_skip()
+    from datacreator.config import EndpointConfig
+    from datacreator.llm.client import LLMClient
+    from datacreator.ratelimit import NoopRateLimiter
+    from datacreator.stack import endpoint_json, start_llm, stop_llm
+    from tests.test_llm_client import make_task
+
+    target = await start_llm("embedded", "smollm2-135m", servers=2)
+    pids = [p.pid for p in [target.process, *target.more_processes]]
+    try:
+        assert len(pids) == 2 and all(pid is not None and _alive(pid) for pid in pids)
+        config = json.loads(endpoint_json(target, max_concurrency=2))["default"]
+        assert config["base_urls"] == target.base_urls and target.base_urls[0] != target.base_url
+        endpoint = EndpointConfig(**config)
+        async with LLMClient("two-servers", endpoint, NoopRateLimiter()) as client:
+            results = await asyncio.gather(*(client.complete(make_task(n=1, max_tokens=64)) for _ in range(2)))
+        assert all(r.ok for r in results), [r.error for r in results]
+    finally:
+        await stop_llm(target)
+    assert not any(_alive(pid) for pid in pids)
 
 
 def test_openai_json_schema_form_becomes_llama_cpp_json_object_with_schema():

@@ -168,7 +168,7 @@ async def test_ok_call_returns_text_usage_and_cost(make_simulator):
     cfg = endpoint(sim.base_url, input_price_per_1m=0.5, output_price_per_1m=1.5)
     async with LLMClient(name, cfg, NoopRateLimiter()) as client:
         result = await client.complete(make_task(n=4))
-    assert client._http.is_closed
+    assert client.is_closed
     assert isinstance(result, CallResult)
     assert result.ok and result.outcome == "ok" and result.error is None and result.attempts == 1
     assert len(orjson.loads(result.text)["examples"]) == 4
@@ -410,3 +410,28 @@ async def test_pool_builds_one_client_per_alias(make_simulator):
         with pytest.raises(KeyError, match="unknown LLM endpoint alias 'nope'.*fast"):
             pool.get("nope")
     assert pool._clients == {}  # closed on leaving the block
+
+
+async def test_calls_spread_over_every_server_of_an_endpoint_fewest_in_flight_first(make_simulator):
+    slow, fast = make_simulator(latency_s=0.6), make_simulator(latency_s=0.0)
+    cfg = endpoint(slow.base_url, base_urls=[fast.base_url, slow.base_url], max_concurrency=2)
+    assert cfg.servers == [slow.base_url, fast.base_url]  # each server once
+    async with LLMClient(alias(), cfg, NoopRateLimiter()) as client:
+        # Two at once: one to each server. Then, while the slow one is busy, the rest go to the other.
+        results = await asyncio.gather(*(client.complete(make_task(n=2)) for _ in range(6)))
+    assert all(r.ok for r in results)
+    assert client.is_closed
+    assert slow.stats.requests >= 1 and fast.stats.requests >= 1
+    assert slow.stats.requests + fast.stats.requests == 6
+    assert fast.stats.requests > slow.stats.requests  # the idle server took what the busy one could not
+
+
+async def test_a_server_that_cannot_be_reached_is_tried_after_the_others(make_simulator):
+    up = make_simulator()
+    down = "http://127.0.0.1:1/v1"  # nothing listens there: connection refused
+    cfg = endpoint(down, base_urls=[up.base_url], max_concurrency=1, max_attempts=3)
+    async with LLMClient(alias(), cfg, NoopRateLimiter(), RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.02)) as client:
+        results = [await client.complete(make_task(n=1)) for _ in range(4)]
+    assert all(r.ok for r in results), [r.error for r in results]
+    # The refused server was tried once; every call after went to the one that answers.
+    assert sum(r.attempts for r in results) == 5 and up.stats.requests == 4

@@ -75,13 +75,14 @@ def test_sigterm_stops_the_run_cleanly_keeping_its_rows_and_leaving_no_process(t
     assert not [pid for pid in children if _alive(pid)], "the run left processes behind"
 
 
-def test_one_call_in_flight_on_the_embedded_server_unless_told_otherwise():
+def test_one_call_in_flight_per_embedded_server_unless_told_otherwise():
     import argparse
 
     from datacreator.cli import _concurrency
 
     assert _concurrency(argparse.Namespace(llm="embedded", concurrency=None)) == {"max_concurrency": 1}
-    assert _concurrency(argparse.Namespace(llm="embedded", concurrency=4)) == {"max_concurrency": 4}
+    assert _concurrency(argparse.Namespace(llm="embedded", concurrency=None), servers=2) == {"max_concurrency": 2}
+    assert _concurrency(argparse.Namespace(llm="embedded", concurrency=4), servers=2) == {"max_concurrency": 4}
     assert _concurrency(argparse.Namespace(llm="simulator", concurrency=None)) == {"max_concurrency": 8}
-    assert _concurrency(argparse.Namespace(llm="embedded")) == {"max_concurrency": 1}  # `up`
+    assert _concurrency(argparse.Namespace(llm="embedded"), servers=2) == {"max_concurrency": 2}  # `up`
     assert _concurrency(argparse.Namespace(llm="https://api.example.com/v1")) == {}  # `up`: the endpoint's default

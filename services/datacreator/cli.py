@@ -125,18 +125,18 @@ def _llm_options(args: argparse.Namespace) -> dict[str, object]:
     return {}
 
 
-def _concurrency(args: argparse.Namespace) -> dict[str, int]:
-    """LLM calls in flight: --concurrency, else 1 for the embedded server (`run` and `up`), 8 for
-    `run` elsewhere, and the endpoint's own default for `up` elsewhere.
+def _concurrency(args: argparse.Namespace, servers: int = 1) -> dict[str, int]:
+    """LLM calls in flight: --concurrency, else one per embedded server process (`run` and `up`),
+    8 for `run` elsewhere, and the endpoint's own default for `up` elsewhere.
 
-    The embedded llama.cpp server runs one completion at a time: more calls in flight only queue
+    An embedded llama.cpp server runs one completion at a time: more calls in flight only queue
     inside it, where their read timeouts run (8 at once on a loaded machine timed out, opened the
     circuit and stalled a request at 35 of 140), while queued here they wait without a deadline."""
     given = getattr(args, "concurrency", None)
     if given:
         return {"max_concurrency": int(given)}
     if getattr(args, "llm", None) == "embedded":
-        return {"max_concurrency": 1}
+        return {"max_concurrency": servers}
     return {"max_concurrency": 8} if hasattr(args, "concurrency") else {}
 
 
@@ -147,7 +147,7 @@ def _endpoints(args: argparse.Namespace, target: object, settings: Settings) -> 
 
     from datacreator.stack import endpoint_json
 
-    options = {**_llm_options(args), **_concurrency(args)}
+    options = {**_llm_options(args), **_concurrency(args, 1 + len(target.base_urls))}  # type: ignore[attr-defined]
     config: dict[str, dict[str, object]] = json.loads(endpoint_json(target, **options))
     given: dict[str, dict[str, object]] = {}
     if settings.endpoints_file:
@@ -189,7 +189,7 @@ async def _run(args: argparse.Namespace) -> int:
         examples_per_call=args.examples_per_call,
     )
     print(f"datacreator: starting the embedded stack (broker, {args.llm} LLM, planner, generator, curator)", file=sys.stderr)
-    target = await start_llm(args.llm, args.model)
+    target = await start_llm(args.llm, args.model, servers=args.llm_servers)
     base = Settings()
     stack = EmbeddedStack(base)
     view = None
@@ -296,7 +296,7 @@ async def _up(args: argparse.Namespace) -> int:
 
     stopped = asyncio.Event()
     install_signal_handlers(stopped.set)  # a signal during start-up stops it once started
-    target = await start_llm(args.llm, args.model)
+    target = await start_llm(args.llm, args.model, servers=args.llm_servers)
     base = Settings()
     stack = EmbeddedStack(base, broker_port=args.port)
     view = None
@@ -307,7 +307,8 @@ async def _up(args: argparse.Namespace) -> int:
         assert stack.group is not None
         print(f"datacreator is up: Kafka bootstrap {settings.kafka.bootstrap}", flush=True)
         print(f"  publish requests to {settings.topics.requests}; read examples from {settings.topics.examples}", flush=True)
-        print(f"  LLM: {target.base_url} ({target.model}); metrics: {stack.group.health.url}/metrics", flush=True)
+        servers = ", ".join([target.base_url, *target.base_urls])
+        print(f"  LLM: {servers} ({target.model}); metrics: {stack.group.health.url}/metrics", flush=True)
         if view is not None:
             print(f"  view: {view.url}", flush=True)
         print("  Ctrl-C stops it all", flush=True)
@@ -365,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     from datacreator.llm.embedded import DEFAULT_MODEL, MODELS
 
     model_help = f"embedded model ({', '.join(MODELS)}; default {DEFAULT_MODEL}), or the model name at the given URL"
+    servers_help = "embedded LLM server processes, one completion at a time each (default: 2 where there are 2 cores or more)"
 
     def request_overrides(p: argparse.ArgumentParser) -> None:
         p.add_argument("request", help="a CreationRequest as a JSON file")
@@ -386,10 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--llm", default="embedded", help="embedded (default), simulator, or an OpenAI-compatible base URL")
     run.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key of --llm URL")
     run.add_argument("--model", help=model_help)
+    run.add_argument("--llm-servers", type=int, metavar="N", help=servers_help)
     run.add_argument("--out", default="examples.jsonl")
     run.add_argument("--with-metadata", action="store_true", help="write whole Example messages, not only the data")
     run.add_argument("--examples-per-call", type=int)
-    run.add_argument("--concurrency", type=int, help="LLM calls in flight at once (default: 1 on the embedded LLM, which answers one at a time; 8 elsewhere)")
+    run.add_argument("--concurrency", type=int, help="LLM calls in flight at once (default: one per embedded LLM server, each answers one at a time; 8 elsewhere)")
     run.add_argument("--quiet", action="store_true")
     run.add_argument("--view-linger", type=float, default=0.0, metavar="S",
                      help="with --view: keep the page up S seconds after the request ends")
@@ -419,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--llm", default="embedded")
     up.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key of --llm URL")
     up.add_argument("--model", help=model_help)
+    up.add_argument("--llm-servers", type=int, metavar="N", help=servers_help)
     up.add_argument("--port", type=int, default=9092, help="the broker's port")
     llm_prices(up)
     view_options(up)

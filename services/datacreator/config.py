@@ -50,6 +50,11 @@ class EndpointConfig(BaseModel):
     """One OpenAI-compatible endpoint, by alias."""
 
     base_url: str = Field(..., description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    base_urls: list[str] = Field(
+        default_factory=list,
+        description="Further servers of the same model (e.g. several llama.cpp or vLLM processes): each call goes to "
+        "the one with the fewest calls in flight; rpm, tpm and max_concurrency cover them all.",
+    )
     model: str = "default"
     api_key: SecretStr | None = None
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the key.")
@@ -78,6 +83,11 @@ class EndpointConfig(BaseModel):
 
     def __repr__(self) -> str:  # the key stays out of reprs even when set inline
         return f"EndpointConfig(base_url={self.base_url!r}, model={self.model!r})"
+
+    @property
+    def servers(self) -> list[str]:
+        """Every base URL, `base_url` first, each once."""
+        return list(dict.fromkeys([self.base_url, *self.base_urls]))
 
 
 class KafkaSettings(BaseModel):

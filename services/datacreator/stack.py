@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -26,38 +27,51 @@ class LLMTarget:
     model: str
     process: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Further servers of the same model (the embedded LLM's other processes).
+    base_urls: list[str] = field(default_factory=list)
+    more_processes: list[Any] = field(default_factory=list)
 
 
-async def start_llm(llm: str, model: str | None = None, **simulator_config: Any) -> LLMTarget:
-    """`embedded` (llama.cpp with a model shipped in a PyPI package), `simulator`, or a base URL."""
+async def start_llm(llm: str, model: str | None = None, servers: int | None = None, **simulator_config: Any) -> LLMTarget:
+    """`embedded` (llama.cpp with a model shipped in a PyPI package, `servers` processes of it),
+    `simulator`, or a base URL."""
     if llm == "simulator":
         from datacreator.simulator import SimulatorConfig, SimulatorServer
 
         server = SimulatorServer(SimulatorConfig(**simulator_config)).start()
         return LLMTarget(server.base_url, "datacreator-simulator", server)
     if llm == "embedded":
-        from datacreator.llm.embedded import DEFAULT_MODEL, EmbeddedLLM
+        from datacreator.llm.embedded import DEFAULT_MODEL, EmbeddedLLM, default_layout
 
-        server = EmbeddedLLM(model or DEFAULT_MODEL)
-        await server.start()
+        count, threads = default_layout(servers)
+        started = [EmbeddedLLM(model or DEFAULT_MODEL, n_threads=threads) for _ in range(count)]
+        outcomes = await asyncio.gather(*(server.start() for server in started), return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            await asyncio.gather(*(server.stop() for server in started), return_exceptions=True)
+            raise failed[0]
+        first, *rest = started
         # Its GGUF file holds the tokenizer: reservations count the prompt as the server will.
-        return LLMTarget(server.base_url, server.model_alias, server, extra={"tokenizer": f"embedded:{server.model_alias}"})
+        return LLMTarget(first.base_url, first.model_alias, first, extra={"tokenizer": f"embedded:{first.model_alias}"},
+                         base_urls=[s.base_url for s in rest], more_processes=rest)
     if llm.startswith(("http://", "https://")):
         return LLMTarget(llm.rstrip("/"), model or "default")
     raise ValueError(f"--llm takes embedded, simulator or an http(s) base URL, not {llm!r}")
 
 
 async def stop_llm(target: LLMTarget) -> None:
-    process = target.process
-    if process is None:
-        return
-    result = process.stop()
-    if hasattr(result, "__await__"):
-        await result
+    for process in [target.process, *target.more_processes]:
+        if process is None:
+            continue
+        result = process.stop()
+        if hasattr(result, "__await__"):
+            await result
 
 
 def endpoint_json(target: LLMTarget, **options: Any) -> str:
     config = {"base_url": target.base_url, "model": target.model, **target.extra, **options}
+    if target.base_urls:
+        config["base_urls"] = target.base_urls
     return json.dumps({"default": config})
 
 

@@ -51,6 +51,8 @@ _RETRYABLE = {"429", "5xx", "timeout", "connection", "malformed"}
 _BREAKER_FAILURES = {"5xx", "timeout", "connection", "malformed"}
 _DOWNGRADE = {"json_schema": "json_object", "json_object": "none"}
 _ERROR_SNIPPET = 300
+# A server of a several-server endpoint that refused a connection is tried after the others for this long.
+UNREACHABLE_PAUSE_S = 10.0
 _KEYLIKE = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|\b(sk|pk|key|api[-_]?key)[-_][A-Za-z0-9_\-*.]{6,}")
 
 
@@ -118,16 +120,23 @@ class LLMClient:
         headers = {"content-type": "application/json", "accept": "application/json"}
         if self._secret:
             headers["authorization"] = f"Bearer {self._secret}"
-        self._http = httpx.AsyncClient(
-            base_url=cfg.base_url.rstrip("/") + "/",
-            headers=headers,
-            http2=cfg.http2,
-            timeout=httpx.Timeout(
-                connect=cfg.connect_timeout_s, read=cfg.read_timeout_s, write=cfg.read_timeout_s, pool=cfg.total_timeout_s
-            ),
-            limits=httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency),
-            transport=transport,
-        )
+        # One connection pool per server of the endpoint; a call takes the least busy one.
+        self._servers = [
+            httpx.AsyncClient(
+                base_url=url.rstrip("/") + "/",
+                headers=headers,
+                http2=cfg.http2,
+                timeout=httpx.Timeout(
+                    connect=cfg.connect_timeout_s, read=cfg.read_timeout_s, write=cfg.read_timeout_s, pool=cfg.total_timeout_s
+                ),
+                limits=httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency),
+                transport=transport,
+            )
+            for url in cfg.servers
+        ]
+        self._busy = [0] * len(self._servers)
+        self._unreachable_until = [0.0] * len(self._servers)
+        self._next = 0
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._tokenizer: tokenizers.Tokenizer | None = None
         self._tokenizer_loaded = not cfg.tokenizer
@@ -200,8 +209,30 @@ class LLMClient:
             return estimate_call_tokens(messages, max_tokens)
         return await asyncio.to_thread(estimate_call_tokens, messages, max_tokens, self._tokenizer.count)
 
+    async def _post(self, body: bytes) -> httpx.Response:
+        # Servers that could not be reached lately last, then fewest calls in flight; among equals,
+        # in turn, so that idle servers share the work.
+        count = len(self._servers)
+        now = time.monotonic()
+        chosen = min(range(count), key=lambda i: (self._unreachable_until[i] > now, self._busy[i], (i - self._next) % count))
+        self._next = (chosen + 1) % count
+        self._busy[chosen] += 1
+        try:
+            return await self._servers[chosen].post("chat/completions", content=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if count > 1:
+                self._unreachable_until[chosen] = time.monotonic() + UNREACHABLE_PAUSE_S
+            raise
+        finally:
+            self._busy[chosen] -= 1
+
+    @property
+    def is_closed(self) -> bool:
+        return all(server.is_closed for server in self._servers)
+
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for server in self._servers:
+            await server.aclose()
         await self.limiter.aclose()
 
     async def __aenter__(self) -> Self:
@@ -249,7 +280,7 @@ class LLMClient:
                 metrics.llm_in_flight.labels(self.alias).inc()
                 sent = time.monotonic()
                 try:
-                    response = await self._http.post("chat/completions", content=body)
+                    response = await self._post(body)
                 except httpx.TimeoutException as exc:
                     result = _Attempt("timeout", error=f"timed out ({type(exc).__name__})")
                 except httpx.TransportError as exc:

@@ -394,11 +394,28 @@ def _serve() -> None:
 
 def default_threads() -> int:
     """Every core but one (one at least): the broker and the services need a core of their own."""
+    return max(1, _cores() - 1)
+
+
+def default_layout(servers: int | None = None) -> tuple[int, int]:
+    """(server processes, threads each) for the embedded LLM.
+
+    One process runs one completion at a time, and grammar-constrained sampling is serial in it,
+    so a second thread speeds a call up by far less than a second process adds calls (measured
+    in docs/benchmarks.md, "Embedded LLM servers"). Two processes by default where there are two
+    cores; the model file is mapped, not copied, so they share its memory."""
+    cores = _cores()
+    count = servers or min(2, cores)
+    if count == 1:
+        return 1, default_threads()
+    return count, max(1, cores // count)
+
+
+def _cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+        return os.cpu_count() or 1
 
 
 def llama_cpp_available() -> bool:

@@ -1,0 +1,81 @@
+"""The README's first command on the embedded LLM with 1, 2, ... server processes, side by side.
+
+Each round runs `datacreator run examples/requests/multiple_choice.json --llm-servers N` once per
+N, alternating, so that the shared machine's load falls on every layout alike; the figure is the
+command's own wall time from its summary (the stack's start included), and ratios are against the
+first layout. Completion tokens per second count what every server wrote together.
+
+    python -m benchmarks embedded_servers --servers 1 2 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST = "examples/requests/multiple_choice.json"
+
+
+def _run(servers: int, request: str, model: str | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "datacreator.cli", "run", request, "--llm-servers", str(servers),
+               "--out", str(Path(tmp) / "rows.jsonl"), "--quiet"]
+        if model:
+            cmd += ["--model", model]
+        started = time.monotonic()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        elapsed = time.monotonic() - started
+    out = done.stdout
+    if done.returncode != 0:
+        raise SystemExit(f"datacreator run --llm-servers {servers} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    wall = float(re.search(r"wall time\s+([\d.]+) s", out).group(1))  # type: ignore[union-attr]
+    prompt, completion = map(int, re.search(r"tokens\s+(\d+) prompt \+ (\d+) completion", out).groups())  # type: ignore[union-attr]
+    accepted = int(re.search(r"accepted\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+    calls = int(re.search(r"llm calls\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+    return {"servers": servers, "wall_s": wall, "process_s": elapsed, "accepted": accepted, "calls": calls,
+            "prompt_tokens": prompt, "completion_tokens": completion, "completion_tok_per_s": completion / wall}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=1, help="rounds, layouts alternating")
+    parser.add_argument("--request", default=REQUEST)
+    parser.add_argument("--model", help="embedded model (default: the default model)")
+    args = parser.parse_args(argv)
+    print(f"load: {os.getloadavg()}, cores: {len(os.sched_getaffinity(0))}", flush=True)
+    rows = []
+    for round_ in range(args.repeat):
+        order = args.servers if round_ % 2 == 0 else list(reversed(args.servers))
+        for servers in order:
+            row = _run(servers, args.request, args.model)
+            row["round"] = round_
+            print(row, flush=True)
+            rows.append(row)
+    base = statistics.mean(r["wall_s"] for r in rows if r["servers"] == args.servers[0])
+    print("| servers | wall s | calls | completion tok/s (all servers) | wall vs first |")
+    print("|---|---|---|---|---|")
+    for servers in args.servers:
+        mine = [r for r in rows if r["servers"] == servers]
+        wall = statistics.mean(r["wall_s"] for r in mine)
+        print(f"| {servers} | {wall:.1f} | {statistics.mean(r['calls'] for r in mine):.1f} | "
+              f"{statistics.mean(r['completion_tok_per_s'] for r in mine):.1f} | {wall / base:.2f} |")
+    print(f"load: {os.getloadavg()}", flush=True)
+
+
+def cli() -> int:
+    main()
+    return 0
+
+
+if __name__ == "__main__":
+    main()
