@@ -22,7 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "parsing": ("benchmarks.parsing", "salvage of truncated and messy answers: the quadratic, Python-scan and current parsers side by side"),
     "soak": ("benchmarks.soak", "memory over 1,000 small requests: RSS and held state per 100"),
     "embedded_speed": ("benchmarks.embedded_speed", "llama.cpp server settings for the embedded model, side by side"),
-    "embedded_servers": ("benchmarks.embedded_servers", "the README's first command with 1, 2, ... embedded LLM server processes, alternating"),
+    "embedded_servers": ("benchmarks.embedded_servers", "the README's first command with embedded LLM layouts (servers x threads), alternating"),
     "restore": ("benchmarks.restore", "curator state rebuilt from the examples topic after a rebalance"),
     "first_run": ("benchmarks.first_run", "install plus the README's first command on a fresh clone with empty caches"),
     "pipelining": ("benchmarks.pipelining", "the curator's acknowledgements pipelined against serial publishing, overhead-bound, alternating rounds"),

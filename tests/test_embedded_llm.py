@@ -143,6 +143,13 @@ async def test_the_embedded_llm_as_two_servers_behind_one_endpoint_then_no_proce
         async with LLMClient("two-servers", endpoint, NoopRateLimiter()) as client:
             results = await asyncio.gather(*(client.complete(make_task(n=1, max_tokens=64)) for _ in range(2)))
         assert all(r.ok for r in results), [r.error for r in results]
+        # The same first call to each server: started from seeds of their own, they answer apart.
+        body = {"model": target.model, "max_tokens": 40, "temperature": 1.0,
+                "messages": [{"role": "user", "content": "Write one sentence about a kitchen."}]}
+        async with httpx.AsyncClient(timeout=120) as http:
+            answers = [(await http.post(f"{url}/chat/completions", json=body)).json()["choices"][0]["message"]["content"]
+                       for url in [target.base_url, *target.base_urls]]
+        assert answers[0] != answers[1], answers
     finally:
         await stop_llm(target)
     assert not any(_alive(pid) for pid in pids)

@@ -189,7 +189,7 @@ async def _run(args: argparse.Namespace) -> int:
         examples_per_call=args.examples_per_call,
     )
     print(f"datacreator: starting the embedded stack (broker, {args.llm} LLM, planner, generator, curator)", file=sys.stderr)
-    target = await start_llm(args.llm, args.model, servers=args.llm_servers)
+    target = await start_llm(args.llm, args.model, servers=args.llm_servers, threads=args.llm_threads)
     base = Settings()
     stack = EmbeddedStack(base)
     view = None
@@ -296,7 +296,7 @@ async def _up(args: argparse.Namespace) -> int:
 
     stopped = asyncio.Event()
     install_signal_handlers(stopped.set)  # a signal during start-up stops it once started
-    target = await start_llm(args.llm, args.model, servers=args.llm_servers)
+    target = await start_llm(args.llm, args.model, servers=args.llm_servers, threads=args.llm_threads)
     base = Settings()
     stack = EmbeddedStack(base, broker_port=args.port)
     view = None
@@ -389,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key of --llm URL")
     run.add_argument("--model", help=model_help)
     run.add_argument("--llm-servers", type=int, metavar="N", help=servers_help)
+    run.add_argument("--llm-threads", type=int, metavar="N", help="threads of each embedded LLM server (default: the cores shared out)")
     run.add_argument("--out", default="examples.jsonl")
     run.add_argument("--with-metadata", action="store_true", help="write whole Example messages, not only the data")
     run.add_argument("--examples-per-call", type=int)
@@ -423,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key of --llm URL")
     up.add_argument("--model", help=model_help)
     up.add_argument("--llm-servers", type=int, metavar="N", help=servers_help)
+    up.add_argument("--llm-threads", type=int, metavar="N", help="threads of each embedded LLM server (default: the cores shared out)")
     up.add_argument("--port", type=int, default=9092, help="the broker's port")
     llm_prices(up)
     view_options(up)

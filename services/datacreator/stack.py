@@ -32,9 +32,11 @@ class LLMTarget:
     more_processes: list[Any] = field(default_factory=list)
 
 
-async def start_llm(llm: str, model: str | None = None, servers: int | None = None, **simulator_config: Any) -> LLMTarget:
-    """`embedded` (llama.cpp with a model shipped in a PyPI package, `servers` processes of it),
-    `simulator`, or a base URL."""
+async def start_llm(
+    llm: str, model: str | None = None, servers: int | None = None, threads: int | None = None, **simulator_config: Any
+) -> LLMTarget:
+    """`embedded` (llama.cpp with a model shipped in a PyPI package: `servers` processes of
+    `threads` threads), `simulator`, or a base URL."""
     if llm == "simulator":
         from datacreator.simulator import SimulatorConfig, SimulatorServer
 
@@ -43,8 +45,11 @@ async def start_llm(llm: str, model: str | None = None, servers: int | None = No
     if llm == "embedded":
         from datacreator.llm.embedded import DEFAULT_MODEL, EmbeddedLLM, default_layout
 
-        count, threads = default_layout(servers)
-        started = [EmbeddedLLM(model or DEFAULT_MODEL, n_threads=threads) for _ in range(count)]
+        count, threads = default_layout(servers, threads)
+        # Each server draws its calls' seeds from its own start seed: servers started alike would
+        # answer the same prompt with the same examples.
+        started = [EmbeddedLLM(model or DEFAULT_MODEL, n_threads=threads, server_args=("--seed", str(i)) if i else ())
+                   for i in range(count)]
         outcomes = await asyncio.gather(*(server.start() for server in started), return_exceptions=True)
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         if failed:

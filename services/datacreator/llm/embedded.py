@@ -397,7 +397,7 @@ def default_threads() -> int:
     return max(1, _cores() - 1)
 
 
-def default_layout(servers: int | None = None) -> tuple[int, int]:
+def default_layout(servers: int | None = None, threads: int | None = None) -> tuple[int, int]:
     """(server processes, threads each) for the embedded LLM.
 
     One process runs one completion at a time, and grammar-constrained sampling is serial in it,
@@ -406,6 +406,8 @@ def default_layout(servers: int | None = None) -> tuple[int, int]:
     cores; the model file is mapped, not copied, so they share its memory."""
     cores = _cores()
     count = servers or min(2, cores)
+    if threads:
+        return count, threads
     if count == 1:
         return 1, default_threads()
     return count, max(1, cores // count)
