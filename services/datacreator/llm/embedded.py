@@ -24,8 +24,9 @@ Structured output in llama-cpp-python 0.3.x (checked on 0.3.36):
   much as the forward pass itself on these models (Qwen's vocabulary is 3x SmolLM2's).
 
 Threads: llama.cpp's OpenMP workers spin while they wait, so on a busy 2-core machine two threads
-run 3-7x slower than one (measured: SmolLM2 68 tok/s on one thread, 9-90 tok/s on two). The
-server uses every core but one by default, leaving one to the broker and the services.
+run 3-7x slower than one (measured: SmolLM2 68 tok/s on one thread, 9-90 tok/s on two). A lone
+server uses every core but one, leaving one to the broker and the services; `datacreator run`
+starts two servers of one thread each on 2 cores instead (`default_layout`), which pays more.
 """
 
 from __future__ import annotations
