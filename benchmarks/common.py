@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import uuid
@@ -177,3 +178,18 @@ def machine() -> dict[str, Any]:
     except OSError:
         load = math.nan
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(), "load_1m": round(load, 2)}
+
+
+def print_side_by_side(rows: list[dict[str, Any]], key: str, names: list[str], time_field: str,
+                       columns: list[tuple[str, str, str]]) -> None:
+    """A markdown table of the mean of each column over each name's rows (`rows` keyed by `key`),
+    ending with `time_field` against the first name's, as the runs alternated side by side."""
+    def mean(name: str, field: str) -> float:
+        return statistics.mean(r[field] for r in rows if r[key] == name)
+
+    base = mean(names[0], time_field)
+    print("| " + " | ".join([key, *(header for header, _, _ in columns), "time vs first"]) + " |")
+    print("|" + "---|" * (len(columns) + 2))
+    for name in names:
+        cells = [format(mean(name, field), fmt) for _, field, fmt in columns]
+        print("| " + " | ".join([name, *cells, f"{mean(name, time_field) / base:.2f}"]) + " |")

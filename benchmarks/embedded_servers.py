@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import print_side_by_side
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = "examples/requests/multiple_choice.json"
@@ -62,14 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             row["round"] = round_
             print(row, flush=True)
             rows.append(row)
-    base = statistics.mean(r["wall_s"] for r in rows if r["layout"] == args.layouts[0])
-    print("| servers x threads | wall s | calls | completion tok/s (all servers) | wall vs first |")
-    print("|---|---|---|---|---|")
-    for layout in args.layouts:
-        mine = [r for r in rows if r["layout"] == layout]
-        wall = statistics.mean(r["wall_s"] for r in mine)
-        print(f"| {layout} | {wall:.1f} | {statistics.mean(r['calls'] for r in mine):.1f} | "
-              f"{statistics.mean(r['completion_tok_per_s'] for r in mine):.1f} | {wall / base:.2f} |")
+    print_side_by_side(rows, "layout", args.layouts, "wall_s", [
+        ("wall s", "wall_s", ".1f"), ("calls", "calls", ".1f"), ("completion tok/s, all servers", "completion_tok_per_s", ".1f")])
     print(f"load: {os.getloadavg()}", flush=True)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.common import print_side_by_side
 from datacreator.llm.embedded import DEFAULT_MODEL, EmbeddedLLM
 from datacreator.logic.parsing import parse_examples
 from datacreator.logic.prompt import SYSTEM_PROMPT, build_user_prompt
@@ -148,14 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"load: {os.getloadavg()}", flush=True)
     rows = asyncio.run(_main(args))
-    base = statistics.mean(r["s_per_call"] for r in rows if r["config"] == args.configs[0])
-    print("| configuration | s/call | tok/s | valid+new | time vs first |")
-    print("|---|---|---|---|---|")
-    for name in args.configs:
-        mine = [r for r in rows if r["config"] == name]
-        s = statistics.mean(r["s_per_call"] for r in mine)
-        print(f"| {name} | {s:.1f} | {statistics.mean(r['tok_per_s'] for r in mine):.1f} | "
-              f"{statistics.mean(r['valid_new_share'] for r in mine):.0%} | {s / base:.2f} |")
+    print_side_by_side(rows, "config", args.configs, "s_per_call", [
+        ("s/call", "s_per_call", ".1f"), ("tok/s", "tok_per_s", ".1f"), ("valid+new", "valid_new_share", ".0%")])
     print(f"load: {os.getloadavg()}", flush=True)
 
 
