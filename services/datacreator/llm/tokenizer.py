@@ -39,7 +39,12 @@ class GGUFTokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF file at {self.path}")
-        self._vocab: Any = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        # llama.cpp warns on stderr, past `verbose=False`, that a vocabulary-only model has no
+        # training context: a line that would land in every `datacreator run`'s output.
+        with suppress_stdout_stderr(disable=False):
+            self._vocab: Any = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
         self._lock = threading.Lock()  # one llama.cpp vocabulary is not documented as thread-safe
         # Freed before the interpreter tears llama_cpp down (its __del__ fails after that).
         atexit.register(self._vocab.close)
