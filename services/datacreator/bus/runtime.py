@@ -57,6 +57,13 @@ PIPELINE_DEPTH = 32
 # per batch: aiokafka keeps one produce request in flight per connection with one batch per
 # partition, so one producer moves one record of a partition per round trip; several move several.
 PIPELINE_PRODUCERS = 4
+# Outputs marked `latest` (a state snapshot: only the newest value of its key matters) of an ordered
+# handler are held up to this long, or for this many records, and the newest of each key stands
+# for all the records it covers: a record's offset is finished once the write that holds its state
+# is acknowledged. One write per record made the planner's snapshots (tens of KB each, one per
+# outcome) most of the bytes on the bus and of the embedded broker's memory.
+HOLD_S = 0.5
+HOLD_RECORDS = 64
 # After a partition lost records below the committed offset, reading resumes this much before the
 # time of the last record committed: record times come from the producers' clocks.
 LOST_OFFSETS_CLOCK_MARGIN_MS = 60_000
@@ -87,6 +94,9 @@ class Output:
     key: str | None
     value: BaseModel | None  # None: a tombstone (deletes the key from a compacted topic)
     stage: int = 0
+    # Only the newest value of (topic, key) matters (a snapshot on a compacted topic): an ordered
+    # handler's runner may send a later one of the same key in its place (HOLD_S).
+    latest: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +257,14 @@ class _PartitionTrack:
         return len(self.order)
 
 
+@dataclass(slots=True)
+class _Held:
+    """A held `latest` output and the records whose state it carries (finished once it is acknowledged)."""
+
+    output: Output
+    waiters: list[tuple[_PartitionTrack, int]]
+
+
 @dataclass
 class RunnerState:
     ready: bool = False
@@ -285,6 +303,11 @@ class ServiceRunner:
         self._next_topic_check = 0.0
         self._fatal: Exception | None = None
         self._key_locks: weakref.WeakValueDictionary[str | None, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._held: dict[tuple[str, str | None], _Held] = {}  # ordered handlers: see HOLD_S
+        self._held_since = 0.0
+        self._held_records = 0
+        self._flushing: set[tuple[str, str | None]] = set()
+        self._flush_lock = asyncio.Lock()
 
     def key_lock(self, key: str | None) -> asyncio.Lock:
         """The lock an ordered handler's records of one key are handled and published under.
@@ -304,11 +327,20 @@ class ServiceRunner:
     async def publish(self, outputs: Iterable[Output], producer: AIOKafkaProducer | None = None) -> None:
         """Produce and wait for every acknowledgement; retries while the broker is away.
 
+        A held output (HOLD_S) of a key written here goes out first: it is the older value.
+
         Every output is encoded before any is sent, so one that cannot be encoded sends nothing;
         that, and a record the broker refuses for good, raise UndeliverableOutput. Stages go out
         one after the other (see Output.stage); a retry sends again only the stages not yet
         acknowledged.
         """
+        outputs = list(outputs)
+        if (self._held or self._flushing) and any(
+                (o.topic, o.key) in self._held or (o.topic, o.key) in self._flushing for o in outputs):
+            await self._flush_held()
+        await self._publish(outputs, producer)
+
+    async def _publish(self, outputs: list[Output], producer: AIOKafkaProducer | None = None) -> None:
         producer = producer or self._producer
         assert producer is not None
         encoded = [(o, _encode_output(o), encode_key(o.key)) for o in outputs]
@@ -343,6 +375,41 @@ class ServiceRunner:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    def _hold(self, outputs: list[Output], track: _PartitionTrack, offset: int) -> None:
+        """Keep `outputs` (all `latest`) as the newest values of their keys; the record at `offset`
+        is finished when the held value of its last key is acknowledged (called under the key lock)."""
+        if not self._held:
+            self._held_since = time.monotonic()
+        for i, output in enumerate(outputs):
+            slot = (output.topic, output.key)
+            previous = self._held.pop(slot, None)
+            waiters = previous.waiters if previous is not None else []
+            if i == len(outputs) - 1:
+                waiters.append((track, offset))
+            self._held[slot] = _Held(output, waiters)
+        self._held_records += 1
+
+    def _hold_due(self) -> bool:
+        return bool(self._held) and (self._held_records >= HOLD_RECORDS or time.monotonic() - self._held_since >= HOLD_S)
+
+    async def _flush_held(self) -> None:
+        """Send the held outputs and finish the records they answer. Not sent (the runner is
+        stopping): those records stay unfinished, uncommitted, and are read again."""
+        async with self._flush_lock:
+            if not self._held:
+                return
+            held, self._held, self._held_records = self._held, {}, 0
+            self._flushing = set(held)
+            try:
+                await self._publish([h.output for h in held.values()])
+            except UndeliverableOutput as exc:  # a state that cannot be written: as a refused output's input
+                log.error("%s: held outputs refused (%s); their records are given up", self.handler.name, exc)
+            finally:
+                self._flushing = set()
+            for entry in held.values():
+                for track, offset in entry.waiters:
+                    track.finish(offset)
 
     def submit(self, topic: str, partition: int, job: Callable[[], Awaitable[list[Output]]]) -> bool:
         """Run `job` on the worker of one partition of an ordered handler, between its records, and
@@ -461,6 +528,8 @@ class ServiceRunner:
                 await self._process_pipelined(tp, track, item)
             else:
                 await self._process(tp, track, item)
+            if self._hold_due():
+                await self._flush_held()
 
     async def _run_job(self, tp: TopicPartition, job: Callable[[], Awaitable[list[Output]]]) -> None:
         try:
@@ -478,13 +547,17 @@ class ServiceRunner:
             lock = self.key_lock(delivery.key) if self.handler.ordered else contextlib.nullcontext()
             async with lock:  # handled and acknowledged before the next record of its key
                 outputs, message = await self._handle(record, delivery)
+                held = [o for o in outputs if o.latest] if self.handler.ordered else []
                 try:
-                    await self.publish(outputs)
+                    await self.publish([o for o in outputs if not o.latest] if held else outputs)
                 except UndeliverableOutput as exc:
                     metrics.processing_errors.labels(name, tp.topic).inc()
                     log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
                     await self._publish_give_up(message, delivery, exc)
-            track.finish(record.offset)
+                if held:
+                    self._hold(held, track, record.offset)  # finished when the held state is acknowledged
+            if not held:
+                track.finish(record.offset)
         except asyncio.CancelledError:
             raise
         except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
@@ -691,6 +764,8 @@ class ServiceRunner:
         while True:
             await asyncio.sleep(self.commit_interval_s)
             try:
+                if self._hold_due():  # a partition gone quiet: its held state goes out on time
+                    await self._flush_held()
                 await self._commit()
                 await self._update_lag()
                 await self._check_topics(failed=False)
@@ -768,6 +843,11 @@ class ServiceRunner:
         """Wait (bounded) for in-flight records, of some partitions or all, to finish."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self._held:
+                try:
+                    await asyncio.wait_for(self._flush_held(), max(0.1, deadline - time.monotonic()))
+                except (KafkaError, TimeoutError) as exc:  # left unfinished: read again by the next owner
+                    log.warning("%s: held outputs not sent (%s)", self.handler.name, type(exc).__name__)
             tracks = [t for tp, t in self._tracks.items() if partitions is None or tp in partitions]
             if all(t.pending == len(t.finished) for t in tracks):
                 break

@@ -278,7 +278,7 @@ class PlannerHandler(BaseHandler):
         if plan.state.final:
             self._finished_at.setdefault(request_id, now)
         snapshot = PlannerSnapshot(request_id=request_id, plan=plan.snapshot(), version=version)
-        outputs.append(Output(topics.planner_state, request_id, snapshot))
+        outputs.append(Output(topics.planner_state, request_id, snapshot, latest=True))  # newest wins: see HOLD_S
         if force_status or now - self._last_status.get(request_id, 0.0) >= self.settings.planner.status_interval_s:
             outputs.append(Output(topics.status, request_id, self._status(plan, now)))
             self._last_status[request_id] = now
