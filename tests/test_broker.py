@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
+from datacreator.bus import ends, readback
 from datacreator.bus.admin import TopicMismatch, ensure_topics, wait_for_broker
 from datacreator.config import Settings
 from datacreator.embedded.broker import EmbeddedBroker, free_port
@@ -81,21 +82,21 @@ async def test_round_trip_keeps_key_value_and_headers(bus_settings):
     assert list(record.headers) == headers
 
 
-async def _one_batch(settings: Settings, topic: str, values: list[bytes]) -> list[int]:
+async def _one_batch(settings: Settings, topic: str, values: list[bytes], partition: int = 0) -> list[int]:
     """Records sent in one produce request, as one batch: all appended before the sender runs."""
     producer = AIOKafkaProducer(**settings.kafka_kwargs(), acks="all", linger_ms=50)
     await producer.start()
     try:
-        futures = [await producer.send(topic, value, key=b"k", partition=0) for value in values]
+        futures = [await producer.send(topic, value, key=b"k", partition=partition) for value in values]
         return [m.offset for m in await asyncio.gather(*futures)]
     finally:
         await producer.stop()
 
 
 async def test_end_offsets_after_a_multi_record_batch_count_only_its_first_record(bus_settings):
-    # Why the embedded broker's producers send one record per batch (EmbeddedBroker.client_overrides):
+    # Why the embedded broker's profile says `short_list_offsets` (EmbeddedBroker.client_overrides):
     # Tansu's ListOffsets answers the last batch's base offset + 1. When this fails, Tansu has
-    # fixed it and the producers may batch again (the two tests below hold already).
+    # fixed it and bus.ends may stop fetching the last batch.
     topic = bus_settings.topics.outcomes
     tp = TopicPartition(topic, 0)
     offsets = await _one_batch(bus_settings, topic, [b"c0", b"c1", b"c2"])
@@ -106,6 +107,32 @@ async def test_end_offsets_after_a_multi_record_batch_count_only_its_first_recor
     finally:
         await consumer.stop()
     assert ends[tp] == offsets[0] + 1
+
+
+async def test_bus_ends_and_reads_to_end_count_every_record_of_a_last_batch(bus_settings):
+    # The bus's answer to the test above: the end read from a fetch of the last batch, on a probe
+    # consumer of its own (the caller's position does not move), and a state rebuild that reads
+    # every record of it.
+    topic = bus_settings.topics.outcomes
+    tp = TopicPartition(topic, 1)
+    await _one_batch(bus_settings, topic, [b"x0"], partition=1)
+    offsets = await _one_batch(bus_settings, topic, [b"d0", b"d1", b"d2", b"d3"], partition=1)
+    consumer = AIOKafkaConsumer(**bus_settings.kafka_kwargs())
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        assert (await consumer.end_offsets([tp]))[tp] == offsets[0] + 1  # short, as above
+        assert await ends.end_offsets(bus_settings, consumer, [tp]) == {tp: offsets[-1] + 1}
+        assert await consumer.position(tp) == 0
+    finally:
+        await consumer.stop()
+    assert await readback.end_offsets(bus_settings, topic, [1]) == {1: offsets[-1] + 1}
+    read = [record.value async for record in readback.read_to_end(bus_settings, topic, [1])]
+    assert read == [b"x0", b"d0", b"d1", b"d2", b"d3"]
+    # A broker whose profile does not say so is asked once, as Apache Kafka is.
+    plain = bus_settings.with_updates(kafka_client_overrides={})
+    assert not ends.short_list_offsets(plain) and ends.short_list_offsets(bus_settings)
 
 
 async def test_a_waiting_consumer_gets_every_record_of_a_batch(bus_settings):

@@ -268,8 +268,8 @@ async def test_up_serves_a_separate_kafka_client_then_stops_on_sigterm():
         request = CreationRequest.model_validate_json(MCQ_REQUEST.read_bytes()).model_copy(
             update={"request_id": f"up-{uuid.uuid4().hex[:8]}", "target_count": 7}
         )
-        # Any Kafka client: a plain aiokafka producer, one record per batch as the embedded broker needs.
-        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{port}", max_batch_size=1, linger_ms=0)
+        # Any Kafka client: a plain aiokafka producer with its default settings.
+        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{port}")
         await producer.start()
         try:
             await producer.send_and_wait("datacreator.requests", request.model_dump_json().encode(),

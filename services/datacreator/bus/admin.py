@@ -58,6 +58,12 @@ async def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.2)
 
 
+async def probe(bootstrap: str, request_timeout_ms: int = 2000) -> None:
+    """One metadata request to a broker known only by its address (one being started, or checked
+    before anything else uses it); raises if it does not answer."""
+    await _metadata(AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms))
+
+
 async def _metadata(admin: AIOKafkaAdminClient) -> list[str]:
     try:
         await admin.start()

@@ -13,6 +13,7 @@ from aiokafka.consumer.fetcher import ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from datacreator.bus.codec import M, PoisonMessage, decode
+from datacreator.bus.ends import end_offsets as partition_ends
 from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus
@@ -46,7 +47,7 @@ async def read_to_end(
         if not tps:
             return
         consumer.assign(tps)
-        end = await consumer.end_offsets(tps)
+        end = await partition_ends(settings, consumer, tps)
         begin = await consumer.beginning_offsets(tps)
         remaining = {tp for tp in tps if end[tp] > begin[tp]}
         for tp in tps:
@@ -90,7 +91,7 @@ async def end_offsets(
     try:
         async def ends() -> dict[int, int]:
             await consumer.start()
-            found = await consumer.end_offsets([TopicPartition(topic, p) for p in numbers])
+            found = await partition_ends(settings, consumer, [TopicPartition(topic, p) for p in numbers])
             return {tp.partition: offset for tp, offset in found.items()}
 
         return await asyncio.wait_for(ends(), timeout_s)

@@ -39,6 +39,7 @@ from datacreator import metrics
 from datacreator.bus.admin import TopicMismatch, ensure_topics
 from datacreator.bus.codec import PoisonMessage, decode_key, decoder, encode, encode_key, request_id_in
 from datacreator.bus.commit import commit
+from datacreator.bus.ends import high_watermarks, short_list_offsets
 from datacreator.bus.factory import make_consumer, make_producer
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
@@ -53,9 +54,10 @@ CLOSE_TIMEOUT_S = 5.0
 # Records of one partition of a pipelined handler handled while earlier ones still await their
 # acknowledgements: bounds what a partition holds in memory when the broker is slow or away.
 PIPELINE_DEPTH = 32
-# Producers a pipelined handler spreads its acknowledgements over when the broker takes one record
-# per batch: aiokafka keeps one produce request in flight per connection with one batch per
-# partition, so one producer moves one record of a partition per round trip; several move several.
+# Producers a pipelined handler spreads its acknowledgements over when the client overrides ask for
+# one record per batch (`max_batch_size: 1`): aiokafka keeps one produce request in flight per
+# connection with one batch per partition, so one producer then moves one record of a partition per
+# round trip; several move several. With batching (the default) one producer is enough.
 PIPELINE_PRODUCERS = 4
 # Outputs marked `latest` (a state snapshot: only the newest value of its key matters) of an ordered
 # handler are held up to this long, or for this many records, and the newest of each key stands
@@ -900,6 +902,8 @@ class ServiceRunner:
             ends = await asyncio.wait_for(self._consumer.end_offsets(list(assigned)), COMMIT_TIMEOUT_S)
             for tp in assigned:
                 committed = await asyncio.wait_for(committed_metadata(self._consumer, tp), COMMIT_TIMEOUT_S)
+                if committed is not None and committed.offset > ends.get(tp, committed.offset) and short_list_offsets(self.settings):
+                    ends.update(await asyncio.wait_for(high_watermarks(self.settings, {tp: ends[tp]}), COMMIT_TIMEOUT_S))
                 if committed is not None and committed.offset > ends.get(tp, committed.offset):
                     target, why = await self._resume_offset(tp, committed, ends[tp])
                     log.warning("%s: %s[%d] has offset %d committed but ends at %d: the broker lost records; "

@@ -252,7 +252,7 @@ async def main(args: argparse.Namespace) -> int:
     from datacreator.bus.runtime import install_signal_handlers
 
     settings = Settings()
-    from datacreator.embedded.broker import probe
+    from datacreator.bus.admin import probe
 
     if settings.kafka.security_protocol == "PLAINTEXT":
         await probe(settings.kafka.bootstrap)  # an unreachable broker is a one-line error, not a page that stays empty
