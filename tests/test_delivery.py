@@ -222,6 +222,58 @@ async def test_a_record_the_broker_refuses_for_good_dead_letters_its_input(bus_s
     assert error.__name__ in letter.error and "bytes" in letter.error
 
 
+class CountingHandler(BaseHandler):
+    """Pipelined and ordered, as the curator: each note adds one to a count (the handler's state),
+    is answered with a payload (large for a note of `size`) and then, at the last stage, with the
+    count it saw. A give-up resets the count, as the curator forgets a request and reads it back."""
+
+    name = "counting"
+    ordered = True
+    pipelined = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.inputs = {settings.topics.requests: Note}
+        self.topics_ = settings.topics
+        self.count = 0
+        self.heard: list[str] = []
+
+    async def handle(self, message: Note, delivery: Delivery) -> list[Output]:
+        self.count += 1
+        data = "x" * message.size if message.size else None
+        return [Output(self.topics_.examples, message.request_id, Payload(request_id=message.request_id, data=data)),
+                Output(self.topics_.outcomes, message.request_id, Payload(request_id=message.request_id, data=self.count),
+                       stage=1)]
+
+    def on_dead_letter(self, message: Any, delivery: Delivery, reason: Exception) -> list[Output]:
+        self.heard.append(message.request_id)
+        self.count = 0
+        return []
+
+
+async def test_records_handled_before_a_give_up_was_heard_are_handled_again(bus_settings, monkeypatch):
+    """Fault-injecting producer (see SizeLimitedProducer) on the real broker, pipelined handler:
+    the first note's payload is refused at its acknowledgement, while the notes behind it were
+    already handled on a count that included it. Every one of them must be handled again once the
+    handler has heard of the give-up: the counts reported are those of the state after it (1, 2,
+    3), never one that counted the refused note. Before, only the record right after the refused
+    one was handled again."""
+    settings = bus_settings.with_updates(**FAST_GROUPS)
+    monkeypatch.setattr(runtime, "make_producer",
+                        lambda s, **options: SizeLimitedProducer(make_producer(s, **options), 20_000,
+                                                                 MessageSizeTooLargeError, "ack"))
+    notes = [Note(request_id="big", size=50_000), Note(request_id="a"), Note(request_id="b"), Note(request_id="c")]
+    await _produce(settings, notes)
+    handler = CountingHandler(settings)
+    await _run_until_committed(settings, ServiceRunner(settings, handler), upto=4)
+
+    assert handler.heard == ["big"]
+    reported = {(p := decode(Payload, r.value)).request_id: p.data for r in await _read(settings, settings.topics.outcomes)}
+    assert set(reported) == {"a", "b", "c"}  # one outcome each; none for the note given up
+    assert sorted(reported.values()) == [1, 2, 3], reported
+    (letter,) = [decode(DeadLetter, r.value) for r in await _read(settings, settings.topics.dlq)]
+    assert (letter.offset, letter.key) == (0, "big")
+
+
 # -- item 8: key and request id ---------------------------------------------------------------
 
 

@@ -221,7 +221,8 @@ class BaseHandler:
 class _PartitionTrack:
     """Offsets of one partition in arrival order; commits the longest finished prefix."""
 
-    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp", "acks", "window", "last_ack")
+    __slots__ = ("order", "finished", "committed", "queue", "worker", "stamps", "stamp", "acks", "window", "last_ack",
+                 "give_ups_queued", "give_ups_heard")
 
     def __init__(self) -> None:
         self.order: deque[int] = deque()
@@ -233,9 +234,14 @@ class _PartitionTrack:
         self.stamp: int | None = None  # timestamp of the last record of the committable prefix
         self.acks: set[asyncio.Task[None]] = set()  # pipelined handlers: publishes under way
         self.window: asyncio.Semaphore | None = None  # pipelined handlers: PIPELINE_DEPTH
-        # pipelined handlers: whether the latest record's outputs went out as handled (False: it
-        # was given up, and the records handled after it saw a state that is not on the topic)
-        self.last_ack: asyncio.Future[bool] | None = None
+        # pipelined handlers: set once the latest record's earlier stages are acknowledged, or its
+        # give-up is queued; the next record's last stage waits for it
+        self.last_ack: asyncio.Future[None] | None = None
+        # pipelined handlers: give-ups queued for the worker, and those the handler has heard of. A
+        # record handled while fewer were heard than are now queued saw a state that is not on the
+        # topic, and is handled again.
+        self.give_ups_queued = 0
+        self.give_ups_heard = 0
 
     def add(self, offset: int, timestamp: int | None = None) -> None:
         self.order.append(offset)
@@ -588,10 +594,11 @@ class ServiceRunner:
             await track.window.acquire()
             try:
                 async with self.key_lock(delivery.key):  # handled before the next record of its key
+                    seen = track.give_ups_heard
                     outputs, message = await self._handle(record, delivery)
                 previous, track.last_ack = track.last_ack, asyncio.get_running_loop().create_future()
                 ack = asyncio.create_task(self._acknowledge(tp, track, record, delivery, outputs, message, started,
-                                                            previous, track.last_ack))
+                                                            seen, previous, track.last_ack))
                 handed_off = True
             finally:
                 if not handed_off:
@@ -607,17 +614,22 @@ class ServiceRunner:
                 self._record_done(tp, started)
 
     async def _acknowledge(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord, delivery: Delivery,
-                           outputs: list[Output], message: Any, started: float,
-                           previous: asyncio.Future[bool] | None, done: asyncio.Future[bool]) -> None:
+                           outputs: list[Output], message: Any, started: float, seen: int,
+                           previous: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
         """Publish one record's outputs; its last stage (an outcome that reports the others) only
-        once the record before it went out as handled. When that one was given up instead, this
-        record was handled on a state that is not on the topic: it is handled again, on the worker,
-        after the handler has heard of the give-up, as a redelivery would be."""
+        once the record before it got its earlier stages out or was given up. When a record of the
+        partition was given up and the handler had not heard of it when it handled this one (`seen`
+        give-ups heard then, fewer than are now queued), this one may have seen a state that is not
+        on the topic: it is handled again, on the worker, after the handler has heard of the
+        give-up, as a redelivery would be.
+
+        `done` is set as soon as this record's earlier stages are acknowledged, before its own last
+        stage goes, so that an outcome waits for the examples before it and not for every outcome
+        before it: one acknowledgement per round trip per partition was the curator's ceiling."""
         name = self.handler.name
         assert track.window is not None
         window = track.window
         holding = True
-        as_handled = True
         producer = self._ack_producers[self._next_ack_producer % len(self._ack_producers)] if self._ack_producers else None
         self._next_ack_producer += 1
         last = max((o.stage for o in outputs), default=0)
@@ -642,35 +654,51 @@ class ServiceRunner:
             track.queue.put_nowait(job)
             return answered
 
+        async def give_up(message: Any, exc: Exception) -> None:  # on the worker
+            track.give_ups_heard += 1
+            await self._publish_give_up(message, delivery, exc)
+
         async def again() -> None:
-            nonlocal as_handled
             outputs, message = await self._handle(record, delivery)
             try:
                 await self.publish(outputs)
             except UndeliverableOutput as exc:
-                as_handled = False
-                await self._publish_give_up(message, delivery, exc)
+                track.give_ups_queued += 1
+                await give_up(message, exc)
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
 
         try:
             try:
                 await self.publish([o for o in outputs if o.stage < last], producer)
-                if previous is not None and not await previous:
-                    await on_worker(again)
+                if previous is not None:
+                    await previous
+                if track.give_ups_queued != seen:
+                    answered = on_worker(again)
+                    settle()  # what comes after is handled again too, after this
+                    await answered
                 else:
+                    settle()
                     await self.publish([o for o in outputs if o.stage == last], producer)
             except UndeliverableOutput as exc:
                 metrics.processing_errors.labels(name, tp.topic).inc()
                 log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
-                as_handled = False
+                track.give_ups_queued += 1
                 refused = exc
-                await on_worker(lambda: self._publish_give_up(message, delivery, refused))
+                answered = on_worker(lambda: give_up(message, refused))
+                settle()
+                await answered
             track.finish(record.offset)
-            done.set_result(as_handled)
+            settle()
         except asyncio.CancelledError:
-            done.cancel()  # what comes after is not finished either: it is redelivered
+            if not done.done():
+                done.cancel()  # what comes after is not finished either: it is redelivered
             raise
         except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
-            done.cancel()
+            if not done.done():
+                done.cancel()
             log.exception("%s: could not finish %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
         finally:
             if holding:
