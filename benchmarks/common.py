@@ -23,6 +23,14 @@ SEED_EXAMPLE = {
 INSTRUCTION = "Create commonsense multiple-choice questions with options A to D and the letter of the right answer."
 MAX_TOKENS = 1024
 
+# The embedded broker's client profile before its producers batched: one record per batch, so that
+# ListOffsets (which answers the last batch's first record + 1 on Tansu) was right. Measured
+# against the profile as shipped (`EmbeddedBroker.client_overrides()`, ends read by `bus.ends`).
+SINGLE_RECORD_PROFILE: dict[str, dict[str, Any]] = {
+    "producer": {"max_batch_size": 1, "linger_ms": 0},
+    "consumer": {"fetch_max_wait_ms": 25},
+}
+
 
 class SimulatorProcess:
     """`python -m datacreator.simulator` in a child process (its own GIL), reconfigured through /sim/*."""
@@ -193,3 +201,5 @@ def print_side_by_side(rows: list[dict[str, Any]], key: str, names: list[str], t
     for name in names:
         cells = [format(mean(name, field), fmt) for _, field, fmt in columns]
         print("| " + " | ".join([name, *cells, f"{mean(name, time_field) / base:.2f}"]) + " |")
+    # The load at the end, beside the one printed at the start, says how noisy the run was.
+    print(f"load: {os.getloadavg()}", flush=True)

@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
     print_side_by_side(rows, "layout", args.layouts, "wall_s", [
         ("wall s", "wall_s", ".1f"), ("calls", "calls", ".1f"), ("completion tok/s, all servers", "completion_tok_per_s", ".1f")])
-    print(f"load: {os.getloadavg()}", flush=True)
 
 
 def cli() -> int:

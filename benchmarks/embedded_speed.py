@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> None:
     rows = asyncio.run(_main(args))
     print_side_by_side(rows, "config", args.configs, "s_per_call", [
         ("s/call", "s_per_call", ".1f"), ("tok/s", "tok_per_s", ".1f"), ("valid+new", "valid_new_share", ".0%")])
-    print(f"load: {os.getloadavg()}", flush=True)
 
 
 def cli() -> int:

@@ -1,23 +1,31 @@
-"""The curator's acknowledgements pipelined against serial publishing, side by side, overhead-bound.
+"""The curator's publishing, side by side, overhead-bound: pipelined against serial, or batched
+records on the embedded broker against one record per batch.
 
-    python -m benchmarks pipelining [--rounds 3] [--n 2000] [--latency 0.5] [--concurrency 32]
+    python -m benchmarks pipelining [--compare pipelining|batching] [--rounds 3] [--n 2000] [--latency 0.5] [--concurrency 32]
 
 The simulator answers every call after a fixed latency, with no rate limit; datacreator runs one
 request of N examples, 5 a call, with 32 concurrent calls (the endpoint's max_concurrency) and
-twice as many chains, as in the overhead-bound regime of `run`'s peers section. Each round runs it
-twice, each time on an embedded stack of its own:
+twice as many chains, as in the overhead-bound regime of `run`'s peers section. Each round runs
+two variants, each on an embedded stack of its own. `--compare pipelining` (the default):
 
 - pipelined: the curator as shipped (`CuratorHandler.pipelined = True`): candidates curated in
   order, their outputs acknowledged in the background (bus/runtime.py);
 - serial: `pipelined = False`: each candidate's outputs published, and awaited, before the next
   candidate of its partition is curated.
 
+`--compare batching` (both pipelined):
+
+- batched: the embedded broker's profile as shipped (`EmbeddedBroker.client_overrides()`):
+  producers batch, and the bus reads a partition's end from a fetch (`bus.ends`);
+- single-record: every producer sends one record per batch (`max_batch_size=1`), as the profile
+  did before, with the curator's acknowledgements spread over `PIPELINE_PRODUCERS` producers.
+
 Which runs first alternates from round to round, so that a drift in the machine's load falls on
 both. Per run it prints examples/s and their share of the concurrency bound (calls in flight x
 examples per call / latency), the latency added per call (task published -> its first example on
 the examples topic, minus the LLM's own time: `run.call_times`, as in the overhead section) at
 p50 and p99, and the curator's hop (candidate -> first example) at p50; then a table of both
-side by side with the ratios pipelined / serial.
+side by side with the ratios of the first variant to the second.
 """
 
 from __future__ import annotations
@@ -40,7 +48,21 @@ from datacreator.handlers.curator import CuratorHandler
 from datacreator.serve import CORE_SERVICES
 from datacreator.stack import EmbeddedStack
 
-VARIANTS: dict[str, bool] = {"pipelined": True, "serial": False}
+
+@dataclass(frozen=True)
+class Variant:
+    pipelined: bool
+    profile: dict[str, dict[str, Any]] | None = None  # None: the embedded broker's own
+
+
+# Each comparison: (the variant measured, the one it is measured against).
+COMPARISONS: dict[str, tuple[str, str]] = {"pipelining": ("pipelined", "serial"), "batching": ("batched", "single-record")}
+VARIANTS: dict[str, Variant] = {
+    "pipelined": Variant(True),
+    "serial": Variant(False),
+    "batched": Variant(True),
+    "single-record": Variant(True, common.SINGLE_RECORD_PROFILE),
+}
 
 
 @dataclass
@@ -69,8 +91,9 @@ def curator_pipelined(on: bool) -> Iterator[None]:
 
 
 def bound(args: argparse.Namespace) -> float:
-    """Examples/s no client passes: calls in flight x examples per call / latency."""
-    return args.concurrency * args.per_call / args.latency
+    """Examples/s no client passes: calls in flight x examples per call / latency (none at 0 s:
+    `--latency 0` measures the bus alone, as `run`'s scaling section does)."""
+    return args.concurrency * args.per_call / args.latency if args.latency else float("inf")
 
 
 async def one_run(bench: run.Bench, args: argparse.Namespace, number: int, variant: str) -> Measure:
@@ -79,8 +102,12 @@ async def one_run(bench: run.Bench, args: argparse.Namespace, number: int, varia
     settings = bench.settings({alias: bench.endpoint(None, None, concurrency=args.concurrency)})
     bench.sim.configure(rpm=None, tpm=None, latency="fixed", latency_s=args.latency)
     bench.sim.reset()
-    with curator_pipelined(VARIANTS[variant]):
+    chosen = VARIANTS[variant]
+    with curator_pipelined(chosen.pipelined):
         stack = EmbeddedStack(settings, services=CORE_SERVICES)
+        if chosen.profile is not None:
+            profile = chosen.profile
+            stack.broker.client_overrides = lambda: profile  # type: ignore[method-assign]
         live = await run.start_stack(stack)
         try:
             req = run.request(args.n, alias, chains=2 * args.concurrency, per_call=args.per_call)
@@ -91,40 +118,47 @@ async def one_run(bench: run.Bench, args: argparse.Namespace, number: int, varia
     rate = final.accepted / wall if wall else 0.0
     measure = Measure(number, variant, final.accepted, wall, rate, rate / bound(args), run.p50_p99_ms(times.added),
                       run.p50_p99_ms(times.curator), common.machine()["load_1m"])
-    print(f"  round {number} {variant:<9} {describe(measure, args)}", file=sys.stderr, flush=True)
+    print(f"  round {number} {variant:<13} {describe(measure, args)}", file=sys.stderr, flush=True)
     return measure
 
 
+def of_bound(m: Measure, args: argparse.Namespace) -> str:
+    """The share of the concurrency bound, as " (89%)", where there is one (not at --latency 0)."""
+    return f" ({m.bound_share:.0%})" if args.latency else ""
+
+
 def describe(m: Measure, args: argparse.Namespace) -> str:
-    return (f"{m.examples_per_s:.0f} ex/s ({m.bound_share:.0%} of {bound(args):.0f}), "
+    share = f" ({m.bound_share:.0%} of {bound(args):.0f})" if args.latency else ""
+    return (f"{m.examples_per_s:.0f} ex/s{share}, "
             f"added p50 / p99 {m.added_ms['p50']:.0f} / {m.added_ms['p99']:.0f} ms, "
             f"curator hop p50 {m.curator_ms['p50']:.0f} ms, {m.examples} ex in {m.wall_s:.1f} s, load {m.load_1m}")
 
 
-def ratios(pipelined: Measure, serial: Measure) -> dict[str, float]:
-    """pipelined / serial: above 1 is better for examples/s, below 1 for latency."""
-    def over(a: float, b: float) -> float:
-        return a / b if b else float("nan")
+def ratios(a: Measure, b: Measure) -> dict[str, float]:
+    """a / b: above 1 is better for examples/s, below 1 for latency."""
+    def over(x: float, y: float) -> float:
+        return x / y if y else float("nan")
 
-    return {"examples_per_s": over(pipelined.examples_per_s, serial.examples_per_s),
-            "added_p50": over(pipelined.added_ms["p50"], serial.added_ms["p50"]),
-            "added_p99": over(pipelined.added_ms["p99"], serial.added_ms["p99"])}
+    return {"examples_per_s": over(a.examples_per_s, b.examples_per_s),
+            "added_p50": over(a.added_ms["p50"], b.added_ms["p50"]),
+            "added_p99": over(a.added_ms["p99"], b.added_ms["p99"])}
 
 
 def print_table(rounds: list[dict[str, Measure]], args: argparse.Namespace, header: str) -> list[dict[str, float]]:
-    """One line per round, serial and pipelined side by side; the ratios of each round, returned."""
-    cols = ("round", "first", "serial: ex/s (of bound)", "added p50 / p99", "hop p50",
-            "pipelined: ex/s (of bound)", "added p50 / p99", "hop p50", "pipelined/serial: ex/s", "p50", "p99")
+    """One line per round, both variants side by side; the ratios of each round, returned."""
+    a_name, b_name = COMPARISONS[args.compare]
+    cols = ("round", "first", f"{b_name}: ex/s (of bound)", "added p50 / p99", "hop p50",
+            f"{a_name}: ex/s (of bound)", "added p50 / p99", "hop p50", f"{a_name}/{b_name}: ex/s", "p50", "p99")
     lines: list[tuple[str, ...]] = [cols]
     out = []
     for i, pair in enumerate(rounds, start=1):
-        s, p = pair["serial"], pair["pipelined"]
-        r = ratios(p, s)
+        b, a = pair[b_name], pair[a_name]
+        r = ratios(a, b)
         out.append(r)
-        lines.append((str(i), first_of(i), f"{s.examples_per_s:.0f} ({s.bound_share:.0%})",
-                      f"{s.added_ms['p50']:.0f} / {s.added_ms['p99']:.0f} ms", f"{s.curator_ms['p50']:.0f} ms",
-                      f"{p.examples_per_s:.0f} ({p.bound_share:.0%})",
-                      f"{p.added_ms['p50']:.0f} / {p.added_ms['p99']:.0f} ms", f"{p.curator_ms['p50']:.0f} ms",
+        lines.append((str(i), first_of(i, args.compare), f"{b.examples_per_s:.0f}{of_bound(b, args)}",
+                      f"{b.added_ms['p50']:.0f} / {b.added_ms['p99']:.0f} ms", f"{b.curator_ms['p50']:.0f} ms",
+                      f"{a.examples_per_s:.0f}{of_bound(a, args)}",
+                      f"{a.added_ms['p50']:.0f} / {a.added_ms['p99']:.0f} ms", f"{a.curator_ms['p50']:.0f} ms",
                       f"{r['examples_per_s']:.2f}x", f"{r['added_p50']:.2f}x", f"{r['added_p99']:.2f}x"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
     print()
@@ -135,20 +169,22 @@ def print_table(rounds: list[dict[str, Measure]], args: argparse.Namespace, head
             print("-" * (sum(widths) + 2 * (len(widths) - 1)))
     if len(out) > 1:
         medians = {key: statistics.median(r[key] for r in out) for key in out[0]}
-        print(f"median over {len(out)} rounds, pipelined / serial: ex/s {medians['examples_per_s']:.2f}x, "
+        print(f"median over {len(out)} rounds, {a_name} / {b_name}: ex/s {medians['examples_per_s']:.2f}x, "
               f"added p50 {medians['added_p50']:.2f}x, added p99 {medians['added_p99']:.2f}x")
-    print(f"bound: {args.concurrency} calls in flight x {args.per_call} examples / {args.latency:g} s = {bound(args):.0f} examples/s")
+    if args.latency:
+        print(f"bound: {args.concurrency} calls in flight x {args.per_call} examples / {args.latency:g} s = {bound(args):.0f} examples/s")
     return out
 
 
-def first_of(number: int) -> str:
-    """Serial first in odd rounds, pipelined first in even ones."""
-    return "serial" if number % 2 else "pipelined"
+def first_of(number: int, compare: str = "pipelining") -> str:
+    """The second variant first in odd rounds, the first one in even ones."""
+    a_name, b_name = COMPARISONS[compare]
+    return b_name if number % 2 else a_name
 
 
 async def main_async(args: argparse.Namespace) -> int:
     info = common.machine()
-    print(f"machine: {info['nproc']} cores, {info['cpu']}, load {info['load_1m']}; {args.rounds} round(s) of "
+    print(f"machine: {info['nproc']} cores, {info['cpu']}, load {info['load_1m']}; {args.compare}, {args.rounds} round(s) of "
           f"{args.n} examples, {args.concurrency} concurrent calls, fixed latency {args.latency:g} s", file=sys.stderr)
     started = time.monotonic()
     sim = common.SimulatorProcess()
@@ -156,24 +192,24 @@ async def main_async(args: argparse.Namespace) -> int:
     rounds: list[dict[str, Measure]] = []
     try:
         for number in range(1, args.rounds + 1):
-            first = first_of(number)
-            order = [first, *(v for v in VARIANTS if v != first)]
+            first = first_of(number, args.compare)
+            order = [first, *(v for v in COMPARISONS[args.compare] if v != first)]
             rounds.append({variant: await one_run(bench, args, number, variant) for variant in order})
     finally:
         sim.stop()
         with contextlib.suppress(Exception):
             await common.delete_redis_keys(args.redis_url, [f"*datacreator:ratelimit:{alias}*" for alias in bench.aliases])
     end = common.machine()
-    header = (f"curator pipelining, {len(rounds)} round(s), {time.monotonic() - started:.0f} s, on {end['nproc']} cores, "
+    header = (f"curator {args.compare}, {len(rounds)} round(s), {time.monotonic() - started:.0f} s, on {end['nproc']} cores, "
               f"{end['cpu']}; load {info['load_1m']} at the start, {end['load_1m']} at the end")
     table = print_table(rounds, args, header)
     if args.results:
         from benchmarks.results import write_results
 
         details: dict[str, Any] = {"pipelining": {
-            "n": args.n, "latency_s": args.latency, "concurrency": args.concurrency, "examples_per_call": args.per_call,
-            "bound_examples_per_s": bound(args), "rounds": [{v: asdict(m) for v, m in pair.items()} for pair in rounds],
-            "ratios_pipelined_over_serial": table}}
+            "compare": args.compare, "n": args.n, "latency_s": args.latency, "concurrency": args.concurrency, "examples_per_call": args.per_call,
+            "bound_examples_per_s": bound(args) if args.latency else None, "rounds": [{v: asdict(m) for v, m in pair.items()} for pair in rounds],
+            "ratios": "/".join(COMPARISONS[args.compare]), "ratios_per_round": table}}
         write_results(args.results, {}, ["pipelining"], details, end)
         print(f"results: {args.results}")
     return 0
@@ -181,6 +217,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="pipelining",
+                        help="pipelined against serial curator, or batched against single-record producers (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each one run of both (default: %(default)s)")
     parser.add_argument("--n", type=int, default=2000, help="examples per run (default: %(default)s)")
     parser.add_argument("--latency", type=float, default=0.5, help="fixed simulated latency, s (default: %(default)s)")
@@ -190,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="write results.json (stable keys, benchmarks/results.py) to this file")
     parser.add_argument("--verbose", action="store_true", help="log the services' warnings")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.n < 1 or args.concurrency < 1 or args.per_call < 1 or args.latency <= 0:
-        parser.error("--rounds, --n, --concurrency and --per-call must be at least 1, --latency positive")
+    if args.rounds < 1 or args.n < 1 or args.concurrency < 1 or args.per_call < 1 or args.latency < 0:
+        parser.error("--rounds, --n, --concurrency and --per-call must be at least 1, --latency not negative (0: the bus alone)")
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     return asyncio.run(run.until_signalled(main_async(args)))
 

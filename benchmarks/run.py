@@ -11,7 +11,7 @@ running. Prints one table and writes results.json and benchmarks.png:
             (datacreator with the most generator replicas of the quota section) and with no
             limit, same simulator, limits, examples, concurrency
 5. scaling  wall time and memory for 1k, 10k (and 100k with --full) examples
-6. bus      the cost of the single-record batches the embedded broker needs (one-off)
+6. bus      what batching saves on the embedded broker: single-record batches against its profile (one-off)
 
     python -m benchmarks run            # ~5-10 minutes
     python -m benchmarks run --quick    # ~2 minutes
@@ -514,18 +514,20 @@ async def scaling(bench: Bench, settings: Settings, stack: EmbeddedStack, alias:
 
 
 async def single_record_cost(bench: Bench, settings: Settings) -> None:
-    """What the single-record batches the embedded broker needs cost, against the client's ordinary
-    batching: one curator publish awaited at a time (5 examples on one partition and an outcome),
-    and records sent to one partition as fast as the producer takes them. The producer has one
-    request in flight per broker and one batch per partition in it, so single-record batches
-    carry one record per partition per round trip."""
+    """What single-record batches (the embedded broker's profile before `bus.ends` read partition
+    ends from a fetch) cost against the profile as shipped, which batches: one curator publish
+    awaited at a time (5 examples on one partition and an outcome), and records sent to one
+    partition as fast as the producer takes them. The producer has one request in flight per
+    broker and one batch per partition in it, so single-record batches carry one record per
+    partition per round trip."""
     sample = Example(example_id="x" * 64, request_id="bench-bus", data=common.SEED_EXAMPLE, strategy="random",
                      reference_ids=[None], task_id="t" * 32, chain=0, step=0, model="datacreator-simulator")
     value, key = encode(sample), encode_key("bench-bus")
     topics = settings.topics
     out = {}
     for label, single in (("single-record batches", True), ("ordinary batching", False)):
-        producer = make_producer(settings.with_updates(kafka_client_overrides=EmbeddedBroker.client_overrides() if single else {}))
+        profile = common.SINGLE_RECORD_PROFILE if single else EmbeddedBroker.client_overrides()
+        producer = make_producer(settings.with_updates(kafka_client_overrides=profile))
         await producer.start()
         try:
             started = time.perf_counter()
