@@ -123,7 +123,7 @@ async def test_bus_ends_and_reads_to_end_count_every_record_of_a_last_batch(bus_
         consumer.assign([tp])
         consumer.seek(tp, 0)
         assert (await consumer.end_offsets([tp]))[tp] == offsets[0] + 1  # short, as above
-        assert await ends.end_offsets(bus_settings, consumer, [tp]) == {tp: offsets[-1] + 1}
+        assert await ends.partition_ends(bus_settings, consumer, [tp]) == {tp: offsets[-1] + 1}
         assert await consumer.position(tp) == 0
     finally:
         await consumer.stop()

@@ -29,7 +29,7 @@ from aiokafka.consumer.fetcher import ConsumerRecord
 
 from datacreator.bus.codec import PoisonMessage, decode
 from datacreator.bus.commit import commit
-from datacreator.bus.ends import end_offsets
+from datacreator.bus.ends import partition_ends
 from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.bus.readback import StatusWatcher
 from datacreator.config import Settings
@@ -145,7 +145,7 @@ class ExampleStream:
                 if self.from_beginning:
                     await consumer.seek_to_beginning(*tps)
                 else:
-                    for tp, end in (await end_offsets(self.settings, consumer, tps)).items():
+                    for tp, end in (await partition_ends(self.settings, consumer, tps)).items():
                         consumer.seek(tp, end)
                 for tp in tps:
                     if tp.partition in self.from_offsets:
@@ -295,7 +295,7 @@ class ExampleStream:
         return self.read_count >= self.final_status.accepted
 
     async def _end_offsets(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
-        return await end_offsets(self.settings, consumer, consumer.assignment())
+        return await partition_ends(self.settings, consumer, consumer.assignment())
 
     async def _reached(self, consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:
         for tp, last in end.items():

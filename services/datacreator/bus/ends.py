@@ -34,25 +34,23 @@ def short_list_offsets(settings: Settings) -> bool:
     return bool(settings.kafka.client_overrides.get("broker", {}).get("short_list_offsets"))
 
 
-async def end_offsets(
+async def partition_ends(
     settings: Settings, consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition]
 ) -> dict[TopicPartition, int]:
     """{partition: offset after its last record} as of now. `consumer` is only asked, never moved."""
     wanted = list(tps)
     if not wanted:
         return {}
-    listed = dict(await consumer.end_offsets(wanted))
-    if not short_list_offsets(settings):
-        return listed
-    return await high_watermarks(settings, listed)
+    return await high_watermarks(settings, dict(await consumer.end_offsets(wanted)))
 
 
 async def high_watermarks(settings: Settings, listed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-    """Correct ListOffsets answers by fetching each partition's last batch (it starts at the listed
-    end - 1) on a consumer of its own, so that no caller's positions move. A partition the probe
-    cannot read in time keeps its listed end: short, never past the end."""
+    """ListOffsets answers, as they are from a broker whose profile does not say they may be short;
+    else corrected by fetching each partition's last batch (it starts at the listed end - 1) on a
+    consumer of its own, so that no caller's positions move. A partition the probe cannot read in
+    time keeps its listed end: short, never past the end."""
     ends = dict(listed)
-    probed = {tp: end for tp, end in listed.items() if end > 0}
+    probed = {tp: end for tp, end in listed.items() if end > 0} if short_list_offsets(settings) else {}
     if not probed:
         return ends
     probe = make_consumer(settings)

@@ -13,7 +13,7 @@ from aiokafka.consumer.fetcher import ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from datacreator.bus.codec import M, PoisonMessage, decode
-from datacreator.bus.ends import end_offsets as partition_ends
+from datacreator.bus.ends import partition_ends
 from datacreator.bus.factory import make_consumer, refresh_metadata
 from datacreator.config import Settings
 from datacreator.contracts import RequestState, RequestStatus
