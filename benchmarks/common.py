@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from datacreator.embedded.broker import EmbeddedBroker
+
 SEED_EXAMPLE = {
     "question": "Where would you most likely keep frozen peas?",
     "options": {"A": "In a bookshelf", "B": "In a freezer", "C": "In a garden shed", "D": "In a car glovebox"},
@@ -23,13 +25,15 @@ SEED_EXAMPLE = {
 INSTRUCTION = "Create commonsense multiple-choice questions with options A to D and the letter of the right answer."
 MAX_TOKENS = 1024
 
-# The embedded broker's client profile before its producers batched: one record per batch, so that
-# ListOffsets (which answers the last batch's first record + 1 on Tansu) was right. Measured
-# against the profile as shipped (`EmbeddedBroker.client_overrides()`, ends read by `bus.ends`).
-SINGLE_RECORD_PROFILE: dict[str, dict[str, Any]] = {
-    "producer": {"max_batch_size": 1, "linger_ms": 0},
-    "consumer": {"fetch_max_wait_ms": 25},
-}
+
+def single_record_profile() -> dict[str, dict[str, Any]]:
+    """The embedded broker's client profile as it was before its producers batched: one record per
+    batch, so that ListOffsets (which answers the last batch's first record + 1 on Tansu) was right
+    without `bus.ends` reading the ends from a fetch. Measured against the profile as shipped."""
+    profile = EmbeddedBroker.client_overrides()
+    del profile["broker"]
+    profile["producer"] = {**profile["producer"], "max_batch_size": 1}
+    return profile
 
 
 class SimulatorProcess:

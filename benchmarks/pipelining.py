@@ -61,7 +61,7 @@ VARIANTS: dict[str, Variant] = {
     "pipelined": Variant(True),
     "serial": Variant(False),
     "batched": Variant(True),
-    "single-record": Variant(True, common.SINGLE_RECORD_PROFILE),
+    "single-record": Variant(True, common.single_record_profile()),
 }
 
 
@@ -122,14 +122,16 @@ async def one_run(bench: run.Bench, args: argparse.Namespace, number: int, varia
     return measure
 
 
-def of_bound(m: Measure, args: argparse.Namespace) -> str:
-    """The share of the concurrency bound, as " (89%)", where there is one (not at --latency 0)."""
-    return f" ({m.bound_share:.0%})" if args.latency else ""
+def of_bound(m: Measure, args: argparse.Namespace, named: bool = False) -> str:
+    """The share of the concurrency bound, as " (89%)" or, `named`, " (89% of 320)", where there is
+    one (not at --latency 0)."""
+    if not args.latency:
+        return ""
+    return f" ({m.bound_share:.0%} of {bound(args):.0f})" if named else f" ({m.bound_share:.0%})"
 
 
 def describe(m: Measure, args: argparse.Namespace) -> str:
-    share = f" ({m.bound_share:.0%} of {bound(args):.0f})" if args.latency else ""
-    return (f"{m.examples_per_s:.0f} ex/s{share}, "
+    return (f"{m.examples_per_s:.0f} ex/s{of_bound(m, args, named=True)}, "
             f"added p50 / p99 {m.added_ms['p50']:.0f} / {m.added_ms['p99']:.0f} ms, "
             f"curator hop p50 {m.curator_ms['p50']:.0f} ms, {m.examples} ex in {m.wall_s:.1f} s, load {m.load_1m}")
 

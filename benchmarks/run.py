@@ -526,7 +526,7 @@ async def single_record_cost(bench: Bench, settings: Settings) -> None:
     topics = settings.topics
     out = {}
     for label, single in (("single-record batches", True), ("ordinary batching", False)):
-        profile = common.SINGLE_RECORD_PROFILE if single else EmbeddedBroker.client_overrides()
+        profile = common.single_record_profile() if single else EmbeddedBroker.client_overrides()
         producer = make_producer(settings.with_updates(kafka_client_overrides=profile))
         await producer.start()
         try:
