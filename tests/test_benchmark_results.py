@@ -11,7 +11,8 @@ from benchmarks import models, rate_limit, run
 from benchmarks.results import STABLE_KEYS, write_results
 
 KEYS = ["overhead_bound_vs_best_peer", "at_limit_vs_best_peer", "added_latency_p50_ms", "added_latency_p99_ms",
-        "quota_used", "share_429", "scaling_100k_examples_per_s", "first_run_s", "embedded_examples_per_min"]
+        "quota_used", "share_429", "scaling_100k_examples_per_s", "first_run_s", "embedded_examples_per_min",
+        "overhead_bound_share_of_bound", "overhead_bound_added_latency_p50_ms", "overhead_bound_added_latency_p99_ms"]
 
 
 def test_every_stable_key_is_written_null_when_not_measured(tmp_path):
@@ -40,12 +41,14 @@ def test_run_takes_its_headline_from_the_sections_that_ran():
         "quota": {"runs": [{"request_share": 0.99, "token_share": 0.5, "share_429": 0.001},
                            {"request_share": 0.97, "token_share": 0.98, "share_429": 0.004}]},
         "overhead": {"added_ms": {"p50": 12.0, "p99": 40.0}},
-        "peers": {"regimes": [{"rpm": 120, "ratio_to_best_peer": 1.06}, {"rpm": None, "ratio_to_best_peer": 0.85}]},
+        "peers": {"regimes": [{"rpm": 120, "ratio_to_best_peer": 1.06},
+                              {"rpm": None, "ratio_to_best_peer": 0.85, "share_of_bound": 0.95, "added_ms": {"p50": 20.0, "p99": 200.0}}]},
         "scaling": [{"n": 1_000, "examples_per_s": 300.0}, {"n": 100_000, "examples_per_s": 410.0}],
     }
     assert run.headline(results) == {
         "quota_used": 0.98, "share_429": 0.004, "added_latency_p50_ms": 12.0, "added_latency_p99_ms": 40.0,
         "at_limit_vs_best_peer": 1.06, "overhead_bound_vs_best_peer": 0.85, "scaling_100k_examples_per_s": 410.0,
+        "overhead_bound_share_of_bound": 0.95, "overhead_bound_added_latency_p50_ms": 20.0, "overhead_bound_added_latency_p99_ms": 200.0,
     }
     assert run.headline({"batching": [], "scaling": [{"n": 1_000, "examples_per_s": 300.0}]}) == {}
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from datacreator.bus.codec import encode
-from datacreator.bus.runtime import Delivery, Output, ServiceRunner, dead_letter
+from datacreator.bus.runtime import Delivery, Output, ServiceRunner, dead_letter, value_of
 from datacreator.config import Settings
 from datacreator.contracts import (
     Candidate,
@@ -59,7 +59,8 @@ def delivery(topic: str, message: object, partition: int = 0, offset: int = 0) -
 
 
 def by_topic(outputs: list[Output], topic: str) -> list:
-    return [o.value for o in outputs if o.topic == topic]
+    """The messages sent to `topic` (a deferred snapshot built as the runner would send it now)."""
+    return [value_of(o) for o in outputs if o.topic == topic]
 
 
 async def test_planner_plans_a_request_and_follows_its_outcomes() -> None:

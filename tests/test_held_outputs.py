@@ -5,13 +5,14 @@ what it would produce is recorded in order."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import TopicPartition
 
 from datacreator.bus import runtime
-from datacreator.bus.runtime import BaseHandler, Output, ServiceRunner, _PartitionTrack
+from datacreator.bus.runtime import BaseHandler, Deferred, Output, ServiceRunner, _PartitionTrack, value_of
 from datacreator.config import Settings
 from datacreator.contracts import Usage
 
@@ -27,7 +28,7 @@ def _runner(replies: list[list[Output]]) -> tuple[ServiceRunner, list[tuple[str,
     sent: list[tuple[str, str | None, Any]] = []
 
     async def publish(outputs: list[Output], producer: Any = None) -> None:
-        sent.extend((o.topic, o.key, o.value) for o in outputs)
+        sent.extend((o.topic, o.key, value_of(o)) for o in outputs)  # built as it is encoded
 
     async def handle(record: Any, delivery: Any) -> tuple[list[Output], Any]:
         return replies.pop(0), None
@@ -95,3 +96,74 @@ async def test_a_handler_that_is_not_ordered_sends_latest_values_at_once():
     await _process(runner, track, 0)
     assert sent == [("state", "r1", _state(1))]
     assert track.committable() == 1
+
+
+class _Plan:
+    """A state that a step changes in two halves, with a wait in between (as a step that embeds
+    texts in a thread does), and a snapshot of it that counts how often it is built."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.halfway = False
+        self.built = 0
+
+    def snapshot(self) -> Usage:
+        self.built += 1
+        assert not self.halfway, "a deferred snapshot was built in the middle of a step"
+        return _state(self.n)
+
+    def output(self) -> Output:
+        return Output("state", "r1", Deferred(Usage, self.snapshot), latest=True)
+
+
+async def test_of_the_deferred_values_held_for_a_key_only_the_one_sent_is_built_with_the_state_then():
+    plan = _Plan()
+    replies = []
+    for _ in range(3):
+        replies.append([plan.output()])
+    runner, sent = _runner(replies)
+    track = _PartitionTrack()
+    for offset in range(3):
+        plan.n = offset + 1
+        await _process(runner, track, offset)
+    assert plan.built == 0 and track.committable() is None
+    plan.n = 7  # changed since, under the key's lock as a step would: the snapshot sent is of now
+    await runner._flush_held()
+    assert sent == [("state", "r1", _state(7))] and plan.built == 1
+    assert track.committable() == 3
+
+
+async def test_a_deferred_value_is_not_built_while_another_task_is_in_a_step_of_its_key():
+    plan = _Plan()
+    runner, sent = _runner([[plan.output()], [plan.output()]])
+    track = _PartitionTrack()
+    plan.n = 1
+    await _process(runner, track, 0)
+    inside, go_on = asyncio.Event(), asyncio.Event()
+
+    async def step() -> None:  # another writer of r1, e.g. a deadline step on the same key
+        async with runner.key_lock("r1"):
+            plan.halfway = True
+            inside.set()
+            await go_on.wait()
+            plan.n, plan.halfway = 2, False
+
+    other = asyncio.create_task(step())
+    await inside.wait()
+    await runner._flush_held()  # from the commit loop, say: r1 is mid-step
+    assert sent == [] and plan.built == 0 and track.committable() is None and ("state", "r1") in runner._held
+    go_on.set()
+    await other
+    await runner._flush_held()
+    assert sent == [("state", "r1", _state(2))] and track.committable() == 1
+
+
+async def test_the_holder_of_a_key_writing_it_sends_the_held_deferred_value_first():
+    plan = _Plan()
+    runner, sent = _runner([[plan.output()]])
+    track = _PartitionTrack()
+    plan.n = 1
+    await _process(runner, track, 0)
+    async with runner.key_lock("r1"):  # a timer's tombstone, written under the key's lock
+        await runner.publish([Output("state", "r1", None)])
+    assert sent == [("state", "r1", _state(1)), ("state", "r1", None)] and track.committable() == 1

@@ -244,6 +244,7 @@ def planned_task(labels: list, seed_example: dict = MCQ, field: str = "answer", 
 
 def test_per_position_schema_pins_each_label_and_puts_it_first() -> None:
     item = example_schema({"meta": {"text": "t", "gold": "yes"}, "id": 1}, "meta.gold", ["yes", "no"])
+    before = json.loads(json.dumps(item))
     schema = batch_schema(item, 2, "meta.gold", ["no", "yes"])
     array = schema["properties"]["examples"]
     assert "items" not in array and array["minItems"] == array["maxItems"] == 2
@@ -253,6 +254,7 @@ def test_per_position_schema_pins_each_label_and_puts_it_first() -> None:
         assert list(meta["properties"]) == ["gold", "text"] and meta["required"] == ["gold", "text"]
         assert meta["properties"]["gold"] == {"type": "string", "const": label}
     assert list(item["properties"]["meta"]["properties"]) == ["text", "gold"]  # the task's own schema is untouched
+    assert item == before and item["properties"]["meta"]["required"] == before["properties"]["meta"]["required"]
 
 
 def test_llama_cpp_grammar_pins_the_label_of_every_position_before_the_content() -> None:

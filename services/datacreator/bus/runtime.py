@@ -86,6 +86,25 @@ class UndeliverableOutput(Exception):
     The input it answers goes to the DLQ with this reason."""
 
 
+class Deferred:
+    """A value built when its output is sent rather than when it is made: the snapshot of a state
+    that the next steps may replace before it goes (`Output.latest`, HOLD_S), so that of the many
+    made only the one sent is built.
+
+    `build` runs on the event loop as the output is encoded, and reads the state as it is then.
+    The runner encodes a held one only while no other task holds the lock of its key (`key_lock`),
+    so a handler that changes that state only under the key's lock is read between its steps,
+    never inside one (a step may wait in a thread). The key of such an output is written only under
+    its lock, as every `latest` output is.
+    """
+
+    __slots__ = ("build", "kind")
+
+    def __init__(self, model: type[BaseModel], build: Callable[[], BaseModel]) -> None:
+        self.kind = model.__name__
+        self.build = build
+
+
 @dataclass(slots=True)
 class Output:
     """One message to produce. Outputs of a later `stage` are sent only once every output of the
@@ -94,11 +113,16 @@ class Output:
 
     topic: str
     key: str | None
-    value: BaseModel | None  # None: a tombstone (deletes the key from a compacted topic)
+    value: BaseModel | Deferred | None  # None: a tombstone (deletes the key from a compacted topic)
     stage: int = 0
     # Only the newest value of (topic, key) matters (a snapshot on a compacted topic): an ordered
     # handler's runner may send a later one of the same key in its place (HOLD_S).
     latest: bool = False
+
+
+def value_of(output: Output) -> BaseModel | None:
+    """The message an output sends (a Deferred one built now)."""
+    return output.value.build() if isinstance(output.value, Deferred) else output.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +289,22 @@ class _PartitionTrack:
         return len(self.order)
 
 
+class _KeyLock(asyncio.Lock):
+    """asyncio.Lock that knows the task holding it: a held Deferred output is built by its key's
+    holder or while no one holds it (see Deferred)."""
+
+    owner: asyncio.Task[Any] | None = None
+
+    async def acquire(self) -> bool:
+        await super().acquire()
+        self.owner = asyncio.current_task()
+        return True
+
+    def release(self) -> None:
+        self.owner = None
+        super().release()
+
+
 @dataclass(slots=True)
 class _Held:
     """A held `latest` output and the records whose state it carries (finished once it is acknowledged)."""
@@ -310,7 +350,7 @@ class ServiceRunner:
         self._decoders = {topic: decoder(model) for topic, model in handler.inputs.items()}
         self._next_topic_check = 0.0
         self._fatal: Exception | None = None
-        self._key_locks: weakref.WeakValueDictionary[str | None, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._key_locks: weakref.WeakValueDictionary[str | None, _KeyLock] = weakref.WeakValueDictionary()
         self._held: dict[tuple[str, str | None], _Held] = {}  # ordered handlers: see HOLD_S
         self._held_since = 0.0
         self._held_records = 0
@@ -327,8 +367,15 @@ class ServiceRunner:
         """
         lock = self._key_locks.get(key)
         if lock is None:
-            lock = self._key_locks[key] = asyncio.Lock()
+            lock = self._key_locks[key] = _KeyLock()
         return lock
+
+    def _in_a_step(self, output: Output) -> bool:
+        """Whether a Deferred output's key is held by another task: its state may be mid-step."""
+        if not isinstance(output.value, Deferred):
+            return False
+        lock = self._key_locks.get(output.key)
+        return lock is not None and lock.locked() and lock.owner is not asyncio.current_task()
 
     # -- what handlers may call -------------------------------------------------------------
 
@@ -403,11 +450,15 @@ class ServiceRunner:
 
     async def _flush_held(self) -> None:
         """Send the held outputs and finish the records they answer. Not sent (the runner is
-        stopping): those records stay unfinished, uncommitted, and are read again."""
+        stopping): those records stay unfinished, uncommitted, and are read again. A Deferred one
+        whose key another task holds (a step of it under way) stays held: that step holds a newer
+        one in its place when it ends, and the next flush sends it."""
         async with self._flush_lock:
-            if not self._held:
+            held = {slot: entry for slot, entry in self._held.items() if not self._in_a_step(entry.output)}
+            if not held:
                 return
-            held, self._held, self._held_records = self._held, {}, 0
+            self._held = {slot: entry for slot, entry in self._held.items() if slot not in held}
+            self._held_records = sum(len(entry.waiters) for entry in self._held.values())
             self._flushing = set(held)
             try:
                 await self._publish([h.output for h in held.values()])
@@ -1060,19 +1111,22 @@ def _delivery_of(record: ConsumerRecord) -> Delivery:
 
 
 def _encode_output(output: Output) -> bytes | None:
-    if output.value is None:
-        return None
     try:
-        return encode(output.value)
+        value = value_of(output)
+        return None if value is None else encode(value)
     except Exception as exc:  # orjson's depth limit, a pydantic serialization error, a recursion
         raise UndeliverableOutput(
-            f"cannot encode the {type(output.value).__name__} for {output.topic}: {type(exc).__name__}: {exc}"
+            f"cannot encode the {_kind(output)} for {output.topic}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _kind(output: Output) -> str:
+    return output.value.kind if isinstance(output.value, Deferred) else type(output.value).__name__
 
 
 def _refused(output: Output, value: bytes | None, exc: BaseException) -> UndeliverableOutput:
     return UndeliverableOutput(
-        f"the broker refused the {type(output.value).__name__} of {len(value or b'')} bytes for {output.topic}: "
+        f"the broker refused the {_kind(output)} of {len(value or b'')} bytes for {output.topic}: "
         f"{type(exc).__name__}: {exc}"
     )
 

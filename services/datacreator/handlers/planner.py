@@ -24,7 +24,7 @@ import time
 from datacreator import metrics
 from datacreator.bus.codec import PoisonMessage, decode, request_id_of
 from datacreator.bus.readback import end_offsets, read_to_end
-from datacreator.bus.runtime import BaseHandler, Context, Delivery, Output
+from datacreator.bus.runtime import BaseHandler, Context, Deferred, Delivery, Output
 from datacreator.config import Settings
 from datacreator.contracts import (
     CancelRequest,
@@ -277,8 +277,10 @@ class PlannerHandler(BaseHandler):
         version = self.versions[request_id] = self.versions.get(request_id, 0) + 1
         if plan.state.final:
             self._finished_at.setdefault(request_id, now)
-        snapshot = PlannerSnapshot(request_id=request_id, plan=plan.snapshot(), version=version)
-        outputs.append(Output(topics.planner_state, request_id, snapshot, latest=True))  # newest wins: see HOLD_S
+        # Newest wins (HOLD_S), so the plan is written when its snapshot is sent, as it is then: of
+        # the steps a flush covers only the last one's is built (a plan of 64 chains is ~70 KB of JSON).
+        snapshot = Deferred(PlannerSnapshot, functools.partial(self._snapshot, plan, version))
+        outputs.append(Output(topics.planner_state, request_id, snapshot, latest=True))
         if force_status or now - self._last_status.get(request_id, 0.0) >= self.settings.planner.status_interval_s:
             outputs.append(Output(topics.status, request_id, self._status(plan, now)))
             self._last_status[request_id] = now
@@ -335,6 +337,12 @@ class PlannerHandler(BaseHandler):
             finished_at=now,
         )
         return Output(self.settings.topics.status, request_id, status)
+
+    def _snapshot(self, plan: RequestPlan, version: int) -> PlannerSnapshot:
+        """The plan as it is now, with the version of its latest step (the one it was made at, if
+        the planner has let the request go since)."""
+        request_id = plan.request_id
+        return PlannerSnapshot(request_id=request_id, plan=plan.snapshot(), version=self.versions.get(request_id, version))
 
     def _status(self, plan: RequestPlan, now: float) -> RequestStatus:
         status = plan.status(now)

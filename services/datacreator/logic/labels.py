@@ -108,7 +108,8 @@ class LabelPlan(BaseModel):
         texts = self.texts
         pending: dict[str, int] = {}
         for value in in_flight:
-            pending[label_text(value)] = pending.get(label_text(value), 0) + 1
+            text = label_text(value)
+            pending[text] = pending.get(text, 0) + 1
         want = [t - self.accepted.get(x, 0) - pending.get(x, 0) for t, x in zip(self.targets, texts)]
         used = [0] * len(texts)
         picks: list[Any] = []

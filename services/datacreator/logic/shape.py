@@ -208,8 +208,12 @@ def pinned_item_schema(item_schema: dict[str, Any], label_field: str, label: Any
 
     First, because a model writes keys in schema order: a label forced after the text only
     relabels text written for another label.
+
+    Only the objects on the label's path are new; the subschemas off it are `item_schema`'s own,
+    shared, not copied (one call's answer format pins every item of it: a deep copy per item was
+    most of the cost of building a request). Read the result, do not change it.
     """
-    schema = copy.deepcopy(item_schema)
+    schema = dict(item_schema)
     node = schema
     parts = label_field.split(".")
     for depth, part in enumerate(parts):
@@ -220,7 +224,8 @@ def pinned_item_schema(item_schema: dict[str, Any], label_field: str, label: Any
         if depth == len(parts) - 1:
             node["properties"][part] = {"type": json_type(label), "const": copy.deepcopy(label)}
         else:
-            node = node["properties"][part]
+            child = node["properties"][part] = dict(node["properties"][part])
+            node = child
     return schema
 
 
