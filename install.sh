@@ -68,7 +68,7 @@ done
 # 0.27 s to start the services, 13.7 against 5.7 s to load the embedding model.
 warm() { PYTHONDONTWRITEBYTECODE= run .venv/bin/python -c "import $1"; }
 step "compiling the byte-code of what the services and the tests import"
-warm "datacreator.cli, datacreator.serve, datacreator.stack, datacreator.simulator.app, datacreator.view.server, benchmarks.run, sentence_transformers, pytest, hypothesis, jsonschema"
+warm "datacreator.cli, datacreator.serve, datacreator.stack, datacreator.simulator.app, datacreator.view.server, benchmarks.run, sentence_transformers, pytest, hypothesis, jsonschema, anyio._backends._asyncio, anyio._core._sockets, anyio._core._tasks, anyio._core._streams, anyio.lowlevel, anyio.abc, anyio.streams.memory, anyio.streams.tls, anyio.streams.stapled"
 if [ -n "$build_pid" ]; then
   step "waiting for the llama.cpp compile"
   if ! wait "$build_pid"; then

@@ -18,13 +18,16 @@ from typing import Any
 STABLE_KEYS: dict[str, str] = {
     "overhead_bound_vs_best_peer": "examples/s with no rate limit, datacreator / the best peer (run: peers)",
     "at_limit_vs_best_peer": "examples/s at the provider's rate limit, datacreator / the best peer (run: peers)",
-    "added_latency_p50_ms": "per call, task -> examples topic minus the LLM's own time, median (run: overhead)",
+    "added_latency_p50_ms": "per call at zero LLM latency (services and broker saturated), task -> examples topic minus the LLM's own time, median (run: overhead)",
     "added_latency_p99_ms": "the same, 99th percentile (run: overhead)",
     "quota_used": "share of the binding rate limit used, the lowest over the replica counts run (run: quota; rate_limit)",
     "share_429": "share of calls answered 429, the highest over the replica counts run (run: quota; rate_limit)",
     "scaling_100k_examples_per_s": "examples/s of one 100k-example request on the embedded stack (run --full: scaling)",
     "first_run_s": "install plus the README's first command on a fresh clone with empty caches (first_run)",
     "embedded_examples_per_min": "examples accepted per minute on the embedded LLM, first model asked for (models; first_run: its first command)",
+    "overhead_bound_share_of_bound": "examples/s with no rate limit / the concurrency bound (calls in flight x examples per call / latency) (run: peers)",
+    "overhead_bound_added_latency_p50_ms": "per call with no rate limit, task -> examples topic minus the LLM's own time, median (run: peers)",
+    "overhead_bound_added_latency_p99_ms": "the same, 99th percentile (run: peers)",
 }
 
 

@@ -69,7 +69,9 @@ class Plan:
     concurrency: int = 32
     examples_per_call: int = 5
     peer_limited_n: int = 2000
-    peer_open_n: int = 2000
+    # 6,000: at 2,000 the first and the last of 13 rounds of 32 calls were an eighth of the run, and
+    # the rate measured was the ramp's as much as the sustained one (for the peers as for datacreator)
+    peer_open_n: int = 6000
     overhead_n: int = 2000
     batching_n: int = 300
     scaling: tuple[int, ...] = (1_000, 10_000)
@@ -269,12 +271,13 @@ async def quota(bench: Bench) -> None:
 # 2. Bus overhead
 
 
-async def _load(settings: Settings, topic: str, model: type, request_id: str) -> list[Any]:
+async def _load(settings: Settings, topic: str, model: type, request_id: str) -> list[tuple[Any, float]]:
+    """The messages of one request on a topic, each with its record's time (s): when its producer sent it."""
     items = []
     async for record in read_to_end(settings, topic):
         if request_id.encode() != record.key:
             continue
-        items.append(model.model_validate_json(record.value))
+        items.append((model.model_validate_json(record.value), record.timestamp / 1000))
     return items
 
 
@@ -284,26 +287,32 @@ class CallTimes:
 
     added: list[float] = field(default_factory=list)  # task -> its first example, minus the LLM's own time
     llm: list[float] = field(default_factory=list)  # the LLM latency the generator measured
+    # `added` in three parts that sum to it: the planner sending the task, the task reaching the
+    # generator's call, and the candidate reaching the examples topic (its hop and the curator)
+    planner: list[float] = field(default_factory=list)  # task made -> its record sent
+    generator: list[float] = field(default_factory=list)  # task's record sent -> the call begins
     curator: list[float] = field(default_factory=list)  # candidate -> its first example
     loop: list[float] = field(default_factory=list)  # outcome -> the chain's next task (the planner)
 
 
 async def call_times(settings: Settings, request_id: str) -> CallTimes:
     """What the bus and the services add to each call of a finished request, read back from its topics."""
-    tasks = {t.task_id: t for t in await _load(settings, settings.topics.tasks, GenerationTask, request_id)}
-    candidates = {c.task.task_id: c for c in await _load(settings, settings.topics.candidates, Candidate, request_id)}
+    tasks = {t.task_id: (t, sent) for t, sent in await _load(settings, settings.topics.tasks, GenerationTask, request_id)}
+    candidates = {c.task.task_id: c for c, _ in await _load(settings, settings.topics.candidates, Candidate, request_id)}
     first_example: dict[str, float] = {}
-    for example in await _load(settings, settings.topics.examples, Example, request_id):
+    for example, _ in await _load(settings, settings.topics.examples, Example, request_id):
         first_example[example.task_id] = min(example.created_at, first_example.get(example.task_id, math.inf))
-    outcomes = {o.task_id: o for o in await _load(settings, settings.topics.outcomes, TaskOutcome, request_id)}
+    outcomes = {o.task_id: o for o, _ in await _load(settings, settings.topics.outcomes, TaskOutcome, request_id)}
     times = CallTimes()
-    successor = {(t.chain, t.step): t for t in tasks.values()}
-    for task_id, task in tasks.items():
+    successor = {(t.chain, t.step): t for t, _ in tasks.values()}
+    for task_id, (task, sent) in tasks.items():
         cand = candidates.get(task_id)
         if cand is None or task_id not in first_example:
             continue
         times.llm.append(cand.latency_s)
         times.added.append(first_example[task_id] - task.created_at - cand.latency_s)
+        times.planner.append(sent - task.created_at)
+        times.generator.append(cand.created_at - cand.latency_s - sent)
         times.curator.append(first_example[task_id] - cand.created_at)
         nxt = successor.get((task.chain, task.step + 1))
         if nxt is not None and task_id in outcomes:
@@ -377,13 +386,15 @@ class Ours:
     slots: int  # concurrent calls per generator replica
     requests: int
     chains: int
+    times: CallTimes | None = None  # per call, read back from the topics (the open run: its stack is still up)
 
 
 async def ours_open(bench: Bench, settings: Settings, alias: str, n: int) -> Ours:
     """One request on the shared stack (one generator), with the peers' call slots."""
     conc = bench.plan.concurrency
-    final, wall = await run_to_end(settings, request(n, alias, chains=2 * conc, per_call=bench.plan.examples_per_call))
-    return Ours(final.accepted, wall, 1, conc, 1, 2 * conc)
+    req = request(n, alias, chains=2 * conc, per_call=bench.plan.examples_per_call)
+    final, wall = await run_to_end(settings, req)
+    return Ours(final.accepted, wall, 1, conc, 1, 2 * conc, await call_times(settings, req.request_id))
 
 
 async def ours_at_limit(bench: Bench, n: int, replicas: int) -> Ours:
@@ -473,9 +484,30 @@ async def side_by_side(bench: Bench, settings: Settings, open_alias: str, curato
         ratio = dc["examples_per_s"] / best
         bench.row("peers", f"{regime}: datacreator ex/s / best peer's ({ours.replicas} generator replica(s))",
                   f"{ratio:.2f}x", f">= {goal}x", ratio >= goal)
-        out.append({"regime": regime, "rpm": limit, "window_s": window, "n": n, "concurrency": conc,
-                    "replicas": ours.replicas, "latency_s": plan.peer_latency_s, "runs": runs, "ratio_to_best_peer": ratio})
+        entry: dict[str, Any] = {"regime": regime, "rpm": limit, "window_s": window, "n": n, "concurrency": conc,
+                                 "replicas": ours.replicas, "latency_s": plan.peer_latency_s, "runs": runs, "ratio_to_best_peer": ratio}
+        if ours.times is not None:
+            entry.update(_overhead_bound(bench, ours.times, dc["examples_per_s"], best))
+        out.append(entry)
     bench.results["peers"] = {"regimes": out, "curator": curator_reason or "run"}
+
+
+def _overhead_bound(bench: Bench, times: CallTimes, ours: float, best_peer: float) -> dict[str, Any]:
+    """The overhead-bound regime against its concurrency bound (calls in flight x examples per call
+    / mean latency), and what the bus added to each of datacreator's calls there, by part."""
+    plan = bench.plan
+    bound = plan.concurrency * plan.examples_per_call / plan.peer_latency_s
+    share, peer_share = ours / bound, best_peer / bound
+    parts = {"planner": p50_p99_ms(times.planner), "generator": p50_p99_ms(times.generator), "curator": p50_p99_ms(times.curator)}
+    added = p50_p99_ms(times.added)
+    bench.row("peers", f"no limit: share of the concurrency bound ({bound:.0f} ex/s): datacreator / best peer",
+              f"{share:.1%} / {peer_share:.1%}", ">= 95%", share >= 0.95)
+    bench.row("peers", "no limit: added latency per call, datacreator (p50 / p99)",
+              f"{added['p50']:.1f} / {added['p99']:.1f} ms", "< 15 / 50 ms", added["p50"] < 15 and added["p99"] < 50)
+    bench.row("peers", "  of it p50 (p99): planner sends / tasks topic -> call / candidate -> example",
+              " / ".join(f"{parts[k]['p50']:.1f} ({parts[k]['p99']:.0f})" for k in parts) + " ms")
+    return {"bound_examples_per_s": bound, "share_of_bound": share, "best_peer_share_of_bound": peer_share,
+            "added_ms": added, "added_parts_ms": parts}
 
 
 def _ratio(peer: float, ours: float) -> str:
@@ -716,6 +748,10 @@ def headline(results: dict[str, Any]) -> dict[str, float | None]:
     for regime in results.get("peers", {}).get("regimes", []):
         key = "at_limit_vs_best_peer" if regime["rpm"] else "overhead_bound_vs_best_peer"
         values[key] = regime["ratio_to_best_peer"]
+        if "share_of_bound" in regime:
+            values["overhead_bound_share_of_bound"] = regime["share_of_bound"]
+            values["overhead_bound_added_latency_p50_ms"] = regime["added_ms"]["p50"]
+            values["overhead_bound_added_latency_p99_ms"] = regime["added_ms"]["p99"]
     for entry in results.get("scaling", []):
         if entry["n"] == 100_000:
             values["scaling_100k_examples_per_s"] = entry["examples_per_s"]

@@ -167,3 +167,14 @@ async def test_the_holder_of_a_key_writing_it_sends_the_held_deferred_value_firs
     async with runner.key_lock("r1"):  # a timer's tombstone, written under the key's lock
         await runner.publish([Output("state", "r1", None)])
     assert sent == [("state", "r1", _state(1)), ("state", "r1", None)] and track.committable() == 1
+
+
+def test_a_process_freezes_what_it_holds_at_its_first_service_start_once():
+    import gc
+
+    runtime.freeze_startup_objects()
+    frozen = gc.get_freeze_count()
+    assert frozen > 0  # modules, models and settings are out of the cycle collector's scans
+    later = [[object()] for _ in range(1000)]  # what requests bring is collected as before
+    runtime.freeze_startup_objects()
+    assert gc.get_freeze_count() == frozen and later

@@ -53,6 +53,7 @@ class GeneratorHandler(BaseHandler):
         if self.pool is None:
             limits = self.settings.generator
             self.pool = LLMPool(self.settings, redis_url=limits.redis_url, replicas_hint=limits.replicas, window_s=limits.ratelimit_window_s)
+            self.pool.build_all()
         await self.status.start()
 
     async def stop(self) -> None:

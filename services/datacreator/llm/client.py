@@ -408,7 +408,7 @@ METRICS_HOOKS = Hooks(usage=_publish_usage, fallback=_publish_fallback)
 
 
 class LLMPool:
-    """One `LLMClient` per endpoint alias of `Settings.endpoints`, built on first use."""
+    """One `LLMClient` per endpoint alias of `Settings.endpoints`, built by `build_all` or on first use."""
 
     def __init__(
         self,
@@ -427,6 +427,16 @@ class LLMPool:
     @property
     def aliases(self) -> list[str]:
         return sorted(self.settings.endpoints)
+
+    def build_all(self) -> None:
+        """Build every endpoint's client now, before the first call: building one (its SSL
+        context, its connection pools) holds the event loop tens of ms, and built on first use it
+        held every other task of a request's first round."""
+        for alias in self.aliases:
+            try:
+                self.get(alias)
+            except Exception as exc:  # built again, and failing as a call, on first use
+                log.warning("LLM endpoint %s: client not built at start (%s: %s)", alias, type(exc).__name__, exc)
 
     def get(self, alias: str) -> LLMClient:
         client = self._clients.get(alias)
