@@ -236,6 +236,8 @@ def batch_schema(
 
     With `labels` (one per item), each position has its own schema pinning its label
     (`prefixItems`, no `items`: llama.cpp's grammar converter reads `items` first when both are there).
+    The item schemas are `item_schema`'s own objects, shared (see `pinned_item_schema`): read the
+    result, do not change it.
     """
     if labels is not None and label_field:
         array: dict[str, Any] = {
@@ -245,7 +247,7 @@ def batch_schema(
             "maxItems": len(labels),
         }
     else:
-        array = {"type": "array", "items": copy.deepcopy(item_schema), "minItems": n, "maxItems": n}
+        array = {"type": "array", "items": item_schema, "minItems": n, "maxItems": n}
     return {
         "type": "object",
         "properties": {"examples": array},
