@@ -65,7 +65,7 @@ done
 # Byte-code for what the stack, the simulator and the tests import (not the whole of torch, as
 # pip's compile would): where PYTHONDONTWRITEBYTECODE is set (CI machines often set it) Python
 # never writes it itself, and every process compiled every module it imported again: 0.55 against
-# 0.27 s to start the services, 13.7 against 5.7 s to load the embedding model.
+# 0.28 s to start the services, 13.7 against 6.1 s to load the embedding model.
 warm() { PYTHONDONTWRITEBYTECODE= run .venv/bin/python -c "import $1"; }
 step "compiling the byte-code of what the services and the tests import"
 warm "datacreator.cli, datacreator.serve, datacreator.stack, datacreator.simulator.app, datacreator.view.server, benchmarks.run, sentence_transformers, pytest, hypothesis, jsonschema, anyio._backends._asyncio, anyio._core._sockets, anyio._core._tasks, anyio._core._streams, anyio.lowlevel, anyio.abc, anyio.streams.memory, anyio.streams.tls, anyio.streams.stapled"

@@ -169,6 +169,11 @@ def rss_mib(pid: int | None = None) -> float:
     return math.nan
 
 
+def concurrency_bound(concurrency: int, per_call: int, latency_s: float) -> float:
+    """Examples/s no client passes: calls in flight x examples per call / latency (none at 0 s)."""
+    return concurrency * per_call / latency_s if latency_s else math.inf
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return math.nan

@@ -93,7 +93,7 @@ def curator_pipelined(on: bool) -> Iterator[None]:
 def bound(args: argparse.Namespace) -> float:
     """Examples/s no client passes: calls in flight x examples per call / latency (none at 0 s:
     `--latency 0` measures the bus alone, as `run`'s scaling section does)."""
-    return args.concurrency * args.per_call / args.latency if args.latency else float("inf")
+    return common.concurrency_bound(args.concurrency, args.per_call, args.latency)
 
 
 async def one_run(bench: run.Bench, args: argparse.Namespace, number: int, variant: str) -> Measure:

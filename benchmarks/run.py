@@ -496,7 +496,7 @@ def _overhead_bound(bench: Bench, times: CallTimes, ours: float, best_peer: floa
     """The overhead-bound regime against its concurrency bound (calls in flight x examples per call
     / mean latency), and what the bus added to each of datacreator's calls there, by part."""
     plan = bench.plan
-    bound = plan.concurrency * plan.examples_per_call / plan.peer_latency_s
+    bound = common.concurrency_bound(plan.concurrency, plan.examples_per_call, plan.peer_latency_s)
     share, peer_share = ours / bound, best_peer / bound
     parts = {"planner": p50_p99_ms(times.planner), "generator": p50_p99_ms(times.generator), "curator": p50_p99_ms(times.curator)}
     added = p50_p99_ms(times.added)

@@ -90,7 +90,7 @@ def freeze_startup_objects() -> None:
     handlers' tables) out of the cycle collector's reach, once per process. A full collection
     then scans only what came since: the longest pause of the services' event loop in an
     overhead-bound run went from 90-120 ms to 45 ms, the collector's time from 0.55-0.67 s to
-    0.33-0.35 s per 6,000 examples. What was there at the start lives as long as the process."""
+    0.33-0.36 s per 6,000 examples. What was there at the start lives as long as the process."""
     global _frozen
     if not _frozen:
         _frozen = True
