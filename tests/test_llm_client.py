@@ -426,6 +426,29 @@ async def test_calls_spread_over_every_server_of_an_endpoint_fewest_in_flight_fi
     assert fast.stats.requests > slow.stats.requests  # the idle server took what the busy one could not
 
 
+async def test_calls_in_flight_spread_over_pools_of_a_few_connections_each(make_simulator):
+    """32 calls at once take 32 connections in 4 pools of at most POOL_CONNECTIONS: httpcore's pool
+    walks all of its connections on each request and response (llm/client.py)."""
+    from datacreator.llm.client import POOL_CONNECTIONS
+
+    sim = make_simulator(latency_s=0.5)
+    cfg = endpoint(sim.base_url, max_concurrency=32)
+    async with LLMClient(alias(), cfg, NoopRateLimiter()) as client:
+        (pools,) = client._servers
+        calls = [asyncio.create_task(client.complete(make_task(n=1))) for _ in range(32)]
+        open_connections: list[int] = []
+
+        def count() -> bool:
+            open_connections[:] = [len(pool._transport._pool.connections) for pool in pools]
+            return sum(open_connections) == 32
+
+        await wait_until(count, timeout_s=10)
+        results = await asyncio.gather(*calls)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert len(pools) == 4 and open_connections == [POOL_CONNECTIONS] * 4
+    assert sim.stats.requests == 32
+
+
 async def test_a_server_that_cannot_be_reached_is_tried_after_the_others(make_simulator):
     up = make_simulator()
     down = "http://127.0.0.1:1/v1"  # nothing listens there: connection refused
