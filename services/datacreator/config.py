@@ -107,7 +107,8 @@ class KafkaSettings(BaseModel):
         default_factory=dict,
         description='Client settings a broker needs, {"producer": {...}, "consumer": {...}}, applied over the '
         "defaults of every aiokafka client, and what the bus must know of the broker, {\"broker\": "
-        "{\"short_list_offsets\": true}} (the embedded broker gives its own: EmbeddedBroker.client_overrides()).",
+        "{\"short_list_offsets\": true, \"busy_fetch_wait_ms\": 8}} (the embedded broker gives its own: "
+        "EmbeddedBroker.client_overrides()).",
     )
     session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout: how soon a dead member's partitions move.")
     heartbeat_interval_ms: int = Field(2_000, ge=100)

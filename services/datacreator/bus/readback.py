@@ -172,7 +172,7 @@ class StatusWatcher:
     async def _follow(self) -> None:
         topic = self.settings.topics.status
         while True:
-            consumer = make_consumer(self.settings)
+            consumer = make_consumer(self.settings, follower=True)
             try:
                 await consumer.start()
                 partitions = consumer.partitions_for_topic(topic) or set()
@@ -238,7 +238,7 @@ async def follow_topics(settings: Settings, topics: list[str], poll_timeout_ms: 
     """
     positions: dict[TopicPartition, int] = {}
     while True:
-        consumer = make_consumer(settings)
+        consumer = make_consumer(settings, follower=True)
         try:
             await consumer.start()
             tps: list[TopicPartition] = []

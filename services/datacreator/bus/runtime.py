@@ -42,6 +42,7 @@ from datacreator.bus.codec import PoisonMessage, decode_key, decoder, encode, en
 from datacreator.bus.commit import commit
 from datacreator.bus.ends import high_watermarks
 from datacreator.bus.factory import make_consumer, make_producer
+from datacreator.bus.fetchwait import ConsumerFetchWait, adaptive_fetch_wait
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
 
@@ -360,6 +361,7 @@ class ServiceRunner:
         self._stopping = asyncio.Event()
         self._paused = False
         self._consumer: AIOKafkaConsumer | None = None
+        self.fetch_wait: ConsumerFetchWait | None = None  # short while records flow: bus/fetchwait.py
         self._producer: AIOKafkaProducer | None = None
         self._ack_producers: list[AIOKafkaProducer] = []  # pipelined handlers: see PIPELINE_PRODUCERS
         self._next_ack_producer = 0
@@ -526,6 +528,7 @@ class ServiceRunner:
                 await _retry_start(extra.start, f"{name} producer")
         self._consumer.subscribe(list(self.handler.inputs), listener=_Listener(self))
         await _retry_start(self._consumer.start, f"{name} consumer")
+        self.fetch_wait = adaptive_fetch_wait(self.settings, self._consumer)
         await self.handler.start(self)
         freeze_startup_objects()
         self.state.running = True
@@ -541,6 +544,8 @@ class ServiceRunner:
                     log.warning("%s: fetch failed (%s); retrying", name, type(exc).__name__)
                     await asyncio.sleep(0.5)
                     continue
+                if self.fetch_wait is not None:
+                    self.fetch_wait.observe(bool(batches))
                 for tp, records in batches.items():
                     track = self._tracks.get(tp)
                     if track is None:

@@ -120,13 +120,15 @@ class EmbeddedBroker(ChildServer):
         producer sent one record per batch instead: 15.7x fewer records/s into a partition.)
         Lingering would only delay records that are already batched while a request is in flight.
         And Tansu answers a fetch only after `fetch_max_wait_ms` (half of it from 250 ms on),
-        records or not, which adds that much latency to every hop: keep the wait short (0 is not
-        sooner: Tansu then answers every fetch empty).
+        records or not, polling its storage at half the remaining wait meanwhile, which adds up to
+        half the wait to every hop: keep the wait short (0 is not sooner: Tansu then answers every
+        fetch empty). Each poll costs broker CPU, so an idle consumer waits 25 ms, and a service's
+        consumer waits `busy_fetch_wait_ms` while records keep coming (bus/fetchwait.py).
         """
         return {
             "producer": {"linger_ms": 0},
             "consumer": {"fetch_max_wait_ms": 25},
-            "broker": {"short_list_offsets": True},
+            "broker": {"short_list_offsets": True, "busy_fetch_wait_ms": 8},
         }
 
     def settings(self, base: Settings | None = None, **changes: Any) -> Settings:
