@@ -1,5 +1,4 @@
-"""How long a consumer's fetch may wait on the broker (bus/fetchwait.py, bus/factory.py), and how
-much one producer batch holds.
+"""How long a consumer's fetch may wait on the broker (bus/fetchwait.py, bus/factory.py).
 
 The embedded broker answers a fetch only when its wait is over, so a service's consumer waits
 less while records flow and the usual time once they stop; status followers wait longer. The
@@ -11,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
-
-from aiokafka import TopicPartition
 
 from datacreator.bus import runtime
 from datacreator.bus.codec import encode
@@ -131,25 +128,3 @@ async def test_a_status_follower_waits_longer_than_a_service_on_the_embedded_bro
     assert set(waits) == {FOLLOWER_FETCH_WAIT_MS}
     kafka = Settings()
     assert make_consumer(kafka, follower=True)._fetch_max_wait_ms == 500  # Kafka's own wait is longer still
-
-
-async def test_a_burst_of_task_sized_records_to_one_partition_goes_as_one_batch(bus_settings):
-    """The embedded broker answers ListOffsets (latest) with its last batch's base offset + 1
-    (bus/ends.py), which shows how the records were batched: a planner's first round of 64 tasks
-    of ~1.3 KB each is one batch, not six of aiokafka's default 16 KB, one round trip each."""
-    topic, count = bus_settings.topics.tasks, 64
-    producer = make_producer(bus_settings)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, b"x" * 1300, key=b"one-request", partition=0) for _ in range(count)]
-        offsets = [metadata.offset for metadata in await asyncio.gather(*futures)]
-    finally:
-        await producer.stop()
-    assert offsets == list(range(count))
-    consumer = make_consumer(bus_settings)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        assert (await consumer.end_offsets([tp]))[tp] == 1  # one batch, based at offset 0
-    finally:
-        await consumer.stop()

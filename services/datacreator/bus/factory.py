@@ -20,13 +20,6 @@ from datacreator.config import Settings
 # wait costs nothing.
 FOLLOWER_FETCH_WAIT_MS = 200
 
-# The most a producer puts in one batch of a partition. aiokafka keeps one batch of a partition open
-# and, once it is full, holds every later send until the batch before is on its way, one round
-# trip each: with its 16 KB default a planner's first round of 64 tasks (85 KB) took six round
-# trips, 63 ms between its first and its last task. A batch must fit the broker's record limit
-# (Kafka's message.max.bytes, ~1 MB by default): never more than `max_message_bytes`.
-PRODUCER_BATCH_BYTES = 256 * 1024
-
 
 def _overrides(settings: Settings, kind: str) -> dict[str, Any]:
     return dict(settings.kafka.client_overrides.get(kind, {}))
@@ -39,7 +32,6 @@ def make_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
         acks="all",
         enable_idempotence=False,
         linger_ms=2,
-        max_batch_size=min(PRODUCER_BATCH_BYTES, settings.kafka.max_message_bytes),
         max_request_size=max(settings.kafka.max_message_bytes * 2, 1_048_576),
         request_timeout_ms=30_000,
     )
