@@ -11,6 +11,8 @@ import asyncio
 import time
 from typing import Any
 
+from aiokafka import TopicPartition
+
 from datacreator.bus import runtime
 from datacreator.bus.codec import encode
 from datacreator.bus.factory import FOLLOWER_FETCH_WAIT_MS, make_consumer, make_producer
@@ -47,15 +49,24 @@ def test_a_busy_wait_never_exceeds_the_usual_one():
     assert AdaptiveFetchWait(idle_ms=5, busy_ms=8).observe(True) == 5
 
 
-async def test_only_a_broker_whose_profile_asks_for_it_gets_an_adaptive_wait():
+async def test_only_a_broker_whose_profile_asks_for_it_gets_an_adaptive_wait(bus_settings):
     kafka = Settings()
     assert busy_fetch_wait_ms(kafka) is None
     assert adaptive_fetch_wait(kafka, make_consumer(kafka)) is None  # Kafka answers as records come
-    embedded = Settings(kafka_client_overrides=EmbeddedBroker.client_overrides())
-    fetch_wait = adaptive_fetch_wait(embedded, make_consumer(embedded))
-    assert fetch_wait is not None
-    assert (fetch_wait.policy.idle_ms, fetch_wait.policy.busy_ms) == (25, busy_fetch_wait_ms(embedded))
-    assert fetch_wait.policy.quiet_s == QUIET_S
+    embedded = bus_settings
+    assert embedded.kafka.client_overrides == EmbeddedBroker.client_overrides()
+    consumer = make_consumer(embedded)
+    await consumer.start()  # the wait is its fetcher's, made at the start
+    consumer.assign([TopicPartition(embedded.topics.status, 0)])
+    try:
+        await consumer.getmany(timeout_ms=50)  # stopped before its first fetch, aiokafka raises CancelledError
+        fetch_wait = adaptive_fetch_wait(embedded, consumer)
+        assert fetch_wait is not None
+        assert (fetch_wait.policy.idle_ms, fetch_wait.policy.busy_ms) == (25, busy_fetch_wait_ms(embedded))
+        assert fetch_wait.policy.quiet_s == QUIET_S
+        assert fetch_wait.current_ms == 25
+    finally:
+        await consumer.stop()
 
 
 def _record_fetch_waits(consumer: Any, waits: list[int]) -> Any:

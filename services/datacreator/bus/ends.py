@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from datacreator.bus.factory import make_consumer
+from datacreator.bus.factory import client_overrides, make_consumer
 from datacreator.config import Settings
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ PROBE_TIMEOUT_S = 5.0
 
 def short_list_offsets(settings: Settings) -> bool:
     """Whether the broker's ListOffsets may answer the last batch's first record + 1."""
-    return bool(settings.kafka.client_overrides.get("broker", {}).get("short_list_offsets"))
+    return bool(client_overrides(settings, "broker").get("short_list_offsets"))
 
 
 async def partition_ends(

@@ -21,7 +21,8 @@ from datacreator.config import Settings
 FOLLOWER_FETCH_WAIT_MS = 200
 
 
-def _overrides(settings: Settings, kind: str) -> dict[str, Any]:
+def client_overrides(settings: Settings, kind: str) -> dict[str, Any]:
+    """The broker's settings for one kind of client ("producer", "consumer"), or what it tells the bus ("broker")."""
     return dict(settings.kafka.client_overrides.get(kind, {}))
 
 
@@ -35,7 +36,7 @@ def make_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
         max_request_size=max(settings.kafka.max_message_bytes * 2, 1_048_576),
         request_timeout_ms=30_000,
     )
-    merged.update(_overrides(settings, "producer"))
+    merged.update(client_overrides(settings, "producer"))
     merged.update(options)
     return AIOKafkaProducer(**settings.kafka_kwargs(), **merged)
 
@@ -51,7 +52,7 @@ def make_consumer(settings: Settings, group_id: str | None = None, *, follower: 
         # How long the broker may hold an empty fetch; Kafka answers as soon as records arrive.
         fetch_max_wait_ms=500,
     )
-    merged.update(_overrides(settings, "consumer"))
+    merged.update(client_overrides(settings, "consumer"))
     if follower:
         merged["fetch_max_wait_ms"] = max(merged["fetch_max_wait_ms"], FOLLOWER_FETCH_WAIT_MS)
     merged.update(options)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
+from datacreator.bus.factory import client_overrides
 from datacreator.config import Settings
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ QUIET_S = 1.0
 
 def busy_fetch_wait_ms(settings: Settings) -> int | None:
     """The broker's fetch wait for records that flow, when its profile gives one."""
-    value = settings.kafka.client_overrides.get("broker", {}).get("busy_fetch_wait_ms")
+    value = client_overrides(settings, "broker").get("busy_fetch_wait_ms")
     return int(value) if value is not None else None
 
 
@@ -53,43 +55,36 @@ class AdaptiveFetchWait:
 
 
 class ConsumerFetchWait:
-    """Applies an AdaptiveFetchWait to one started aiokafka consumer.
+    """Applies an AdaptiveFetchWait to the fetcher of one started aiokafka consumer.
 
     aiokafka reads the wait from its fetcher each time it builds a fetch request, and offers no
-    public way to change it on a running consumer: this is the one place that sets it. When the
-    fetcher has no such attribute (another aiokafka), the consumer keeps its configured wait.
+    public way to change it on a running consumer: this is the one place that sets it.
     """
 
-    def __init__(self, consumer: AIOKafkaConsumer, policy: AdaptiveFetchWait) -> None:
-        self.consumer = consumer
+    def __init__(self, fetcher: Any, policy: AdaptiveFetchWait) -> None:
+        self._fetcher = fetcher
         self.policy = policy
-        self._applied: int | None = None
 
     @property
-    def current_ms(self) -> int | None:
-        """The wait the consumer's next fetch request will carry (None: not adjustable)."""
-        fetcher = getattr(self.consumer, "_fetcher", None)
-        value = getattr(fetcher, "_fetch_max_wait_ms", None)
-        return value if isinstance(value, int) else None
+    def current_ms(self) -> int:
+        """The wait the consumer's next fetch request will carry."""
+        return int(self._fetcher._fetch_max_wait_ms)
 
     def observe(self, got_records: bool) -> None:
-        wait = self.policy.observe(got_records)
-        if wait == self._applied:
-            return
-        fetcher = getattr(self.consumer, "_fetcher", None)
-        if fetcher is None or not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
-            if self._applied is None:
-                log.info("this aiokafka's consumer has no adjustable fetch wait; keeping %d ms", self.policy.idle_ms)
-            self._applied = wait  # said once
-            return
-        fetcher._fetch_max_wait_ms = wait
-        self._applied = wait
+        self._fetcher._fetch_max_wait_ms = self.policy.observe(got_records)
 
 
 def adaptive_fetch_wait(settings: Settings, consumer: AIOKafkaConsumer) -> ConsumerFetchWait | None:
-    """The fetch wait of a service's consumer on a broker that asks for one (None: keep the configured one)."""
+    """The fetch wait of a started service consumer on a broker that asks for one (None: keep the
+    configured one, also with an aiokafka whose fetcher has no such wait)."""
     busy = busy_fetch_wait_ms(settings)
-    idle = getattr(consumer, "_fetch_max_wait_ms", None)  # set from the consumer's arguments
-    if busy is None or not isinstance(idle, int) or busy >= idle:
+    if busy is None:
         return None
-    return ConsumerFetchWait(consumer, AdaptiveFetchWait(idle, busy))
+    fetcher = getattr(consumer, "_fetcher", None)
+    idle = getattr(fetcher, "_fetch_max_wait_ms", None)
+    if not isinstance(idle, int):
+        log.info("this aiokafka's consumer has no adjustable fetch wait; keeping the configured one")
+        return None
+    if busy >= idle:
+        return None
+    return ConsumerFetchWait(fetcher, AdaptiveFetchWait(idle, busy))

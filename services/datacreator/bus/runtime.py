@@ -41,7 +41,7 @@ from datacreator.bus.admin import TopicMismatch, ensure_topics
 from datacreator.bus.codec import PoisonMessage, decode_key, decoder, encode, encode_key, request_id_in
 from datacreator.bus.commit import commit
 from datacreator.bus.ends import high_watermarks
-from datacreator.bus.factory import make_consumer, make_producer
+from datacreator.bus.factory import client_overrides, make_consumer, make_producer
 from datacreator.bus.fetchwait import ConsumerFetchWait, adaptive_fetch_wait
 from datacreator.config import Settings
 from datacreator.contracts import DeadLetter
@@ -1106,7 +1106,7 @@ class ServiceRunner:
 
 
 def _one_record_per_batch(settings: Settings) -> bool:
-    return settings.kafka.client_overrides.get("producer", {}).get("max_batch_size") == 1
+    return client_overrides(settings, "producer").get("max_batch_size") == 1
 
 
 def _queued_records(track: _PartitionTrack) -> int:

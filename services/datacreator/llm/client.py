@@ -55,7 +55,7 @@ _ERROR_SNIPPET = 300
 UNREACHABLE_PAUSE_S = 10.0
 # Connections per httpx client. httpcore 1.0's pool walks every connection it holds, and for each
 # idle one every connection again, on each request and each response (encode/httpcore#1035): one
-# pool of 32 connections cost 4.3-4.7 ms of CPU per call, four pools of 8 cost 1.15-1.35 ms
+# pool of 32 connections cost 3.4-4.7 ms of CPU per call, four pools of 8 cost 1.15-1.35 ms
 # (32 calls in flight against the simulator, same run). A server's calls are spread over pools of
 # at most this many connections.
 POOL_CONNECTIONS = 8
