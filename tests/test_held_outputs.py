@@ -45,7 +45,7 @@ def _record(offset: int) -> SimpleNamespace:
 async def _process(runner: ServiceRunner, track: _PartitionTrack, offset: int) -> None:
     track.add(offset)
     runner._in_flight += 1
-    await runner._process(TopicPartition("in", 0), track, _record(offset))
+    await runner._process(TopicPartition("in", 0), track, [_record(offset)])
 
 
 def _state(n: int) -> Usage:

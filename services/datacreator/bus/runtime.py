@@ -19,7 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.consumer.fetcher import ConsumerRecord
@@ -68,6 +68,9 @@ PIPELINE_PRODUCERS = 4
 # outcome) most of the bytes on the bus and of the embedded broker's memory.
 HOLD_S = 0.5
 HOLD_RECORDS = 64
+# Records of one partition of an ordered handler handled together, their outputs acknowledged in one
+# round (ServiceRunner._process); a group is what queued up while the one before was published.
+GROUP_RECORDS = 64
 # After a partition lost records below the committed offset, reading resumes this much before the
 # time of the last record committed: record times come from the producers' clocks.
 LOST_OFFSETS_CLOCK_MARGIN_MS = 60_000
@@ -313,7 +316,7 @@ class _KeyLock(asyncio.Lock):
 
     owner: asyncio.Task[Any] | None = None
 
-    async def acquire(self) -> bool:
+    async def acquire(self) -> Literal[True]:
         await super().acquire()
         self.owner = asyncio.current_task()
         return True
@@ -590,7 +593,7 @@ class ServiceRunner:
             assert track.queue is not None
             track.queue.put_nowait(record)
         else:
-            task = asyncio.create_task(self._process(tp, track, record))
+            task = asyncio.create_task(self._process(tp, track, [record]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -602,14 +605,22 @@ class ServiceRunner:
 
     async def _partition_worker(self, tp: TopicPartition, track: _PartitionTrack) -> None:
         assert track.queue is not None
+        job: Any = None  # a job met while gathering records: it runs after them, in queue order
         while True:
-            item = await track.queue.get()
+            item, job = (job, None) if job is not None else (await track.queue.get(), None)
             if callable(item):
                 await self._run_job(tp, item)
             elif self.handler.pipelined:
                 await self._process_pipelined(tp, track, item)
             else:
-                await self._process(tp, track, item)
+                records = [item]
+                while len(records) < GROUP_RECORDS and not track.queue.empty():
+                    queued = track.queue.get_nowait()
+                    if callable(queued):
+                        job = queued
+                        break
+                    records.append(queued)
+                await self._process(tp, track, records)
             if self._hold_due():
                 await self._flush_held()
 
@@ -621,31 +632,66 @@ class ServiceRunner:
         except Exception:  # a timer's step is taken again at its next tick
             log.exception("%s: a job on %s[%d] failed", self.handler.name, tp.topic, tp.partition)
 
-    async def _process(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
+    async def _process(self, tp: TopicPartition, track: _PartitionTrack, records: list[ConsumerRecord]) -> None:
+        """Handle records of one partition in order, then publish all their outputs at once.
+
+        An ordered handler gets every record that queued up while the ones before were published:
+        they are handled one after the other as before, and wait for one round of acknowledgements
+        together instead of one each (the planner, one outcome at a time, spent 92% of its time
+        waiting for the acknowledgement of each next task). The keys of the group stay locked
+        until their outputs are acknowledged. When one record's output is refused for good, each
+        record's outputs go again on their own and only that record is given up: what went out
+        twice carries the same ids, as a redelivery would.
+        """
         name = self.handler.name
         started = time.perf_counter()
-        delivery = _delivery_of(record)
+        ordered = self.handler.ordered
+        handled: list[tuple[ConsumerRecord, Delivery, list[Output], Any]] = []
+        held: dict[int, list[Output]] = {}
         try:
-            lock = self.key_lock(delivery.key) if self.handler.ordered else contextlib.nullcontext()
-            async with lock:  # handled and acknowledged before the next record of its key
-                outputs, message = await self._handle(record, delivery)
-                held = [o for o in outputs if o.latest] if self.handler.ordered else []
+            async with contextlib.AsyncExitStack() as locks:
+                locked: set[str | None] = set()
+                for record in records:
+                    delivery = _delivery_of(record)
+                    if ordered and delivery.key not in locked:  # handled and acknowledged before the next record of its key
+                        locked.add(delivery.key)
+                        await locks.enter_async_context(self.key_lock(delivery.key))
+                    outputs, message = await self._handle(record, delivery)
+                    handled.append((record, delivery, outputs, message))
+                    if ordered and any(o.latest for o in outputs):
+                        held[record.offset] = [o for o in outputs if o.latest]
+                sent = [[o for o in outputs if record.offset not in held or not o.latest] for record, _, outputs, _ in handled]
                 try:
-                    await self.publish([o for o in outputs if not o.latest] if held else outputs)
+                    await self.publish([o for outputs in sent for o in outputs])
                 except UndeliverableOutput as exc:
-                    metrics.processing_errors.labels(name, tp.topic).inc()
-                    log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
-                    await self._publish_give_up(message, delivery, exc)
-                if held:
-                    self._hold(held, track, record.offset)  # finished when the held state is acknowledged
-            if not held:
-                track.finish(record.offset)
+                    if len(handled) == 1:
+                        await self._refused_record(tp, handled[0][0], handled[0][1], handled[0][3], exc)
+                    else:
+                        for (record, delivery, _, message), outputs in zip(handled, sent):
+                            try:
+                                await self.publish(outputs)
+                            except UndeliverableOutput as refused:
+                                await self._refused_record(tp, record, delivery, message, refused)
+                for record, _, _, _ in handled:
+                    if record.offset in held:  # finished when the held state is acknowledged
+                        self._hold(held[record.offset], track, record.offset)
+            for record, _, _, _ in handled:
+                if record.offset not in held:
+                    track.finish(record.offset)
         except asyncio.CancelledError:
             raise
-        except Exception:  # publishing gave up during shutdown: leave it uncommitted, it is redelivered
-            log.exception("%s: could not finish %s[%d]@%d", name, tp.topic, tp.partition, record.offset)
+        except Exception:  # publishing gave up during shutdown: left uncommitted, they are redelivered
+            log.exception("%s: could not finish %s[%d]@%d..%d", name, tp.topic, tp.partition, records[0].offset,
+                          records[-1].offset)
         finally:
-            self._record_done(tp, started)
+            for _ in records:
+                self._record_done(tp, started)
+
+    async def _refused_record(self, tp: TopicPartition, record: ConsumerRecord, delivery: Delivery, message: Any,
+                              exc: UndeliverableOutput) -> None:
+        metrics.processing_errors.labels(self.handler.name, tp.topic).inc()
+        log.error("%s: %s[%d]@%d to the DLQ: %s", self.handler.name, tp.topic, tp.partition, record.offset, exc)
+        await self._publish_give_up(message, delivery, exc)
 
     async def _process_pipelined(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
         """Handle one record in order, then acknowledge its outputs in the background.
