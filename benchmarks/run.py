@@ -438,8 +438,8 @@ async def side_by_side(bench: Bench, settings: Settings, open_alias: str, curato
     messages = common.peer_messages(per_call)
     call_tokens = common.call_tokens(per_call)
     regimes = [
-        ("at the rate limit", rpm, plan.peer_limited_n, 0.97, max(plan.replicas)),
-        ("no limit (overhead-bound)", None, plan.peer_open_n, 1.2, 1),
+        ("at the rate limit", rpm, plan.peer_limited_n, 1.0, max(plan.replicas)),
+        ("no limit (overhead-bound)", None, plan.peer_open_n, 1.08, 1),
     ]
     out = []
     for regime, limit, n, goal, replicas in regimes:
