@@ -151,3 +151,32 @@ async def test_a_group_is_at_most_group_records_long(monkeypatch):
         assert h.track.committable() == 8
     finally:
         await h.stop()
+
+
+async def test_two_partitions_groups_of_the_same_keys_in_opposite_orders_both_finish():
+    # A request's requests and outcomes partitions have a worker each: a group taking its keys as
+    # it met them would hold r2 and wait for r1 while the other holds r1 and waits for r2.
+    h = _Harness()
+    h.first_ack.set()
+    h.calls.append([])  # no publish is held open here
+
+    async def handle(record: Any, delivery: Any) -> tuple[list[Output], Any]:
+        await asyncio.sleep(0.01)  # the other group gets to take a lock between two records
+        return [Output("tasks", delivery.key, Usage(prompt_tokens=record.offset))], None
+
+    h.runner._handle = handle  # type: ignore[method-assign]
+    tracks = {p: _PartitionTrack() for p in (0, 1)}
+
+    def group(partition: int, keys: list[bytes]) -> list[SimpleNamespace]:
+        for offset in range(len(keys)):
+            tracks[partition].add(offset)
+            h.runner._in_flight += 1
+        return [SimpleNamespace(topic="in", partition=partition, offset=o, key=k, value=b"{}", timestamp=0)
+                for o, k in enumerate(keys)]
+
+    await asyncio.wait_for(asyncio.gather(
+        h.runner._process(TopicPartition("in", 0), tracks[0], group(0, [b"r2", b"r1"])),
+        h.runner._process(TopicPartition("in", 1), tracks[1], group(1, [b"r1", b"r2"])),
+    ), timeout=5)
+    assert tracks[0].committable() == 2 and tracks[1].committable() == 2
+    assert sorted(v.prompt_tokens for call in h.calls[1:] for _, v in call) == [0, 0, 1, 1]

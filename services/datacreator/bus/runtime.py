@@ -648,14 +648,15 @@ class ServiceRunner:
         ordered = self.handler.ordered
         handled: list[tuple[ConsumerRecord, Delivery, list[Output], Any]] = []
         held: dict[int, list[Output]] = {}
+        deliveries = [_delivery_of(record) for record in records]
         try:
             async with contextlib.AsyncExitStack() as locks:
-                locked: set[str | None] = set()
-                for record in records:
-                    delivery = _delivery_of(record)
-                    if ordered and delivery.key not in locked:  # handled and acknowledged before the next record of its key
-                        locked.add(delivery.key)
-                        await locks.enter_async_context(self.key_lock(delivery.key))
+                # Handled and acknowledged before the next record of its key. All of a group's keys
+                # are taken first and in one order: two workers' groups (a request's requests and
+                # outcomes partitions) never hold one key each while waiting for the other's.
+                for key in sorted({d.key for d in deliveries} if ordered else (), key=lambda k: (k is not None, k or "")):
+                    await locks.enter_async_context(self.key_lock(key))
+                for record, delivery in zip(records, deliveries):
                     outputs, message = await self._handle(record, delivery)
                     handled.append((record, delivery, outputs, message))
                     if ordered and any(o.latest for o in outputs):
