@@ -6,7 +6,8 @@ The stream is multiple-choice answers in the shapes models return (bare lists, f
 prose, wrapper objects), with ~10% exact duplicates (re-cased / re-spaced), ~5% near duplicates (half re-punctuated,
 half one word longer),
 ~3% wrong labels, ~2% wrong structure and ~2% broken JSON items. It prints examples/s for each
-stage, the share of each outcome, and the memory the dedup state holds per 100k examples.
+stage, the share of each outcome, and the memory the dedup state holds per 100k examples (the
+DedupIndex's part, and the accepted ids RequestCuration keeps).
 Figures only: nothing here asserts a speed.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import resource
 import sys
@@ -182,9 +184,13 @@ def main() -> None:
         probe.restore_many(published[offset:offset + 500])
     gc.collect()
     held = tracemalloc.get_traced_memory()[0] - before
+    by_file = {os.path.basename(stat.traceback[0].filename): stat.size for stat in tracemalloc.take_snapshot().statistics("filename")}
     tracemalloc.stop()
-    per_entry = held / max(1, probe.state_size())
+    entries = max(1, probe.state_size())
+    per_entry = held / entries
+    index, ids = by_file.get("dedup.py", 0) / entries, by_file.get("curation.py", 0) / entries
     print(f"dedup state: {probe.state_size():,} entries, {held / 2**20:.1f} MiB traced = {per_entry:,.0f} bytes/entry "
+          f"(DedupIndex {index:,.0f}, accepted ids {ids:,.0f}, other {per_entry - index - ids:,.0f}) "
           f"= {per_entry * 100_000 / 2**20:.1f} MiB per 100k examples (RSS delta of the full run: "
           f"{rss_after - rss_before:+.1f} MiB, which also holds the {len(published):,} Example messages)")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from datacreator.contracts import RejectReason
-from datacreator.logic.dedup import DedupIndex, MinHasher, content_hash, example_id, normalise
+from datacreator.logic.dedup import DedupIndex, KeyTable, MinHasher, _low16, content_hash, example_id, normalise
 
 SPIDER = {"question": "How many legs does a spider have?", "options": {"A": "six", "B": "eight", "C": "ten", "D": "four"}, "answer": "B"}
 LONG = {
@@ -128,6 +128,149 @@ def test_near_dedup_recall_and_precision_on_many_pairs() -> None:
     false = sum(index.check({"text": " ".join(rng.sample(vocab, 40))}) is not None for _ in range(300))
     assert caught >= 270  # true Jaccard ~0.97
     assert false == 0
+
+
+
+def _texts(rng: random.Random, n: int, words: tuple[int, int] = (12, 28)) -> list[str]:
+    vocab = [f"w{i}" for i in range(20_000)]
+    return [" ".join(rng.choices(vocab, k=rng.randint(*words))) for _ in range(n)]
+
+
+def test_key_table_finds_entries_in_the_dict_and_in_the_sorted_arrays() -> None:
+    table = KeyTable(fraction=1 / 4, minimum=8)
+    table.add_each([0, 0xFFFFFFFF, 7], 1)  # the smallest and largest keys: a search wraps past the end
+    table.add(7, 2)
+    for value in range(3, 40):  # past the dict's limit a few times
+        table.add(1000 + value, value)
+    assert table.merged > 0 and len(table) > table.merged  # both parts hold entries
+    table.add(7, 99)  # a key in the arrays and in the dict
+    assert sorted(table.get(7)) == [1, 2, 99]
+    assert table.get(0) == [1] and table.get(0xFFFFFFFF) == [1] and table.get(5) == []
+    assert sorted(table.get_many([0, 7, 1039, 123456])) == [1, 1, 2, 39, 99]
+    assert table.get_many([0xFFFFFFFE, 1, 6]) == []
+    found = table.get_each(np.array([7, 0xFFFFFFFF, 6, 1039], dtype=np.uint32))
+    assert [sorted(v) for v in found] == [[1, 2, 99], [1], [], [39]]
+    table.add_many(np.array([7, 5], dtype=np.uint32), np.array([100, 101], dtype=np.uint32))  # into the dict
+    table.add_many(np.arange(50, 150, dtype=np.uint32), np.arange(100, dtype=np.uint32))  # straight into the arrays
+    assert sorted(table.get(7)) == [1, 2, 99, 100] and table.get(5) == [101] and table.get(149) == [99]
+    assert len(table) == 4 + 37 + 1 + 2 + 100
+    table.merge()
+    assert table.merged == len(table) and sorted(table.get(7)) == [1, 2, 99, 100]
+
+
+def test_duplicates_are_found_in_the_sorted_part_and_in_the_recent_part() -> None:
+    rng = random.Random(3)
+    texts = _texts(rng, 2000, words=(30, 40))  # one word more keeps a Jaccard of ~0.97
+    index = DedupIndex(near_threshold=0.85)
+    for text in texts:
+        index.add({"text": text})
+    table = index._table
+    assert table.merged > 0 and len(table) > table.merged  # merged several times, and entries wait in the dict
+    last_key = int.from_bytes(index.fingerprint({"text": texts[-1]}).digest[:4], "little")
+    assert last_key in table._recent  # the last example is in the dict, the first ones in the arrays
+    for text in texts[:50] + texts[-50:]:
+        assert index.check({"text": "  " + text.upper() + " "}) is RejectReason.duplicate
+        assert index.check({"text": text + " and"}) is RejectReason.near_duplicate
+    assert all(index.check({"text": text}) is None for text in _texts(random.Random(4), 200))
+    assert len(index) == 2000
+
+
+def test_a_restore_with_add_many_finds_what_adding_one_by_one_finds() -> None:
+    rng = random.Random(5)
+    texts = _texts(rng, 3000)
+    stream = []
+    for i, text in enumerate(texts):
+        stream.append({"text": text})
+        if i % 7 == 0:
+            stream.append({"text": texts[rng.randrange(i + 1)].upper()})  # exact repeat
+        if i % 11 == 0:
+            stream.append({"text": texts[rng.randrange(i + 1)] + " more"})  # near repeat
+        if i % 97 == 0:
+            stream.append({"text": "", "n": i % 3})  # no words: exact dedup only
+    one_by_one = DedupIndex(near_threshold=0.85)
+    accepted = []
+    for item in stream:
+        if one_by_one.check(item) is None:
+            one_by_one.add(item)
+            accepted.append(item)
+    restored = DedupIndex(near_threshold=0.85)
+    prints = restored.fingerprints(accepted)
+    restored.add_many(prints[:5] + prints[:5])  # the same examples twice in one batch
+    for start in range(5, len(prints), 700):  # batches smaller and larger than the dict may hold
+        restored.add_many(prints[start:start + 700] + prints[start - 5:start])  # with some already restored
+    restored.add_many(prints[-3:])
+    assert len(restored) == len(one_by_one) == len(accepted)
+    probes = stream + [{"text": t + " again"} for t in texts[::13]] + [{"text": t} for t in _texts(random.Random(6), 300)]
+    verdicts = [one_by_one.check(item) for item in probes]
+    assert [restored.check(item) for item in probes] == verdicts
+    assert verdicts[:len(stream)].count(None) == 0 and {None, RejectReason.near_duplicate} <= set(verdicts)
+    exact_only = DedupIndex(near_threshold=None)
+    exact_only.add_many(exact_only.fingerprints(accepted))
+    assert len(exact_only) == len(accepted)
+    assert all(exact_only.check({**item, "text": item["text"].upper()}) is RejectReason.duplicate for item in accepted)
+    assert exact_only.check({"text": texts[1] + " extra words"}) is None
+
+
+def test_add_after_check_of_the_same_example_adds_it_once() -> None:
+    index = DedupIndex()
+    fp = index.fingerprint(LONG)
+    assert index.check(fp) is None
+    index.add(fp)
+    variant = {**LONG, "question": LONG["question"].upper()}  # another object, the same digest
+    assert index.check(variant) is RejectReason.duplicate
+    index.add(variant)
+    index.add(fp)
+    assert len(index) == 1
+    assert index.check(SPIDER) is None
+    index.add(index.fingerprint(SPIDER))  # not the object checked: looked up again
+    index.add(SPIDER)
+    assert len(index) == 2
+
+
+def test_sixteen_bits_per_minhash_value_keep_the_estimate() -> None:
+    # Two different minima agree on their low 16 bits about once in 65,536 permutations.
+    hasher = MinHasher(num_perm=64)
+    signatures = hasher.signatures(_texts(random.Random(8), 4000))
+    a, b = signatures[:2000], signatures[2000:]
+    full = int((a == b).sum())
+    low = int((_low16(a) == _low16(b)).sum())
+    assert low >= full and low - full <= 12  # 128,000 pairs of values: ~2 expected
+    same = hasher.signatures(["the cat sat on the mat and looked at the dog for a while"] * 2)
+    assert (_low16(same[0]) == _low16(same[1])).all()
+
+
+def test_memory_per_example_stays_small() -> None:
+    # Before: a set of digests, a uint32 signature matrix grown by half and a dict of band keys
+    # held ~960 bytes per example.
+    import gc
+    import tracemalloc
+
+    texts = _texts(random.Random(9), 20_000)
+    prints = DedupIndex(near_threshold=0.85).fingerprints([{"text": t} for t in texts])
+    for fp in prints:
+        fp.band_keys = None  # made again under tracemalloc: the index keeps those ints
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        one_by_one = DedupIndex(near_threshold=0.85)
+        for fp in prints:
+            if one_by_one.check(fp) is None:
+                one_by_one.add(fp)
+            fp.band_keys = None  # cached on the fingerprint, which the index does not keep
+        gc.collect()
+        added = (tracemalloc.get_traced_memory()[0] - before) / len(one_by_one)
+        before = tracemalloc.get_traced_memory()[0]
+        restored = DedupIndex(near_threshold=0.85)
+        for start in range(0, len(prints), 1000):
+            restored.add_many(prints[start:start + 1000])
+        gc.collect()
+        restored_bytes = (tracemalloc.get_traced_memory()[0] - before) / len(restored)
+    finally:
+        tracemalloc.stop()
+    assert len(one_by_one) == len(restored) == 20_000
+    # A row of 64 + 8 uint16 and 8 table entries of 8 bytes: 208, plus spare rows and the dict.
+    assert added < 300 and restored_bytes < 300, (added, restored_bytes)
 
 
 class FixedEmbedder:

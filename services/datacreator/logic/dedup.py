@@ -1,11 +1,21 @@
 """De-duplication of accepted examples: exact, near (MinHash LSH) and semantic (embeddings).
 
-The index keeps no texts: a 16-byte digest per example for exact matches, its MinHash signature
-(one uint32 per permutation) and one small int per LSH band for near matches, and an embedding
-row when semantic dedup is on. The band tables are plain dicts rather than datasketch's
-MinHashLSH storage (a set per bucket and a key table), which held about 3x the memory per
-example; the bands and rows come from datasketch's own optimiser, and every example sharing an LSH band is
-verified against its stored signature, so a near duplicate means an estimated Jaccard >= threshold.
+The index keeps no texts. Per example it stores one uint16 row, num_perm + 8 wide (the low 16 bits
+of each MinHash value, then the 16-byte digest of the normalised example), and 1 + bands entries
+of a KeyTable filing the row number under 32 bits of the digest and under each LSH band key:
+sorted uint32 arrays of keys and rows, 8 bytes an entry, with a dict for the latest additions.
+An embedding row is kept as well when semantic dedup is on.
+
+With 64 permutations (7 bands of 9 at the 0.85 threshold) that is 144 bytes of row (+6% of spare
+rows on average) and 64 of keys, plus 0 to ~45 for entries waiting in the dict, depending on how
+long ago it was merged: the curator benchmark measures 227 bytes per example over 79,270 examples,
+where a set of digests, a uint32 signature matrix grown by half and a dict of band keys to Python
+ints held 960.
+
+Every row found under a key is verified, so a key met by chance costs a comparison, not a wrong
+verdict: an exact duplicate is a stored digest equal to the example's, a near duplicate a stored
+example sharing a band whose estimated Jaccard is >= the threshold. The bands and rows come from
+datasketch's own optimiser.
 """
 
 from __future__ import annotations
@@ -131,12 +141,177 @@ class MinHasher:
         return out
 
 
+_SHIFT = np.uint64(32)
+
+
+class KeyTable:
+    """A multimap of 32-bit keys to 32-bit values: sorted numpy arrays of keys and of their values,
+    and a dict for the latest additions.
+
+    An entry costs 8 bytes in the arrays and 70 to 95 in a dict of Python ints. Inserting into sorted
+    arrays one entry at a time would copy them each time, so new entries wait in the dict until it
+    holds `fraction` of what the arrays hold, then go in by one linear merge: each entry is copied
+    about 1/fraction times in all, and the dict holds fraction/2 of the entries on average.
+    """
+
+    def __init__(self, fraction: float = 1 / 16, minimum: int = 4096) -> None:
+        self._keys = np.zeros(0, dtype=np.uint32)
+        self._values = np.zeros(0, dtype=np.uint32)
+        self._recent: dict[int, int | list[int]] = {}
+        self._pending = 0
+        self._fraction = fraction
+        self._minimum = minimum
+        self._limit = minimum
+
+    def __len__(self) -> int:
+        return len(self._keys) + self._pending
+
+    @property
+    def merged(self) -> int:
+        """Entries in the sorted arrays (the rest wait in the dict)."""
+        return len(self._keys)
+
+    def get(self, key: int) -> list[int]:
+        hit = self._recent.get(key)
+        found = [] if hit is None else list(hit) if isinstance(hit, list) else [hit]
+        keys = self._keys
+        if len(keys):
+            # A numpy scalar: given an int, searchsorted would convert the whole array (see get_many).
+            query = np.uint32(key)
+            at = int(keys.searchsorted(query))
+            if at < len(keys) and keys[at] == query:
+                found.extend(self._values[at:int(keys.searchsorted(query, "right"))].tolist())
+        return found
+
+    def get_many(self, keys: Sequence[int]) -> list[int]:
+        """Values filed under any of `keys`."""
+        found: list[int] = []
+        for hit in map(self._recent.get, keys):
+            if hit is not None:
+                found.extend(hit) if isinstance(hit, list) else found.append(hit)
+        if len(self._keys):
+            # The query is an array of the table's dtype: given Python ints, searchsorted would
+            # convert the whole array to compare with them (~0.4 ms at 500k entries).
+            query = np.array(keys, dtype=np.uint32)
+            first = self._keys.searchsorted(query)
+            # The smallest stored key >= each query key (wrapping past the end lands on a smaller
+            # one): some query key is stored if and only if one of these is a query key.
+            if not set(self._keys.take(first, mode="wrap").tolist()).isdisjoint(keys):
+                found.extend(self._run(first, query))
+        return found
+
+    def get_each(self, keys: np.ndarray) -> list[list[int]]:
+        """The values of each key of a uint32 array."""
+        recent = self._recent
+        out: list[list[int]] = []
+        for key in keys.tolist():
+            hit = recent.get(key)
+            out.append([] if hit is None else list(hit) if isinstance(hit, list) else [hit])
+        if len(self._keys):
+            first = self._keys.searchsorted(keys)
+            for i in np.flatnonzero(self._keys.take(first, mode="wrap") == keys).tolist():
+                out[i].extend(self._run(first[i:i + 1], keys[i:i + 1]))
+        return out
+
+    def _run(self, first: np.ndarray, query: np.ndarray) -> list[int]:
+        """Values of the stored keys equal to `query`, which start at `first` (from a left search)."""
+        last = self._keys.searchsorted(query, "right")
+        found: list[int] = []
+        for at, end in zip(first.tolist(), last.tolist()):
+            if end > at:
+                found.extend(self._values[at:end].tolist())
+        return found
+
+    def add(self, key: int, value: int) -> None:
+        self.add_each((key,), value)
+
+    def add_each(self, keys: Sequence[int], value: int) -> None:
+        """File `value` under each of `keys`."""
+        recent = self._recent
+        for key in keys:
+            hit = recent.get(key)
+            if hit is None:
+                recent[key] = value
+            elif isinstance(hit, list):
+                hit.append(value)
+            else:
+                recent[key] = [hit, value]
+        self._pending += len(keys)
+        if self._pending > self._limit:
+            self.merge()
+
+    def add_many(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """File `values[i]` under `keys[i]` (arrays); more than the dict may hold go straight into the arrays."""
+        if self._pending + len(keys) > self._limit:
+            self.merge(keys, values)
+            return
+        for key, value in zip(keys.tolist(), values.tolist()):
+            self.add_each((key,), value)
+
+    def merge(self, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
+        """Move the dict's entries (and `keys`/`values`, if given) into the sorted arrays."""
+        recent = self._recent
+        if self._pending == len(recent):  # no key holds a list
+            new_keys = np.fromiter(recent.keys(), dtype=np.uint32, count=len(recent))
+            new_values = np.fromiter(recent.values(), dtype=np.uint32, count=len(recent))
+        else:
+            key_list: list[int] = []
+            value_list: list[int] = []
+            for key, hit in recent.items():
+                if isinstance(hit, list):
+                    key_list.extend([key] * len(hit))
+                    value_list.extend(hit)
+                else:
+                    key_list.append(key)
+                    value_list.append(hit)
+            new_keys = np.array(key_list, dtype=np.uint32)
+            new_values = np.array(value_list, dtype=np.uint32)
+        if keys is not None and values is not None:
+            new_keys = np.concatenate([new_keys, keys.astype(np.uint32, copy=False)])
+            new_values = np.concatenate([new_values, values.astype(np.uint32, copy=False)])
+        order = np.argsort(new_keys)  # the order of values under one key does not matter
+        new_keys, new_values = new_keys[order], new_values[order]
+        # Where each new entry lands in the merged arrays; the old ones fill the other places in order.
+        at = self._keys.searchsorted(new_keys, "right") + np.arange(len(new_keys))
+        old = np.ones(len(self._keys) + len(new_keys), dtype=bool)
+        old[at] = False
+        merged_keys = np.empty(len(old), dtype=np.uint32)
+        merged_keys[at] = new_keys
+        merged_keys[old] = self._keys
+        merged_values = np.empty(len(old), dtype=np.uint32)
+        merged_values[at] = new_values
+        merged_values[old] = self._values
+        self._keys, self._values = merged_keys, merged_values
+        self._recent = {}
+        self._pending = 0
+        self._limit = max(self._minimum, int(len(merged_keys) * self._fraction))
+
+
+def _low16(signatures: np.ndarray) -> np.ndarray:
+    # b-bit MinHash (Li & König): two different minima share their low 16 bits with probability
+    # 2^-16 (the multiplier is odd, so the low bits of a*h+b depend on the low bits of h only), which
+    # lifts an estimated Jaccard by (1 - J) / 65536 on average, less than one permutation in 1,000
+    # verified pairs. The high bits would not do: those of a minimum crowd towards zero. Band keys
+    # are computed from the full 32-bit values, so the LSH finds the same candidates as before.
+    return (signatures & np.uint32(0xFFFF)).astype(np.uint16)
+
+
+def _exact_key(digest: bytes) -> int:
+    return int.from_bytes(digest[:4], "little")
+
+
+def _holds_digest(stored: np.ndarray, digest: bytes) -> bool:
+    """Whether one of the stored digest rows (8 uint16 columns each) is `digest`."""
+    blob = stored.tobytes()
+    return digest in {blob[i:i + 16] for i in range(0, len(blob), 16)}
+
+
 @dataclass(slots=True)
 class Fingerprint:
     """What the index needs to know about one example, computed once."""
 
     normalised: str
-    digest: bytes
+    digest: bytes  # 16 bytes
     signature: np.ndarray | None = None
     vector: np.ndarray | None = None
     band_keys: list[int] | None = None
@@ -157,17 +332,21 @@ class DedupIndex:
         self.near_threshold = near_threshold
         self.semantic_threshold = semantic_threshold
         self.embedder = embedder
-        self._exact: set[bytes] = set()
         self._count = 0
         self._hasher = MinHasher(num_perm) if near_threshold is not None else None
-        # LSH band tables, all bands in one dict: band key -> row, or list of rows on collision.
         self._bands, self._rows = lsh_params(near_threshold, num_perm) if near_threshold is not None else (0, 0)
-        self._buckets: dict[int, int | list[int]] = {}
+        # One table for every key of a row: 32 bits of its digest, and its LSH band keys (salted
+        # per band). A key met by chance only adds a row to verify against the stored digest or
+        # signature, so 32 bits are enough (8 keys x n rows / 2^32 such rows per check: 0.02% at 100k).
+        self._table = KeyTable()
         gen = np.random.RandomState(7)
         self._band_mix = gen.randint(1, 1 << 62, (self._bands, self._rows), dtype=np.uint64) | np.uint64(1)
         self._band_salt = gen.randint(1, 1 << 62, self._bands, dtype=np.uint64)
-        self._signatures = np.zeros((0, num_perm), dtype=np.uint32)
+        # One row per example: the low 16 bits of each MinHash value (see _low16), then the digest.
+        self._width = num_perm if self._hasher is not None else 0
+        self._stored = np.zeros((0, self._width + 8), dtype=np.uint16)
         self._vectors: np.ndarray | None = None
+        self._checked: tuple[bytes, int] | None = None  # the last digest `check` found new, at which size
 
     def __len__(self) -> int:
         return self._count
@@ -180,8 +359,13 @@ class DedupIndex:
             return prints
         texts = [example_text(item) for item in items]
         if self._hasher is not None:
-            for fp, row in zip(prints, self._hasher.signatures(texts)):
+            signatures = self._hasher.signatures(texts)
+            # Band keys for the whole batch in one numpy pass: one at a time they cost more than the lookups.
+            keys = self._band_keys(signatures).tolist()
+            for fp, row, row_keys, empty in zip(prints, signatures, keys, (signatures[:, 0] == _EMPTY_ROW).tolist()):
                 fp.signature = row
+                if not empty:
+                    fp.band_keys = row_keys
         if self.semantic_threshold is not None and self.embedder is not None:
             for fp, vector in zip(prints, np.asarray(self.embedder.embed(texts), dtype=np.float32)):
                 fp.vector = vector
@@ -193,111 +377,127 @@ class DedupIndex:
     def check(self, item: Any) -> RejectReason | None:
         """duplicate / near_duplicate / semantic_duplicate, or None when the example is new."""
         fp = item if isinstance(item, Fingerprint) else self.fingerprint(item)
-        if fp.digest in self._exact:
-            return RejectReason.duplicate
-        if self._hasher is not None and fp.signature is not None and fp.signature[0] != _EMPTY_ROW and self._count:
-            sharing: list[int] = []  # stored examples that share a band with this one
+        if not self._count:
+            return None
+        signature = fp.signature
+        near = self._hasher is not None and signature is not None and signature.item(0) != _EMPTY_ROW
+        keys = [_exact_key(fp.digest)]
+        if near and signature is not None:
             if fp.band_keys is None:
-                fp.band_keys = self._band_keys(fp.signature)
-            for band in fp.band_keys:
-                hit = self._buckets.get(band)
-                if hit is not None:
-                    sharing.extend(hit) if isinstance(hit, list) else sharing.append(hit)
-            if sharing:
-                similarity = (self._signatures[sharing] == fp.signature).mean(axis=1)
-                if self.near_threshold is not None and float(similarity.max()) >= self.near_threshold:
+                fp.band_keys = self._band_keys(signature).tolist()
+            keys += fp.band_keys
+        # Stored examples sharing the digest's key or an LSH band.
+        rows = self._table.get_many(keys) if near else self._table.get(keys[0])
+        if rows:
+            stored = self._stored[rows]
+            if _holds_digest(stored[:, self._width:], fp.digest):
+                return RejectReason.duplicate
+            if near and signature is not None and self.near_threshold is not None:
+                agree = int((stored[:, :self._width] == _low16(signature)).sum(axis=1).max())
+                if agree / self._width >= self.near_threshold:  # the same float as the mean of the best row
                     return RejectReason.near_duplicate
-        if self._vectors is not None and fp.vector is not None and self._count:
+        self._checked = (fp.digest, self._count)
+        if self._vectors is not None and fp.vector is not None:
             cosines = self._vectors[: self._count] @ fp.vector
             if self.semantic_threshold is not None and float(cosines.max()) >= self.semantic_threshold:
                 return RejectReason.semantic_duplicate
         return None
 
+    def _holds(self, digest: bytes) -> bool:
+        """Whether an example with this digest is stored."""
+        if self._checked == (digest, self._count):  # `add` after `check` of the same example
+            return False
+        rows = self._table.get(_exact_key(digest))
+        return bool(rows) and _holds_digest(self._stored[rows, self._width:], digest)
+
     def resembles(self, fp: Fingerprint, others: Sequence[Fingerprint]) -> bool:
         """Whether `fp` is a near-duplicate of any of `others` (compared directly, not indexed)."""
-        if self._hasher is None or fp.signature is None or fp.signature[0] == _EMPTY_ROW:
+        if self._hasher is None or fp.signature is None or fp.signature.item(0) == _EMPTY_ROW:
             return False
         assert self.near_threshold is not None
+        # count / size is the float .mean() returns, at a fifth of its cost.
         return any(
-            o.signature is not None and float((o.signature == fp.signature).mean()) >= self.near_threshold for o in others
+            o.signature is not None and np.count_nonzero(o.signature == fp.signature) / fp.signature.size >= self.near_threshold
+            for o in others
         )
 
     def add(self, item: Any, key: Any = None) -> None:
         """Remember an accepted example. `key` is not stored: rows are numbered internally."""
         fp = item if isinstance(item, Fingerprint) else self.fingerprint(item)
-        if fp.digest in self._exact:
+        if self._holds(fp.digest):
             return
-        self._exact.add(fp.digest)
         row = self._count
         self._count += 1
+        if row >= self._stored.shape[0]:
+            self._stored = _grow(self._stored, row + 1)
+        stored = self._stored[row]
+        stored[self._width:] = np.frombuffer(fp.digest, dtype=np.uint16)
+        keys = [_exact_key(fp.digest)]
         if self._hasher is not None:
             signature = fp.signature if fp.signature is not None else self._hasher.signatures([""])[0]
-            self._signatures = _append_row(self._signatures, row, signature)
-            if signature[0] != _EMPTY_ROW:
-                keys = fp.band_keys if fp.band_keys is not None and fp.signature is signature else self._band_keys(signature)
-                self._bucket(row, keys)
+            stored[:self._width] = signature  # the assignment keeps the low 16 bits, as _low16 does
+            if signature.item(0) != _EMPTY_ROW:
+                keys += fp.band_keys if fp.band_keys is not None and fp.signature is signature else self._band_keys(signature).tolist()
+        self._table.add_each(keys, row)
         if self.semantic_threshold is not None and fp.vector is not None:
             if self._vectors is None:
                 self._vectors = np.zeros((max(16, row + 1), fp.vector.shape[0]), dtype=np.float32)
-            self._vectors = _append_row(self._vectors, row, fp.vector)
+            self._vectors = _grow(self._vectors, row + 1)
+            self._vectors[row] = fp.vector
 
     def add_many(self, prints: Sequence[Fingerprint]) -> None:
-        """`add` for many fingerprints at once (a restore): band keys in one numpy pass, rows appended together."""
+        """`add` for many fingerprints at once (a restore): keys, rows and lookups in numpy passes."""
+        if not prints:
+            return
+        digests = np.frombuffer(b"".join(fp.digest for fp in prints), dtype=np.uint16).reshape(len(prints), 8)
+        exact_keys = np.frombuffer(b"".join(fp.digest[:4] for fp in prints), dtype="<u4").astype(np.uint32)
         fresh: list[Fingerprint] = []
+        picked: list[int] = []
         seen: set[bytes] = set()
-        for fp in prints:
-            if fp.digest not in self._exact and fp.digest not in seen:
-                seen.add(fp.digest)
-                fresh.append(fp)
+        for i, candidates in enumerate(self._table.get_each(exact_keys)):
+            fp = prints[i]
+            if fp.digest in seen:
+                continue
+            if candidates and _holds_digest(self._stored[candidates, self._width:], fp.digest):
+                continue
+            seen.add(fp.digest)
+            fresh.append(fp)
+            picked.append(i)
         if not fresh:
             return
-        if self._hasher is None or (self.semantic_threshold is not None and any(fp.vector is not None for fp in fresh)):
+        if self.semantic_threshold is not None and any(fp.vector is not None for fp in fresh):
             for fp in fresh:
                 self.add(fp)
             return
-        empty = self._hasher.signatures([""])[0]
-        signatures = np.stack([fp.signature if fp.signature is not None else empty for fp in fresh])
         first = self._count
         self._count += len(fresh)
-        self._exact.update(fp.digest for fp in fresh)
-        if self._signatures.shape[0] < self._count:
-            grown = np.zeros((max(16, self._count * 3 // 2 + 1), self._signatures.shape[1]), dtype=self._signatures.dtype)
-            grown[:first] = self._signatures[:first]
-            self._signatures = grown
-        self._signatures[first:self._count] = signatures
-        live = np.flatnonzero(signatures[:, 0] != _EMPTY_ROW)
-        if not len(live):
-            return
-        bands = signatures[live, : self._bands * self._rows].astype(np.uint64).reshape(len(live), self._bands, self._rows)
-        with np.errstate(over="ignore"):
-            keys = ((bands * self._band_mix).sum(axis=2, dtype=np.uint64) + self._band_salt) >> np.uint64(4)
-        for row, row_keys in zip((first + live).tolist(), keys.tolist()):
-            self._bucket(row, row_keys)
+        self._stored = _grow(self._stored, self._count)
+        self._stored[first:self._count, self._width:] = digests[picked]
+        rows = np.arange(first, self._count, dtype=np.uint32)
+        keys: list[np.ndarray] = [exact_keys[picked]]
+        values: list[np.ndarray] = [rows]
+        if self._hasher is not None:
+            empty = self._hasher.signatures([""])[0]
+            signatures = np.stack([fp.signature if fp.signature is not None else empty for fp in fresh])
+            self._stored[first:self._count, :self._width] = _low16(signatures)
+            live = np.flatnonzero(signatures[:, 0] != _EMPTY_ROW)
+            keys.append(self._band_keys(signatures[live]).ravel())
+            values.append(np.repeat(rows[live], self._bands))
+        self._table.add_many(np.concatenate(keys), np.concatenate(values))
 
-    def _bucket(self, row: int, keys: Sequence[int]) -> None:
-        """File a row under each of its band keys (a lone row is stored bare: most buckets hold one)."""
-        buckets = self._buckets
-        for band in keys:
-            hit = buckets.get(band)
-            if hit is None:
-                buckets[band] = row
-            elif isinstance(hit, list):
-                hit.append(row)
-            else:
-                buckets[band] = [hit, row]
-
-    def _band_keys(self, signature: np.ndarray) -> list[int]:
-        bands = signature[: self._bands * self._rows].astype(np.uint64).reshape(self._bands, self._rows)
-        with np.errstate(over="ignore"):
-            keys = (bands * self._band_mix).sum(axis=1, dtype=np.uint64) + self._band_salt
-        return (keys >> np.uint64(4)).tolist()  # 60 bits: the smallest int objects that hold them
+    def _band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """Band keys (uint32) of one signature, or of each row of a matrix of them."""
+        lead = signatures.shape[:-1]
+        bands = signatures[..., : self._bands * self._rows].astype(np.uint64).reshape(*lead, self._bands, self._rows)
+        keys = (bands * self._band_mix).sum(axis=-1, dtype=np.uint64) + self._band_salt  # wraps: arrays do not warn
+        return (keys >> _SHIFT).astype(np.uint32)  # the best mixed bits
 
 
-def _append_row(matrix: np.ndarray, row: int, values: np.ndarray) -> np.ndarray:
-    """Write `values` at `row`, growing the matrix geometrically (amortised O(1) appends)."""
-    if row >= matrix.shape[0]:
-        grown = np.zeros((max(16, row * 3 // 2 + 1), matrix.shape[1]), dtype=matrix.dtype)
-        grown[: matrix.shape[0]] = matrix
-        matrix = grown
-    matrix[row] = values
-    return matrix
+def _grow(matrix: np.ndarray, rows: int) -> np.ndarray:
+    """`matrix` with room for `rows` rows. It grows by an eighth: the spare rows held are ~6% on
+    average (against ~23% when growing by half), and each row is copied about 8 times in all."""
+    if rows <= matrix.shape[0]:
+        return matrix
+    grown = np.zeros((max(rows, matrix.shape[0] + max(matrix.shape[0] // 8, 256)), matrix.shape[1]), dtype=matrix.dtype)
+    grown[: matrix.shape[0]] = matrix
+    return grown
