@@ -607,7 +607,10 @@ class ServiceRunner:
         assert track.queue is not None
         job: Any = None  # a job met while gathering records: it runs after them, in queue order
         while True:
-            item, job = (job, None) if job is not None else (await track.queue.get(), None)
+            if job is None:
+                item = await track.queue.get()
+            else:
+                item, job = job, None
             if callable(item):
                 await self._run_job(tp, item)
             elif self.handler.pipelined:
@@ -646,8 +649,9 @@ class ServiceRunner:
         name = self.handler.name
         started = time.perf_counter()
         ordered = self.handler.ordered
-        handled: list[tuple[ConsumerRecord, Delivery, list[Output], Any]] = []
-        held: dict[int, list[Output]] = {}
+        handled: list[tuple[ConsumerRecord, Delivery, Any]] = []
+        sent: list[list[Output]] = []  # per record, what goes out now
+        held: dict[int, list[Output]] = {}  # per record offset, its `latest` outputs, held
         deliveries = [_delivery_of(record) for record in records]
         try:
             async with contextlib.AsyncExitStack() as locks:
@@ -658,25 +662,26 @@ class ServiceRunner:
                     await locks.enter_async_context(self.key_lock(key))
                 for record, delivery in zip(records, deliveries):
                     outputs, message = await self._handle(record, delivery)
-                    handled.append((record, delivery, outputs, message))
-                    if ordered and any(o.latest for o in outputs):
-                        held[record.offset] = [o for o in outputs if o.latest]
-                sent = [[o for o in outputs if record.offset not in held or not o.latest] for record, _, outputs, _ in handled]
+                    handled.append((record, delivery, message))
+                    kept = [o for o in outputs if o.latest] if ordered else []
+                    if kept:
+                        held[record.offset] = kept
+                    sent.append([o for o in outputs if not o.latest] if kept else outputs)
                 try:
                     await self.publish([o for outputs in sent for o in outputs])
                 except UndeliverableOutput as exc:
                     if len(handled) == 1:
-                        await self._refused_record(tp, handled[0][0], handled[0][1], handled[0][3], exc)
+                        await self._refused_record(tp, *handled[0], exc)
                     else:
-                        for (record, delivery, _, message), outputs in zip(handled, sent):
+                        for (record, delivery, message), outputs in zip(handled, sent):
                             try:
                                 await self.publish(outputs)
                             except UndeliverableOutput as refused:
                                 await self._refused_record(tp, record, delivery, message, refused)
-                for record, _, _, _ in handled:
+                for record, _, _ in handled:
                     if record.offset in held:  # finished when the held state is acknowledged
                         self._hold(held[record.offset], track, record.offset)
-            for record, _, _, _ in handled:
+            for record, _, _ in handled:
                 if record.offset not in held:
                     track.finish(record.offset)
         except asyncio.CancelledError:
@@ -690,9 +695,13 @@ class ServiceRunner:
 
     async def _refused_record(self, tp: TopicPartition, record: ConsumerRecord, delivery: Delivery, message: Any,
                               exc: UndeliverableOutput) -> None:
-        metrics.processing_errors.labels(self.handler.name, tp.topic).inc()
-        log.error("%s: %s[%d]@%d to the DLQ: %s", self.handler.name, tp.topic, tp.partition, record.offset, exc)
+        self._count_refused(tp, record.offset, exc)
         await self._publish_give_up(message, delivery, exc)
+
+    def _count_refused(self, tp: TopicPartition, offset: int, exc: UndeliverableOutput) -> None:
+        """A record whose output the broker refuses for good: counted, and said, as it goes to the DLQ."""
+        metrics.processing_errors.labels(self.handler.name, tp.topic).inc()
+        log.error("%s: %s[%d]@%d to the DLQ: %s", self.handler.name, tp.topic, tp.partition, offset, exc)
 
     async def _process_pipelined(self, tp: TopicPartition, track: _PartitionTrack, record: ConsumerRecord) -> None:
         """Handle one record in order, then acknowledge its outputs in the background.
@@ -804,8 +813,7 @@ class ServiceRunner:
                     settle()
                     await self.publish([o for o in outputs if o.stage == last], producer)
             except UndeliverableOutput as exc:
-                metrics.processing_errors.labels(name, tp.topic).inc()
-                log.error("%s: %s[%d]@%d to the DLQ: %s", name, tp.topic, tp.partition, record.offset, exc)
+                self._count_refused(tp, record.offset, exc)
                 track.give_ups_queued += 1
                 refused = exc
                 answered = on_worker(lambda: give_up(message, refused))

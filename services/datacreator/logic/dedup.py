@@ -172,8 +172,7 @@ class KeyTable:
         return len(self._keys)
 
     def get(self, key: int) -> list[int]:
-        hit = self._recent.get(key)
-        found = [] if hit is None else list(hit) if isinstance(hit, list) else [hit]
+        found = _listed(self._recent.get(key))
         keys = self._keys
         if len(keys):
             # A numpy scalar: given an int, searchsorted would convert the whole array (see get_many).
@@ -202,11 +201,7 @@ class KeyTable:
 
     def get_each(self, keys: np.ndarray) -> list[list[int]]:
         """The values of each key of a uint32 array."""
-        recent = self._recent
-        out: list[list[int]] = []
-        for key in keys.tolist():
-            hit = recent.get(key)
-            out.append([] if hit is None else list(hit) if isinstance(hit, list) else [hit])
+        out = [_listed(hit) for hit in map(self._recent.get, keys.tolist())]
         if len(self._keys):
             first = self._keys.searchsorted(keys)
             for i in np.flatnonzero(self._keys.take(first, mode="wrap") == keys).tolist():
@@ -285,6 +280,11 @@ class KeyTable:
         self._recent = {}
         self._pending = 0
         self._limit = max(self._minimum, int(len(merged_keys) * self._fraction))
+
+
+def _listed(hit: int | list[int] | None) -> list[int]:
+    """A KeyTable dict entry as a new list of its values."""
+    return [] if hit is None else list(hit) if isinstance(hit, list) else [hit]
 
 
 def _low16(signatures: np.ndarray) -> np.ndarray:
